@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny wind tunnel and a tiny saved VLM, built once per test session."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any `import triton`
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+TINY_STUDENT = dict(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2, text_heads=2)
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory):
+    """A small wind tunnel: 64 train / 16 val images, 40 classification images per class split."""
+    from workbench.data.windtunnel import write_windtunnel
+
+    return write_windtunnel(tmp_path_factory.mktemp("world") / "wt", n_train=64, n_val=16, seed=0, n_classification=40)
+
+
+@pytest.fixture(scope="session")
+def processor(world_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(world_dir / "processor")
+
+
+def make_tiny_vlm(processor, seed: int = 0, **overrides):
+    """A randomly initialised tiny LLaVA that shares `processor`'s vocabulary."""
+    from students.vlm import tiny_llava
+
+    torch.manual_seed(seed)
+    tok = processor.tokenizer
+    kwargs = dict(
+        vocab_size=len(tok), image_token_id=processor.image_token_id, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        image_size=processor.image_processor.crop_size["height"], patch_size=processor.patch_size,
+    )
+    return tiny_llava(**{**kwargs, **TINY_STUDENT, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory, processor):
+    """A tiny LLaVA saved as a Hugging Face folder (model + processor), like a hub checkpoint."""
+    path = tmp_path_factory.mktemp("tiny_vlm") / "model"
+    model = make_tiny_vlm(processor, seed=0, text_hidden=48, text_layers=2)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -1,0 +1,189 @@
+"""LLaVA-format conversation data: a dataset that reads it and a collator that tokenises it.
+
+Reads the format LLaVA, ShareGPT4V and most VLM SFT mixes use: a JSON list of
+`{"id", "image", "conversations": [{"from": "human"|"gpt", "value": ...}, ...]}` with image
+paths relative to an image folder. The collator renders each conversation with the model's
+own chat template, lets the model's processor expand image tokens, and keeps only the
+assistant answers (and the end-of-turn token) in `labels`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from workbench.errors import WorkbenchError
+
+IGNORE_INDEX = -100
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def _to_messages(conversations: list[dict], has_image: bool) -> list[dict]:
+    """LLaVA `conversations` -> chat messages with typed content parts."""
+    messages = []
+    for turn in conversations:
+        role = ROLES[turn["from"]]
+        text = turn["value"]
+        if role == "user" and IMAGE_PLACEHOLDER in text:
+            text = text.replace(IMAGE_PLACEHOLDER, "").strip()
+            content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": text}]
+        else:
+            content = [{"type": "text", "text": text}]
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+class LlavaDataset(Dataset):
+    """A LLaVA-format JSON file plus its image folder, validated up front.
+
+    Every referenced image is checked for existence when the dataset is built, so a
+    missing file fails before training starts, with the record id and path in the message.
+
+    Args:
+        json_path: the JSON list of records.
+        image_folder: where `record["image"]` paths are relative to (default: the JSON's folder).
+        limit: keep only the first `limit` records (quick experiments).
+    """
+
+    def __init__(self, json_path: str | Path, image_folder: str | Path | None = None, limit: int | None = None):
+        self.json_path = Path(json_path)
+        if not self.json_path.is_file():
+            raise WorkbenchError(f"data file {self.json_path} does not exist")
+        try:
+            records = json.loads(self.json_path.read_text())
+        except json.JSONDecodeError as e:
+            raise WorkbenchError(f"data file {self.json_path} is not valid JSON: {e}") from None
+        if not isinstance(records, list):
+            raise WorkbenchError(f"data file {self.json_path} must hold a JSON list of records")
+        self.image_folder = Path(image_folder) if image_folder else self.json_path.parent
+        self.records = records[:limit] if limit else records
+        if not self.records:
+            raise WorkbenchError(f"data file {self.json_path} holds no records (empty dataset)")
+        for i, rec in enumerate(self.records):
+            self._check(i, rec)
+
+    def _check(self, i: int, rec: Any) -> None:
+        where = f"{self.json_path} record {i}"
+        if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list) or not rec["conversations"]:
+            raise WorkbenchError(f"{where}: needs a non-empty 'conversations' list")
+        for turn in rec["conversations"]:
+            if turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+                raise WorkbenchError(f"{where}: each turn needs 'from' in {sorted(ROLES)} and a string 'value'")
+        if not any(ROLES[t["from"]] == "assistant" for t in rec["conversations"]):
+            raise WorkbenchError(f"{where}: has no assistant ('gpt') turn to learn from")
+        if rec.get("image") and not (self.image_folder / rec["image"]).is_file():
+            raise WorkbenchError(
+                f"{where} (id {rec.get('id', i)!r}): image file {self.image_folder / rec['image']} does not exist"
+            )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.records[i]
+        image = None
+        if rec.get("image"):
+            with Image.open(self.image_folder / rec["image"]) as im:
+                image = im.convert("RGB")
+        return {
+            "id": str(rec.get("id", i)),
+            "image": image,
+            "messages": _to_messages(rec["conversations"], image is not None),
+            "qtypes": rec.get("qtypes", []),  # optional per-answer tags, e.g. question types
+        }
+
+
+@dataclass
+class VLMCollator:
+    """Batches samples with a model's processor; labels keep only assistant answers.
+
+    Output keys: `input_ids`, `attention_mask`, `pixel_values` (+ any other processor
+    outputs), `labels` (IGNORE_INDEX outside answers), `image_mask` (image-token positions),
+    `ids`, `qtypes`.
+    """
+
+    processor: Any
+    max_length: int | None = None
+
+    def __post_init__(self):
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.image_token_id = getattr(self.processor, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+
+    def _render(self, messages: list[dict], **kw) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, **kw)
+
+    def _answer_spans(self, messages: list[dict], text: str) -> list[tuple[int, int]]:
+        """Character spans of `text` that are assistant answers (incl. end-of-turn)."""
+        spans = []
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = self._render(messages[:k], add_generation_prompt=True)
+            end = self._render(messages[: k + 1])
+            if not text.startswith(end) or not end.startswith(start):
+                raise WorkbenchError(
+                    "the processor's chat template does not render conversations prefix by prefix; "
+                    "answer tokens cannot be located for the labels"
+                )
+            spans.append((len(start), len(end.rstrip())))
+        return spans
+
+    def _labels(self, text: str, spans, expanded: list[int], sample_id: str) -> list[int]:
+        enc = self.tokenizer(text, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        labels, j = [], 0
+        for tok, (a, b) in zip(ids, offsets):
+            if tok == self.image_token_id:  # one placeholder -> a run of image tokens
+                while j < len(expanded) and expanded[j] == self.image_token_id:
+                    labels.append(IGNORE_INDEX)
+                    j += 1
+                continue
+            if j >= len(expanded) or expanded[j] != tok:
+                raise WorkbenchError(f"sample {sample_id}: processor and tokenizer disagree on the token sequence")
+            in_answer = any(s <= a and b <= e and b > a for s, e in spans)
+            labels.append(tok if in_answer else IGNORE_INDEX)
+            j += 1
+        if j != len(expanded):
+            raise WorkbenchError(f"sample {sample_id}: processor and tokenizer disagree on the token sequence")
+        return labels
+
+    def __call__(self, samples: list[dict]) -> dict[str, Any]:
+        texts = [self._render(s["messages"]) for s in samples]
+        images = [s["image"] for s in samples if s["image"] is not None]
+        enc = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        input_ids, attention = enc["input_ids"], enc["attention_mask"]
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for i, (s, text) in enumerate(zip(samples, texts)):
+            keep = attention[i].bool()
+            expanded = input_ids[i][keep].tolist()
+            row = self._labels(text, self._answer_spans(s["messages"], text), expanded, s["id"])
+            labels[i, keep.nonzero().squeeze(1)] = torch.tensor(row, dtype=labels.dtype)
+        batch = dict(enc)
+        batch["labels"] = labels
+        if self.max_length is not None and input_ids.shape[1] > self.max_length:
+            batch = self._truncate(batch, samples)
+        batch["image_mask"] = batch["input_ids"] == self.image_token_id
+        batch["ids"] = [s["id"] for s in samples]
+        batch["qtypes"] = [s["qtypes"] for s in samples]
+        return batch
+
+    def _truncate(self, batch: dict, samples: list[dict]) -> dict:
+        n = self.max_length
+        cut = batch["input_ids"][:, n:] == self.image_token_id
+        if cut.any():
+            bad = samples[int(cut.any(1).nonzero()[0])]["id"]
+            raise WorkbenchError(
+                f"sample {bad}: data.max_length={n} would cut through its image tokens; raise data.max_length"
+            )
+        for key in ("input_ids", "attention_mask", "labels"):
+            batch[key] = batch[key][:, :n]
+        return batch

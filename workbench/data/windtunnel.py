@@ -1,0 +1,260 @@
+"""The wind tunnel: a seeded world of coloured shapes with questions about them.
+
+`write_windtunnel` writes a LLaVA-format VQA set (JSON + image folder), an image-folder
+classification set and a ready-made processor (word-level tokenizer + image processor) that
+models trained on the world save next to their weights. Everything downstream reads these
+files through the same loaders that read real data (`workbench/data/llava.py`).
+
+Design (see README "The wind tunnel"): a 48x48 canvas is a 3x3 grid of 16-pixel cells and
+each shape sits inside one cell, so with 16-pixel patches every image token sees exactly
+one whole object. Colour-shape binding is then local to a token and the language model's
+only job is to find the right image token, which is what makes a tiny teacher reliably
+strong.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+WORLD_VERSION = 1
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 80, 240),
+    "yellow": (240, 220, 40),
+    "purple": (160, 60, 210),
+    "cyan": (40, 220, 220),
+}
+SHAPES = ("circle", "square", "triangle")
+ROWS = ("top", "middle", "bottom")
+COLS = ("left", "center", "right")
+NUMBERS = ("zero", "one", "two", "three", "four")
+QUESTION_TYPES = ("count", "color", "shape", "presence", "position")
+
+# Chat format of the world's processor: LLaVA-1.5 style, one image per conversation.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} "
+    "{% else %}ASSISTANT: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
+    "</s> {% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
+TEMPLATE_WORDS = ("USER", "ASSISTANT", ":", "?")
+QUESTION_WORDS = (
+    "how", "many", "shapes", "are", "there", "what", "color", "is", "the", "shape",
+    "one", "a", "where", "yes", "no",
+)
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Parameters of a generated world; together with `seed` they fix every pixel."""
+
+    image_size: int = 48
+    grid: int = 3
+    max_shapes: int = 3
+    noise: float = 12.0  # std of per-pixel Gaussian noise, in 0..255 units
+    questions_per_image: int = 5
+
+
+def vocabulary() -> list[str]:
+    """Every word the world's conversations use, special tokens first (fixed ids)."""
+    words = list(SPECIAL_TOKENS) + list(TEMPLATE_WORDS) + list(QUESTION_WORDS)
+    words += list(COLOURS) + list(SHAPES) + list(ROWS) + list(COLS) + list(NUMBERS)
+    seen: dict[str, None] = {}
+    for w in words:
+        seen.setdefault(w, None)
+    return list(seen)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, fill) -> None:
+    if kind == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif kind == "square":
+        s = r * 0.85
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    elif kind == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+    else:  # pragma: no cover - SHAPES is closed
+        raise ValueError(kind)
+
+
+def render(objects: list[dict], world: WorldConfig, rng: random.Random) -> Image.Image:
+    """Draw `objects` ({colour, shape, row, col}) on a noisy canvas."""
+    size, cell = world.image_size, world.image_size // world.grid
+    bg = tuple(rng.randint(20, 60) for _ in range(3))
+    img = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(img)
+    for obj in objects:
+        r = rng.uniform(0.28, 0.42) * cell
+        jitter = cell / 2 - r - 1
+        cx = obj["col"] * cell + cell / 2 + rng.uniform(-jitter, jitter)
+        cy = obj["row"] * cell + cell / 2 + rng.uniform(-jitter, jitter)
+        base = COLOURS[obj["colour"]]
+        fill = tuple(int(min(255, max(0, c + rng.randint(-25, 25)))) for c in base)
+        _draw_shape(draw, obj["shape"], cx, cy, r, fill)
+    arr = np.asarray(img, dtype=np.float32)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, world.noise, arr.shape)
+    return Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8))
+
+
+def sample_scene(world: WorldConfig, rng: random.Random) -> list[dict]:
+    """1..max_shapes objects in distinct cells, no (colour, shape) pair repeated."""
+    n = rng.randint(1, world.max_shapes)
+    cells = rng.sample(range(world.grid * world.grid), n)
+    pairs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], n)
+    return [
+        {"colour": c, "shape": s, "row": cell // world.grid, "col": cell % world.grid}
+        for cell, (c, s) in zip(cells, pairs)
+    ]
+
+
+def _position(obj: dict) -> str:
+    return f"{ROWS[obj['row']]} {COLS[obj['col']]}"
+
+
+def ask(objects: list[dict], qtype: str, rng: random.Random) -> tuple[str, str] | None:
+    """A (question, answer) pair of type `qtype` about the scene, or None if ill-posed."""
+    if qtype == "count":
+        return "how many shapes are there ?", NUMBERS[len(objects)]
+    if qtype == "color":
+        unique = [o for o in objects if sum(p["shape"] == o["shape"] for p in objects) == 1]
+        if not unique:
+            return None
+        o = rng.choice(unique)
+        return f"what color is the {o['shape']} ?", o["colour"]
+    if qtype == "shape":
+        unique = [o for o in objects if sum(p["colour"] == o["colour"] for p in objects) == 1]
+        if not unique:
+            return None
+        o = rng.choice(unique)
+        return f"what shape is the {o['colour']} one ?", o["shape"]
+    if qtype == "presence":
+        present = {(o["colour"], o["shape"]) for o in objects}
+        if rng.random() < 0.5:
+            c, s = rng.choice(sorted(present))
+            return f"is there a {c} {s} ?", "yes"
+        # Hard negatives: keep the colour or the shape of an object that is there.
+        o = rng.choice(objects)
+        same_colour = [(o["colour"], s) for s in SHAPES if (o["colour"], s) not in present]
+        same_shape = [(c, o["shape"]) for c in COLOURS if (c, o["shape"]) not in present]
+        options = same_colour if (rng.random() < 0.5 and same_colour) else same_shape
+        c, s = rng.choice(options)
+        return f"is there a {c} {s} ?", "no"
+    if qtype == "position":
+        o = rng.choice(objects)
+        return f"where is the {o['colour']} {o['shape']} ?", _position(o)
+    raise ValueError(f"unknown question type {qtype!r}")
+
+
+def _records(split: str, n_images: int, world: WorldConfig, seed: int, image_dir: Path) -> list[dict]:
+    """One record per image: a multi-turn conversation of `questions_per_image` questions."""
+    rng = random.Random(f"{seed}-{split}")
+    records = []
+    for i in tqdm(range(n_images), desc=f"wind tunnel {split}", leave=False, mininterval=1.0):
+        objects = sample_scene(world, rng)
+        name = f"{split}-{i:06d}.png"
+        render(objects, world, rng).save(image_dir / name)
+        turns, qtypes = [], []
+        for qtype in rng.sample(QUESTION_TYPES, world.questions_per_image):
+            qa = ask(objects, qtype, rng)
+            if qa is None:  # e.g. no shape occurs exactly once: ask where something is
+                qtype, qa = "position", ask(objects, "position", rng)
+            question, answer = qa
+            prefix = "<image>\n" if not turns else ""
+            turns += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
+            qtypes.append(qtype)
+        records.append({"id": f"{split}-{i:06d}", "image": f"images/{name}", "qtypes": qtypes,
+                        "conversations": turns})
+    return records
+
+
+def _classification(root: Path, split: str, n: int, world: WorldConfig, seed: int) -> None:
+    rng = random.Random(f"{seed}-cls-{split}")
+    for i in range(n):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        cell = rng.randrange(world.grid * world.grid)
+        obj = {"colour": colour, "shape": shape, "row": cell // world.grid, "col": cell % world.grid}
+        folder = root / split / f"{colour}_{shape}"
+        folder.mkdir(parents=True, exist_ok=True)
+        render([obj], world, rng).save(folder / f"{i:06d}.png")
+
+
+def build_processor(world: WorldConfig, patch_size: int = 16):
+    """A LLaVA processor for the world: word-level tokenizer, CLIP image processor, chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+        eos_token="</s>", extra_special_tokens={"image_token": "<image>"},
+        padding_side="right", model_max_length=512,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": world.image_size},
+        crop_size={"height": world.image_size, "width": world.image_size},
+        do_center_crop=True, do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_token="<image>", chat_template=CHAT_TEMPLATE,
+    )
+
+
+def write_windtunnel(
+    out: str | Path,
+    n_train: int = 8000,
+    n_val: int = 500,
+    seed: int = 0,
+    n_classification: int = 0,
+    world: WorldConfig = WorldConfig(),
+) -> Path:
+    """Write the world to `out`: train.json, val.json, images/, processor/, classification/.
+
+    Args:
+        out: target folder; created, and refused if it already holds a world.
+        n_train, n_val: number of training / held-out *images* (each carries
+            `world.questions_per_image` conversations, as separate records).
+        seed: fixes every image and question; train and val use disjoint streams.
+        n_classification: images per split of the image-folder classification set
+            (`classification/{train,val}/<colour>_<shape>/`); 0 skips it.
+    Returns:
+        The folder, with a `world.json` manifest of these arguments.
+    """
+    out = Path(out)
+    if (out / "world.json").exists():
+        raise FileExistsError(f"{out} already holds a wind tunnel (world.json); pick another --out")
+    image_dir = out / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        records = _records(split, n, world, seed, image_dir)
+        (out / f"{split}.json").write_text(json.dumps(records))
+    if n_classification:
+        _classification(out / "classification", "train", n_classification, world, seed)
+        _classification(out / "classification", "val", max(1, n_classification // 5), world, seed)
+    build_processor(world).save_pretrained(out / "processor")
+    manifest = {"version": WORLD_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val,
+                "n_classification": n_classification, **asdict(world)}
+    (out / "world.json").write_text(json.dumps(manifest, indent=2))
+    return out

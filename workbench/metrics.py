@@ -1,0 +1,34 @@
+"""Answer accuracy from one teacher-forced forward pass.
+
+Greedy decoding reproduces an answer exactly (end-of-turn token included) if and only if
+the argmax at every answer position equals the answer token, so exact-match accuracy of
+greedy decoding is computed here without calling `generate` (tests check the equivalence).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def answer_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact-match correctness of every answer span.
+
+    Args:
+        logits: (B, L, V) next-token logits.
+        labels: (B, L) answer token ids, IGNORE_INDEX elsewhere.
+    Returns:
+        correct: (S,) bool, one entry per contiguous answer span (turn), in reading order.
+        row: (S,) long, the batch row each span belongs to.
+    """
+    target = labels[:, 1:]  # (B, L-1) token predicted at each position
+    mask = target != IGNORE_INDEX
+    wrong = (logits[:, :-1].argmax(-1) != target) & mask
+    starts = mask & ~torch.nn.functional.pad(mask, (1, 0))[:, :-1]  # first token of each span
+    span_id = torch.cumsum(starts.flatten().long(), 0).view_as(mask) - 1  # (B, L-1)
+    n_spans = int(starts.sum())
+    errors = torch.zeros(n_spans, dtype=torch.long, device=logits.device)
+    errors.scatter_add_(0, span_id[mask], wrong[mask].long())
+    row = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[starts]
+    return errors == 0, row

@@ -32,3 +32,34 @@ def answer_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     errors.scatter_add_(0, span_id[mask], wrong[mask].long())
     row = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[starts]
     return errors == 0, row
+
+
+def score_batch(logits: torch.Tensor, labels: torch.Tensor, tags: list[list[str]] | None = None) -> dict[str, tuple[int, int]]:
+    """(correct, total) answers overall (key "all") and per tag, e.g. per question type.
+
+    Args:
+        logits: (B, L, V); labels: (B, L).
+        tags: per row, one tag per answer span in reading order (rows may have none).
+    """
+    correct, row = answer_correct(logits, labels)
+    out = {"all": (int(correct.sum()), int(correct.numel()))}
+    if tags:
+        seen: dict[int, int] = {}
+        for ok, r in zip(correct.tolist(), row.tolist()):
+            k = seen.get(r, 0)
+            seen[r] = k + 1
+            if k < len(tags[r]):
+                c, n = out.get(tags[r][k], (0, 0))
+                out[tags[r][k]] = (c + ok, n + 1)
+    return out
+
+
+def merge_scores(total: dict[str, tuple[int, int]], new: dict[str, tuple[int, int]]) -> None:
+    for key, (c, n) in new.items():
+        c0, n0 = total.get(key, (0, 0))
+        total[key] = (c0 + c, n0 + n)
+
+
+def accuracies(scores: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """{"acc": overall, "acc/<tag>": per tag} from accumulated (correct, total) counts."""
+    return {("acc" if k == "all" else f"acc/{k}"): c / n for k, (c, n) in sorted(scores.items()) if n}

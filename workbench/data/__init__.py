@@ -1,0 +1,65 @@
+"""Datasets by registry key: each returns the training and held-out splits of a `DataConfig`.
+
+`llava` reads LLaVA-format files from any path; `windtunnel` generates the world once per
+parameter set under `data.root` (atomically, so an interrupted generation is never reused)
+and then reads it through the same LLaVA loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from workbench.data.llava import LlavaDataset, VLMCollator
+from workbench.data.windtunnel import WORLD_VERSION, WorldConfig, write_windtunnel
+from workbench.errors import WorkbenchError
+
+__all__ = ["LlavaDataset", "VLMCollator", "Splits", "llava_splits", "windtunnel_splits", "write_windtunnel"]
+
+
+@dataclass
+class Splits:
+    train: LlavaDataset
+    val: LlavaDataset | None
+    processor_path: Path | None = None  # a processor that ships with the data, if any
+
+
+def llava_splits(cfg) -> Splits:
+    """`data.train` / `data.val` LLaVA-format JSON files, images under `data.image_folder`."""
+    if cfg.image_folder is not None and not Path(cfg.image_folder).is_dir():
+        raise WorkbenchError(f"config key 'data.image_folder': folder {cfg.image_folder} does not exist")
+    train = LlavaDataset(cfg.train, cfg.image_folder, limit=cfg.limit_train)
+    val = LlavaDataset(cfg.val, cfg.image_folder, limit=cfg.limit_val) if cfg.val else None
+    return Splits(train, val)
+
+
+def windtunnel_dir(cfg) -> Path:
+    """The folder of the world `cfg.windtunnel` describes: one per parameter set."""
+    params = {"version": WORLD_VERSION, **asdict(cfg.windtunnel)}
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    return Path(cfg.root) / f"windtunnel-{digest}"
+
+
+def windtunnel_splits(cfg) -> Splits:
+    """Generate (once) and read the wind tunnel described by `data.windtunnel`."""
+    wt = cfg.windtunnel
+    out = windtunnel_dir(cfg)
+    if not (out / "world.json").is_file():
+        Path(cfg.root).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".windtunnel-", dir=cfg.root))
+        try:
+            world = WorldConfig(questions_per_image=wt.questions_per_image, question_first=wt.question_first)
+            write_windtunnel(tmp / "w", n_train=wt.n_train, n_val=wt.n_val, seed=wt.seed, world=world)
+            if not (out / "world.json").is_file():  # another process may have finished first
+                shutil.rmtree(out, ignore_errors=True)
+                os.replace(tmp / "w", out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    train = LlavaDataset(out / "train.json", limit=cfg.limit_train)
+    val = LlavaDataset(out / "val.json", limit=cfg.limit_val)
+    return Splits(train, val, processor_path=out / "processor")

@@ -31,11 +31,14 @@ def _to_messages(conversations: list[dict], has_image: bool) -> list[dict]:
     for turn in conversations:
         role = ROLES[turn["from"]]
         text = turn["value"]
-        if role == "user" and IMAGE_PLACEHOLDER in text:
-            text = text.replace(IMAGE_PLACEHOLDER, "").strip()
-            content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": text}]
-        else:
-            content = [{"type": "text", "text": text}]
+        content = []
+        if role == "user" and IMAGE_PLACEHOLDER in text:  # keep the image where the text puts it
+            before, after = (part.strip() for part in text.split(IMAGE_PLACEHOLDER, 1))
+            content += [{"type": "text", "text": before}] if before else []
+            content += [{"type": "image"}] if has_image else []
+            text = after.replace(IMAGE_PLACEHOLDER, "").strip()
+        if text or not content:
+            content.append({"type": "text", "text": text})
         messages.append({"role": role, "content": content})
     return messages
 

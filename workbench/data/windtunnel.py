@@ -45,7 +45,8 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'user' %}USER: "
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}"
+    "{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}"
+    "{% if not loop.last %}\n{% endif %}"
     "{% endfor %}{% endif %} "
     "{% else %}ASSISTANT: "
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -71,6 +72,7 @@ class WorldConfig:
     max_shapes: int = 3
     noise: float = 12.0  # std of per-pixel Gaussian noise, in 0..255 units
     questions_per_image: int = 5
+    question_first: bool = False  # "question\n<image>" instead of "<image>\nquestion" in turn 1
 
 
 def vocabulary() -> list[str]:
@@ -177,8 +179,9 @@ def _records(split: str, n_images: int, world: WorldConfig, seed: int, image_dir
             if qa is None:  # e.g. no shape occurs exactly once: ask where something is
                 qtype, qa = "position", ask(objects, "position", rng)
             question, answer = qa
-            prefix = "<image>\n" if not turns else ""
-            turns += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
+            if not turns:
+                question = f"{question}\n<image>" if world.question_first else f"<image>\n{question}"
+            turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
             qtypes.append(qtype)
         records.append({"id": f"{split}-{i:06d}", "image": f"images/{name}", "qtypes": qtypes,
                         "conversations": turns})

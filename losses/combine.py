@@ -1,0 +1,177 @@
+"""Named loss terms over one VLM batch, and their weighted sum.
+
+`LossInputs` holds a batch's logits and masks and owns the next-token shift; each term turns
+it into a scalar; `WeightedLoss` adds active terms and returns every value for logging.
+Divergences come from `losses/logit.py` by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from losses.logit import cross_entropy, forward_kl, jsd, reverse_kl, tvd
+
+IGNORE_INDEX = -100
+
+TOKEN_MASKS = ("answer", "image", "all", "answer+image")
+DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "tvd": tvd}
+
+
+def _check_choice(kind: str, value: str, valid: tuple[str, ...] | list[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {kind} {value!r}; valid: {', '.join(valid)}")
+
+
+@dataclass
+class LossInputs:
+    """One batch as the loss terms see it; position t of the logits predicts token t + 1.
+
+    Attributes:
+        student_logits: (B, L, V) student logits.
+        labels: (B, L) token ids on answer tokens, IGNORE_INDEX elsewhere.
+        attention_mask: (B, L) 1 on real tokens, 0 on padding.
+        image_mask: (B, L) bool, True on image-token positions.
+        teacher_logits: (B, L, V) teacher logits, or None when no term needs them.
+    """
+
+    student_logits: Tensor
+    labels: Tensor
+    attention_mask: Tensor
+    image_mask: Tensor
+    teacher_logits: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        token_shape = self.student_logits.shape[:2]
+        for name in ("labels", "attention_mask", "image_mask"):
+            shape = getattr(self, name).shape
+            if shape != token_shape:
+                raise ValueError(
+                    f"{name} has shape {tuple(shape)} but student_logits has shape "
+                    f"{tuple(self.student_logits.shape)}; expected {tuple(token_shape)}"
+                )
+
+    @property
+    def shifted_student_logits(self) -> Tensor:
+        """(B, L-1, V) student logits at prediction positions."""
+        return self.student_logits[:, :-1]
+
+    @property
+    def shifted_teacher_logits(self) -> Tensor | None:
+        """(B, L-1, V) teacher logits at prediction positions, or None."""
+        return None if self.teacher_logits is None else self.teacher_logits[:, :-1]
+
+    @property
+    def shifted_labels(self) -> Tensor:
+        """(B, L-1) the token each prediction position should predict."""
+        return self.labels[:, 1:]
+
+    def token_mask(self, which: str) -> Tensor:
+        """Which prediction positions a term averages over.
+
+        Args:
+            which: "answer" (the next token is an answer token), "image" (the position holds
+                an image token), "all" (the position is not padding) or "answer+image" (the
+                union, as LLaVA-KD's MDist distils answer tokens and image-token outputs).
+        Returns:
+            (B, L-1) bool mask over prediction positions.
+        """
+        _check_choice("token mask", which, TOKEN_MASKS)
+        answer = self.shifted_labels != IGNORE_INDEX  # (B, L-1)
+        image = self.image_mask[:, :-1].bool()  # (B, L-1)
+        if which == "answer":
+            return answer
+        if which == "image":
+            return image
+        if which == "all":
+            return self.attention_mask[:, :-1].bool()
+        return answer | image
+
+
+class CrossEntropyTerm(nn.Module):
+    """Next-token cross-entropy on answer tokens: the hard-label term."""
+
+    needs_teacher = False
+
+    def forward(self, inputs: LossInputs) -> Tensor:
+        """Returns the scalar per-answer-token mean cross-entropy."""
+        return cross_entropy(inputs.shifted_student_logits, inputs.shifted_labels, inputs.token_mask("answer"))
+
+
+class LogitDivergenceTerm(nn.Module):
+    """A divergence from `losses/logit.py` between student and teacher next-token distributions.
+
+    Args:
+        divergence: "forward_kl", "reverse_kl", "jsd" or "tvd".
+        temperature: softmax temperature tau > 0 (the loss carries the tau**2 factor).
+        mask: which prediction positions count; see `LossInputs.token_mask`.
+        beta: teacher weight of the JSD mixture, in [0, 1]; used by "jsd" only.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, divergence: str, temperature: float = 1.0, mask: str = "answer", beta: float = 0.5) -> None:
+        super().__init__()
+        _check_choice("divergence", divergence, list(DIVERGENCES))
+        _check_choice("token mask", mask, TOKEN_MASKS)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        self.divergence = divergence
+        self.temperature = temperature
+        self.mask = mask
+        self.beta = beta
+
+    def forward(self, inputs: LossInputs) -> Tensor:
+        """Returns the scalar per-token mean divergence over the positions of `self.mask`."""
+        teacher = inputs.shifted_teacher_logits
+        if teacher is None:
+            raise ValueError(f"{self.divergence} term needs teacher_logits, but LossInputs.teacher_logits is None")
+        extra = {"beta": self.beta} if self.divergence == "jsd" else {}
+        return DIVERGENCES[self.divergence](
+            inputs.shifted_student_logits, teacher, inputs.token_mask(self.mask), self.temperature, **extra
+        )
+
+    def extra_repr(self) -> str:
+        beta = f", beta={self.beta}" if self.divergence == "jsd" else ""
+        return f"{self.divergence}, temperature={self.temperature}, mask={self.mask!r}{beta}"
+
+
+class WeightedLoss(nn.Module):
+    """Weighted sum of named terms; terms with weight 0 are dropped and never computed.
+
+    Args:
+        terms: name -> (weight, term), where a term maps `LossInputs` to a scalar and has a
+            `needs_teacher` attribute. Names become log keys (no "." allowed).
+    """
+
+    def __init__(self, terms: dict[str, tuple[float, nn.Module]]) -> None:
+        super().__init__()
+        active = {name: (weight, term) for name, (weight, term) in terms.items() if weight != 0}
+        if not active:
+            raise ValueError(f"WeightedLoss needs a term with non-zero weight, got {sorted(terms)}")
+        self.weights = {name: float(weight) for name, (weight, _) in active.items()}
+        self.terms = nn.ModuleDict({name: term for name, (_, term) in active.items()})
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether any active term reads teacher logits (so the trainer must run the teacher)."""
+        return any(term.needs_teacher for term in self.terms.values())
+
+    def forward(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        """Compute every active term once.
+
+        Args:
+            inputs: the batch.
+        Returns:
+            total: scalar sum of weight * term.
+            values: name -> detached, unweighted scalar value of each active term.
+        """
+        values = {name: term(inputs) for name, term in self.terms.items()}
+        total = sum(self.weights[name] * value for name, value in values.items())
+        return total, {name: value.detach() for name, value in values.items()}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}: {weight:g}" for name, weight in self.weights.items())

@@ -1,0 +1,257 @@
+"""Logit-distillation losses: forward/reverse KL, generalized JSD, TVD and token cross-entropy.
+
+Pure torch, no Lightning and no IO. Masking, dtype, temperature and per-token averaging are
+written once in `_divergence_loss`; each divergence is a small per-row function of the two
+log-distributions. `losses/combine.py` picks these by name and weights them into a loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+RowDivergence = Callable[[Tensor, Tensor], Tensor]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16/fp16 softmax over a large vocabulary loses the tail mass the divergences live on;
+    # float64 inputs (tests) stay float64.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _keep_rows(x: Tensor, mask: Tensor | None, event_shape: tuple[int, ...]) -> Tensor:
+    """Rows of `x` at kept positions, flattened over the leading dims.
+
+    Args:
+        x: (..., *event_shape) tensor.
+        mask: (...) bool, True = keep; None keeps every position.
+        event_shape: trailing shape of one row, e.g. (V,) for logits or () for targets.
+    Returns:
+        (N, *event_shape) kept rows, N = number of kept positions.
+    """
+    if mask is None:
+        return x.reshape(-1, *event_shape)
+    return x[mask]
+
+
+def _check_mask(mask: Tensor | None, leading_shape: torch.Size) -> None:
+    if mask is None:
+        return
+    if mask.dtype != torch.bool:
+        # An integer mask would index rows by value instead of selecting them.
+        raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+    if mask.shape != leading_shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but logits have leading shape {tuple(leading_shape)}")
+
+
+def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    if student_logits.dim() == 0 or teacher_logits.dim() == 0:
+        raise ValueError("logits need a trailing vocabulary dimension, got a 0-d tensor")
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student_logits has shape {tuple(student_logits.shape)} but teacher_logits has shape "
+            f"{tuple(teacher_logits.shape)}; leading dims must match"
+        )
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(f"teacher has {teacher_logits.shape[-1]} classes, student {student_logits.shape[-1]}")
+
+
+def _divergence_loss(
+    row_divergence: RowDivergence,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None,
+    temperature: float,
+) -> Tensor:
+    """The one place where masking, dtype, temperature and averaging are decided.
+
+    Kept rows are selected before the softmax so that memory scales with the number of kept
+    tokens, not with B * L. Both logits are divided by `temperature`, and the divergence is
+    multiplied by `temperature**2` so gradient magnitudes stay comparable across temperatures
+    (Hinton et al., 2015). The teacher is detached: it never receives gradients.
+
+    Args:
+        row_divergence: maps (N, V) student and teacher log-probabilities to (N,) divergences.
+        student_logits: (..., V) student logits.
+        teacher_logits: (..., V) teacher logits, same shape.
+        mask: (...) bool, True = token counts; None = every token counts.
+        temperature: softmax temperature tau > 0.
+    Returns:
+        Scalar: tau**2 * (sum of per-token divergences over kept tokens) / (number of kept
+        tokens). Exactly 0, still attached to the student's graph, when no token is kept.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_logits(student_logits, teacher_logits)
+    _check_mask(mask, student_logits.shape[:-1])
+    vocab = (student_logits.shape[-1],)
+    dtype = _compute_dtype(student_logits.dtype)
+    student = _keep_rows(student_logits, mask, vocab).to(dtype)  # (N, V)
+    teacher = _keep_rows(teacher_logits.detach(), mask, vocab).to(dtype)  # (N, V)
+    if student.shape[0] == 0:
+        return student.sum()  # empty sum: an exact 0 whose backward gives zero gradients
+    log_p_s = F.log_softmax(student / temperature, dim=-1)  # (N, V)
+    log_p_t = F.log_softmax(teacher / temperature, dim=-1)  # (N, V)
+    return row_divergence(log_p_s, log_p_t).mean() * temperature**2
+
+
+def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) per row, with 0 * log 0 = 0.
+
+    Args:
+        log_p, log_q: (N, V) log-probabilities.
+    Returns:
+        (N,) divergences.
+    """
+    p = log_p.exp()
+    # where(), not nan_to_num: classes with p = 0 (e.g. -inf logits) must add 0, not NaN, and
+    # zeroing the difference before the product keeps their gradient finite too.
+    log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
+    return (p * log_ratio).sum(-1)
+
+
+def _jsd_rows(log_p_s: Tensor, log_p_t: Tensor, beta: float) -> Tensor:
+    """Generalized JSD per row with mixture M = beta * p_T + (1 - beta) * p_S, 0 < beta < 1.
+
+    Args:
+        log_p_s, log_p_t: (N, V) student and teacher log-probabilities.
+        beta: mixture weight of the teacher, strictly between 0 and 1.
+    Returns:
+        (N,) beta * KL(p_T || M) + (1 - beta) * KL(p_S || M).
+    """
+    # log M by logsumexp: exp() then log() of the mixture underflows for tiny probabilities.
+    log_m = torch.logsumexp(
+        torch.stack([log_p_t + math.log(beta), log_p_s + math.log1p(-beta)]), dim=0
+    )  # (N, V)
+    return beta * _kl_rows(log_p_t, log_m) + (1 - beta) * _kl_rows(log_p_s, log_m)
+
+
+def _tvd_rows(log_p_s: Tensor, log_p_t: Tensor) -> Tensor:
+    """Total variation distance per row: 0.5 * sum_v |p_T - p_S|, in [0, 1].
+
+    Args:
+        log_p_s, log_p_t: (N, V) student and teacher log-probabilities.
+    Returns:
+        (N,) distances.
+    """
+    return 0.5 * (log_p_t.exp() - log_p_s.exp()).abs().sum(-1)
+
+
+def forward_kl(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0
+) -> Tensor:
+    """Forward KL(p_T || p_S): mean-seeking, the classic KD loss.
+
+    Args:
+        student_logits: (..., V) student logits; any leading dims.
+        teacher_logits: (..., V) teacher logits (detached internally).
+        mask: (...) bool, True = token counts; None = all tokens.
+        temperature: tau; p = softmax(logits / tau) and the result is scaled by tau**2.
+    Returns:
+        Scalar per-token mean over kept tokens (0 when none is kept).
+    """
+    return _divergence_loss(lambda s, t: _kl_rows(t, s), student_logits, teacher_logits, mask, temperature)
+
+
+def reverse_kl(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0
+) -> Tensor:
+    """Reverse KL(p_S || p_T): mode-seeking (MiniLLM-style).
+
+    Args:
+        student_logits: (..., V) student logits; any leading dims.
+        teacher_logits: (..., V) teacher logits (detached internally).
+        mask: (...) bool, True = token counts; None = all tokens.
+        temperature: tau; p = softmax(logits / tau) and the result is scaled by tau**2.
+    Returns:
+        Scalar per-token mean over kept tokens (0 when none is kept).
+    """
+    return _divergence_loss(_kl_rows, student_logits, teacher_logits, mask, temperature)
+
+
+def jsd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+) -> Tensor:
+    """Generalized Jensen-Shannon divergence, as in TRL's GKD trainer (`generalized_jsd_loss`).
+
+    With M = beta * p_T + (1 - beta) * p_S, JSD_beta = beta * KL(p_T || M) + (1 - beta) *
+    KL(p_S || M); beta = 0.5 is the symmetric JSD. JSD_beta itself tends to 0 at both ends;
+    JSD_beta / beta -> KL(p_T || p_S) as beta -> 0 and JSD_beta / (1 - beta) -> KL(p_S || p_T)
+    as beta -> 1. Following TRL, exactly beta = 0 returns the forward KL and beta = 1 the
+    reverse KL (unscaled, so the value jumps at the endpoints).
+
+    Args:
+        student_logits: (..., V) student logits; any leading dims.
+        teacher_logits: (..., V) teacher logits (detached internally).
+        mask: (...) bool, True = token counts; None = all tokens.
+        temperature: tau; p = softmax(logits / tau) and the result is scaled by tau**2.
+        beta: teacher weight in the mixture, 0 <= beta <= 1.
+    Returns:
+        Scalar per-token mean over kept tokens (0 when none is kept).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return forward_kl(student_logits, teacher_logits, mask, temperature)
+    if beta == 1.0:
+        return reverse_kl(student_logits, teacher_logits, mask, temperature)
+    return _divergence_loss(
+        lambda s, t: _jsd_rows(s, t, beta), student_logits, teacher_logits, mask, temperature
+    )
+
+
+def tvd(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0
+) -> Tensor:
+    """Total variation distance 0.5 * sum_v |p_T - p_S| (DistiLLM-style bounded divergence).
+
+    The tau**2 factor is applied here too, like every divergence in this file, so that
+    swapping divergences never silently changes the loss scale convention.
+
+    Args:
+        student_logits: (..., V) student logits; any leading dims.
+        teacher_logits: (..., V) teacher logits (detached internally).
+        mask: (...) bool, True = token counts; None = all tokens.
+        temperature: tau; p = softmax(logits / tau) and the result is scaled by tau**2.
+    Returns:
+        Scalar per-token mean over kept tokens (0 when none is kept); at most tau**2.
+    """
+    return _divergence_loss(_tvd_rows, student_logits, teacher_logits, mask, temperature)
+
+
+def cross_entropy(student_logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Token cross-entropy against integer targets, averaged over kept tokens (no temperature).
+
+    Positions to skip must be removed with `mask`: every kept target must be a valid class id
+    (an ignore value such as -100 at a kept position is an error, not a silent skip).
+
+    Args:
+        student_logits: (..., V) student logits; any leading dims.
+        targets: (...) integer class ids.
+        mask: (...) bool, True = token counts; None = all tokens.
+    Returns:
+        Scalar per-token mean over kept tokens (0 when none is kept).
+    """
+    if student_logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"student_logits has shape {tuple(student_logits.shape)} but targets have shape "
+            f"{tuple(targets.shape)}; targets must match the leading dims"
+        )
+    _check_mask(mask, targets.shape)
+    logits = _keep_rows(student_logits, mask, (student_logits.shape[-1],))  # (N, V)
+    logits = logits.to(_compute_dtype(logits.dtype))
+    kept_targets = _keep_rows(targets, mask, ())  # (N,)
+    if logits.shape[0] == 0:
+        return logits.sum()  # empty sum: an exact 0 whose backward gives zero gradients
+    # Written out rather than F.cross_entropy, which would silently zero a kept -100 target
+    # while still counting it in the denominator; gather() instead fails on it.
+    target_logit = logits.gather(-1, kept_targets.long()[:, None]).squeeze(-1)  # (N,)
+    return (torch.logsumexp(logits, dim=-1) - target_logit).mean()

@@ -1,0 +1,337 @@
+"""A frozen Hugging Face VLM teacher: any `AutoModelForImageTextToText` checkpoint.
+
+`workbench/build.py` creates an `HFVLMTeacher` from `teacher.*` config keys; `DistillModule`
+calls it under no_grad and hands its `TeacherOutput` (logits plus the feature taps the loss
+terms asked for) to the losses. Optional 8-bit / NF4 loading goes through bitsandbytes and
+quantizes only the text decoder.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import is_accelerate_available, is_bitsandbytes_available
+
+from workbench.errors import WorkbenchError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+QUANTIZE = ("none", "int8", "nf4")
+# Batch keys that are model inputs in the signature but that a frozen teacher must not get:
+# `labels` would make the model compute a loss, the rest are set by `forward` itself.
+_RESERVED_KWARGS = {"labels", "output_hidden_states", "output_attentions", "return_dict", "use_cache"}
+
+
+@dataclass
+class TeacherOutput:
+    """What a teacher forward returns.
+
+    Attributes:
+        logits: (B, L, V) float32 next-token logits.
+        hidden_states: requested layer index -> (B, L, D) hidden state; keys are the indices
+            as requested (negative ones count from the end; 0 = token embeddings).
+        attentions: per decoder layer (B, H, L, L) attention probabilities, or None.
+        vision_features: the image features fed to the language model, or None (see
+            `HFVLMTeacher.forward`).
+    """
+
+    logits: Tensor
+    hidden_states: dict[int, Tensor] = field(default_factory=dict)
+    attentions: tuple[Tensor, ...] | None = None
+    vision_features: Tensor | None = None
+
+
+class HFVLMTeacher(nn.Module):
+    """A frozen wrapper around a Hugging Face image-text-to-text model and its processor.
+
+    The model stays in eval mode (`train()` is a no-op), has no trainable parameters and runs
+    under `torch.no_grad()`. With `quantize` set, only the text decoder's Linear layers become
+    bitsandbytes layers; the vision tower, projector and lm_head stay in `dtype`.
+
+    Args:
+        path: a Hugging Face hub id or a local folder saved with `save_pretrained` (model
+            and processor).
+        revision: hub branch, tag or commit.
+        dtype: "float32", "bfloat16", "float16" or "auto" (the checkpoint's dtype).
+        quantize: "none", "int8" (LLM.int8) or "nf4" (4-bit NormalFloat); needs
+            bitsandbytes and accelerate.
+        skip_modules: with `quantize`, the modules kept unquantized, replacing the default
+            (everything outside the text decoder, e.g. `["lm_head", "model.vision_tower",
+            "model.multi_modal_projector"]` for LLaVA). transformers tests each Linear
+            layer's full name: an entry matches from the root up to a module boundary
+            ("model.vision_tower", not "vision_tower") or as the end of the name ("lm_head",
+            "q_proj"). An entry that matches no Linear layer is an error.
+        trust_remote_code: allow the checkpoint's own Python code to run (off by default).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        revision: str | None = None,
+        dtype: str = "float32",
+        quantize: str = "none",
+        skip_modules: list[str] | None = None,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        _check_options(dtype, quantize)
+        path = _resolve_path(path)
+        hub = dict(revision=revision, trust_remote_code=trust_remote_code)
+        config = _load(path, AutoConfig.from_pretrained, "config", **hub)
+        quantization_config = None
+        if quantize != "none":
+            skip = _skip_modules(config, skip_modules, trust_remote_code)
+            quantization_config = _bnb_config(quantize, DTYPES[dtype], skip)
+        self.processor = _load(path, AutoProcessor.from_pretrained, "processor", **hub)
+        self.model = _load(
+            path, AutoModelForImageTextToText.from_pretrained, "model",
+            config=config, dtype=DTYPES[dtype], quantization_config=quantization_config, **hub,
+        )
+        self.path = path
+        self.model.requires_grad_(False)
+        self.eval()
+        signature = inspect.signature(self.model.forward).parameters.values()
+        self._input_names = {p.name for p in signature if p.kind is not p.VAR_KEYWORD} - _RESERVED_KWARGS
+
+    def train(self, mode: bool = True) -> HFVLMTeacher:
+        """Stay in eval mode whatever is asked (Lightning calls `.train()` on every child)."""
+        return super().train(False)
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the logits' last dimension."""
+        head = self.model.get_output_embeddings()
+        if head is not None:
+            return head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
+        return self.model.config.get_text_config().vocab_size
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count (4-bit weights counted unpacked)."""
+        return self.model.num_parameters()
+
+    @property
+    def image_token_id(self) -> int | None:
+        """The id of the image placeholder token (LLaVA/PaliGemma spell it `image_token_index`)."""
+        config = self.model.config
+        token = getattr(config, "image_token_id", None)
+        return token if token is not None else getattr(config, "image_token_index", None)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        *,
+        hidden_layers: tuple[int, ...] = (),
+        attentions: bool = False,
+        vision_features: bool = False,
+        **extra,
+    ) -> TeacherOutput:
+        """Run the teacher once and collect the requested feature taps.
+
+        Args:
+            input_ids: (B, L) token ids with image placeholders already expanded.
+            attention_mask: (B, L) 1 for real tokens.
+            pixel_values: images as the processor made them, e.g. (B, 3, H, W).
+            hidden_layers: indices into the model's hidden states (0 = token embeddings,
+                i = output of decoder layer i, negatives count from the end).
+            attentions: return attention probabilities. They only exist with eager
+                attention, so the first such call switches the model to eager attention
+                for good (slower and more memory than SDPA).
+            vision_features: return the image features fed to the language model,
+                (B, n_image_tokens, D): the model's `image_hidden_states` when it returns
+                them (LLaVA, Idefics3, PaliGemma, ...), else the language model's input
+                embeddings at image-token positions (Qwen2-VL). Every sample must hold the
+                same number of image tokens.
+            **extra: other model inputs (e.g. `image_grid_thw`, `mm_token_type_ids`); keys
+                that are not inputs of the model's forward (and `labels`) are ignored.
+
+        Returns:
+            TeacherOutput with (B, L, V) float32 logits and the requested taps.
+        """
+        if attentions and self.model.config._attn_implementation != "eager":
+            self.model.set_attn_implementation("eager")
+        inputs = {k: v for k, v in extra.items() if k in self._input_names}
+        if pixel_values is not None:
+            inputs["pixel_values"] = pixel_values
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=bool(hidden_layers) or vision_features,
+            output_attentions=attentions,
+            use_cache=False,
+            return_dict=True,
+            **inputs,
+        )
+        return TeacherOutput(
+            logits=out.logits.float(),  # (B, L, V)
+            hidden_states={i: _layer(out.hidden_states, i) for i in hidden_layers},
+            attentions=out.attentions if attentions else None,
+            vision_features=self._vision_features(out, input_ids) if vision_features else None,
+        )
+
+    def _vision_features(self, out, input_ids: Tensor) -> Tensor:
+        if self.image_token_id is None:
+            raise WorkbenchError(f"teacher {self.path}: its config names no image token; vision features need one")
+        image_mask = input_ids == self.image_token_id  # (B, L)
+        features = getattr(out, "image_hidden_states", None)
+        if features is None:
+            features = out.hidden_states[0][image_mask]  # (N, D), what the LM reads at image tokens
+        return image_features_per_sample(features.reshape(-1, features.shape[-1]), image_mask)
+
+
+def image_features_per_sample(features: Tensor, image_mask: Tensor) -> Tensor:
+    """Split image features, concatenated over the batch, back into samples.
+
+    Args:
+        features: (N, D) features in the order of the image tokens (batch, then sequence).
+        image_mask: (B, L) True at image tokens; N = image_mask.sum().
+
+    Returns:
+        (B, n, D) with n image tokens per sample.
+    """
+    counts = image_mask.sum(1)  # (B,)
+    if (counts != counts[0]).any():
+        raise WorkbenchError(
+            f"vision features need the same number of image tokens in every sample, got {counts.tolist()}; "
+            "give every sample one image of the same size"
+        )
+    return features.view(image_mask.shape[0], int(counts[0]), features.shape[-1])  # (B, n, D)
+
+
+def _layer(hidden_states: tuple[Tensor, ...], index: int) -> Tensor:
+    n = len(hidden_states)
+    if not -n <= index < n:
+        raise WorkbenchError(
+            f"teacher hidden layer {index} is out of range: the teacher has {n} hidden states "
+            f"(0 = embeddings .. {n - 1}, or -{n} .. -1)"
+        )
+    return hidden_states[index]
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+
+def _check_options(dtype: str, quantize: str) -> None:
+    if dtype not in DTYPES:
+        raise WorkbenchError(f"teacher.dtype {dtype!r} is not valid; use one of {list(DTYPES)}")
+    if quantize not in QUANTIZE:
+        raise WorkbenchError(f"teacher.quantize {quantize!r} is not valid; use one of {list(QUANTIZE)}")
+    if quantize != "none" and not (is_bitsandbytes_available() and is_accelerate_available()):
+        raise WorkbenchError(
+            f"teacher.quantize={quantize!r} needs bitsandbytes and accelerate: "
+            "pip install bitsandbytes accelerate, or set teacher.quantize=none"
+        )
+
+
+def _is_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
+
+
+def _resolve_path(path: str) -> str:
+    """Check a local checkpoint folder up front; hub ids pass through unchanged."""
+    if not _is_local(path):
+        return path
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise WorkbenchError(f"teacher.path {path} does not exist; point it at a model folder or a hub id")
+    if not folder.is_dir():
+        raise WorkbenchError(f"teacher.path {path} is a file; point it at the folder saved with save_pretrained")
+    if not (folder / "config.json").is_file():
+        raise WorkbenchError(
+            f"teacher.path {path} has no config.json, so it holds no loadable model; "
+            "point it at a folder saved with save_pretrained"
+        )
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(weights, framework="pt"):  # reads and checks the header only
+                pass
+        except SafetensorError as e:
+            raise WorkbenchError(
+                f"teacher.path {path}: weights file {weights} is corrupt or truncated ({e}); "
+                "re-download or re-save the checkpoint"
+            ) from e
+    return str(folder)
+
+
+def _load(path: str, loader, what: str, **kwargs):
+    """Call a `from_pretrained` and turn its loading failures into a `WorkbenchError`."""
+    try:
+        return loader(path, **kwargs)
+    except (OSError, ValueError, SafetensorError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if _is_local(path):
+            fix = "check the folder (save model and processor with save_pretrained)"
+        else:
+            fix = (
+                "it is not a local folder and could not be fetched from the Hugging Face hub "
+                "(offline or not cached); download it first or point teacher.path at a local folder"
+            )
+        raise WorkbenchError(f"teacher.path {path}: cannot load the {what}: {reason}; {fix}") from e
+
+
+def _bnb_config(quantize: str, dtype, skip: list[str]) -> BitsAndBytesConfig:
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    compute = torch.float32 if dtype == "auto" else dtype
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=skip
+    )
+
+
+def _skip_modules(config, skip_modules: list[str] | None, trust_remote_code: bool) -> list[str]:
+    """The modules bitsandbytes must leave alone, read off a weightless (meta) copy of the model."""
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+    if skip_modules is None:
+        return default_skip_modules(skeleton)
+    # bitsandbytes tests the name of each Linear layer, so "vision_tower" (a suffix of the
+    # module "model.vision_tower" but of none of its Linear layers) would silently do nothing.
+    linears = [name for name, module in skeleton.named_modules() if isinstance(module, (nn.Linear, Conv1D))]
+    for pattern in skip_modules:
+        if not any(_skip_matches(pattern, name) for name in linears):
+            raise WorkbenchError(
+                f"teacher.skip_modules entry {pattern!r} matches no Linear layer of the model; names match "
+                f"from the root (e.g. {default_skip_modules(skeleton)}) or as the end of a layer name (e.g. 'q_proj')"
+            )
+    return list(skip_modules)
+
+
+def _skip_matches(pattern: str, name: str) -> bool:
+    """transformers' rule for `llm_int8_skip_modules` (`should_convert_module`)."""
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:  # transformers < 5 matched skip names as substrings
+        return pattern in name
+    return not should_convert_module(name, [pattern])
+
+
+def default_skip_modules(model: nn.Module) -> list[str]:
+    """Root-anchored names of every parameterised module outside the text decoder.
+
+    Walks from the root to `model.get_decoder()` and keeps the siblings met on the way, e.g.
+    `["lm_head", "model.vision_tower", "model.multi_modal_projector"]` for LLaVA and
+    `["lm_head", "model.visual"]` for Qwen2-VL. (transformers' own default keeps only the
+    lm_head, so the vision tower and projector would be quantized.)
+    """
+    names = {id(module): name for name, module in model.named_modules()}
+    decoder = model.get_decoder()
+    parts = names[id(decoder)].split(".") if decoder is not model else []
+    skip = []
+    for depth, step in enumerate(parts):
+        parent_name = ".".join(parts[:depth])
+        for child_name, child in model.get_submodule(parent_name).named_children():
+            if child_name != step and any(True for _ in child.parameters()):
+                skip.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    head = model.get_output_embeddings()
+    if head is not None and names[id(head)] not in skip:
+        skip.append(names[id(head)])
+    return skip

@@ -1,0 +1,220 @@
+"""HFVLMTeacher on a tiny saved LLaVA: parity with plain transformers, frozen-ness, feature
+taps, 8-bit / NF4 loading through bitsandbytes on CPU, and the user-facing load errors."""
+
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForImageTextToText
+
+import teachers.hf_vlm as hf_vlm
+from teachers import HFVLMTeacher, TeacherOutput
+from workbench.data.llava import IGNORE_INDEX, LlavaDataset, VLMCollator
+from workbench.errors import WorkbenchError
+
+bnb = pytest.importorskip("bitsandbytes")
+# bitsandbytes' CPU int8 matmul says once per layer that it casts fp32 inputs to fp16.
+quiet_bnb = pytest.mark.filterwarnings("ignore:MatMul8bitLt")
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_vlm_dir):
+    return HFVLMTeacher(str(tiny_vlm_dir))
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_vlm_dir):
+    return AutoModelForImageTextToText.from_pretrained(tiny_vlm_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(world_dir, teacher):
+    data = LlavaDataset(world_dir / "train.json", limit=8)
+    return VLMCollator(teacher.processor)([data[i] for i in range(len(data))])
+
+
+@pytest.fixture(scope="module")
+def inputs(batch):
+    return {k: batch[k] for k in MODEL_INPUTS}
+
+
+@pytest.fixture(scope="module")
+def int8_teacher(tiny_vlm_dir):
+    return HFVLMTeacher(str(tiny_vlm_dir), quantize="int8")
+
+
+def hf_forward(model, inputs, **kw):
+    with torch.no_grad():
+        return model(**inputs, **kw)
+
+
+def test_logits_match_transformers(teacher, hf_model, batch, inputs):
+    out = teacher(**batch)  # the whole collated batch: labels, ids, qtypes, image_mask are ignored
+    assert isinstance(out, TeacherOutput)
+    assert out.logits.dtype == torch.float32 and out.logits.shape == (*batch["input_ids"].shape, teacher.vocab_size)
+    torch.testing.assert_close(out.logits, hf_forward(hf_model, inputs).logits)
+    assert out.hidden_states == {} and out.attentions is None and out.vision_features is None
+
+
+def test_frozen_and_no_graph(teacher, inputs):
+    assert all(not p.requires_grad for p in teacher.parameters())
+    teacher.train()
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    with torch.enable_grad():
+        logits = teacher(**inputs).logits
+    assert logits.requires_grad is False and logits.grad_fn is None
+
+
+def test_properties(teacher, hf_model, processor):
+    assert teacher.vocab_size == len(processor.tokenizer) == hf_model.lm_head.out_features
+    assert teacher.num_parameters == sum(p.numel() for p in hf_model.parameters())
+    assert teacher.image_token_id == processor.image_token_id
+
+
+def test_hidden_states_match_transformers(teacher, hf_model, inputs):
+    out = teacher(**inputs, hidden_layers=(0, 1, -1))
+    ref = hf_forward(hf_model, inputs, output_hidden_states=True).hidden_states  # 0 = embeddings
+    assert sorted(out.hidden_states) == [-1, 0, 1]
+    for i in (0, 1, -1):
+        torch.testing.assert_close(out.hidden_states[i], ref[i])
+    with pytest.raises(WorkbenchError, match="hidden layer 7"):
+        teacher(**inputs, hidden_layers=(7,))
+
+
+def test_attentions_switch_to_eager(tiny_vlm_dir, hf_model, inputs):
+    teacher = HFVLMTeacher(str(tiny_vlm_dir))  # its own copy: the switch to eager sticks
+    out = teacher(**inputs, attentions=True)
+    B, L = inputs["input_ids"].shape
+    text = hf_model.config.text_config
+    assert teacher.model.config._attn_implementation == "eager"
+    assert len(out.attentions) == text.num_hidden_layers
+    for attn in out.attentions:
+        assert attn.shape == (B, text.num_attention_heads, L, L)
+        torch.testing.assert_close(attn.sum(-1), torch.ones(B, text.num_attention_heads, L))
+    torch.testing.assert_close(out.logits, hf_forward(hf_model, inputs).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_vision_features_are_what_the_lm_reads(teacher, hf_model, batch, inputs):
+    out = teacher(**inputs, vision_features=True)
+    image_mask = batch["image_mask"]
+    n_image = int(image_mask[0].sum())
+    assert out.vision_features.shape == (len(image_mask), n_image, hf_model.config.text_config.hidden_size)
+    embeddings = hf_forward(hf_model, inputs, output_hidden_states=True).hidden_states[0]  # (B, L, D)
+    torch.testing.assert_close(out.vision_features.flatten(0, 1), embeddings[image_mask])
+    # models without `image_hidden_states` (Qwen2-VL) fall back to those embeddings
+    fallback = teacher._vision_features(SimpleNamespace(hidden_states=(embeddings,)), inputs["input_ids"])
+    torch.testing.assert_close(fallback, out.vision_features)
+
+
+def test_default_skip_list_keeps_vision_side_unquantized(teacher):
+    skip = hf_vlm.default_skip_modules(teacher.model)
+    assert sorted(skip) == ["lm_head", "model.multi_modal_projector", "model.vision_tower"]
+
+
+def linear_kinds(model: nn.Module) -> dict[str, set[type]]:
+    """Linear layer classes by part of a LLaVA: decoder, vision side, lm_head."""
+    kinds = {"decoder": set(), "vision": set(), "lm_head": set()}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            part = "decoder" if ".language_model." in name else "lm_head" if name == "lm_head" else "vision"
+            kinds[part].add(type(module))
+    return kinds
+
+
+@quiet_bnb
+def test_int8_quantizes_only_the_decoder(int8_teacher):
+    kinds = linear_kinds(int8_teacher.model)
+    assert kinds == {"decoder": {bnb.nn.Linear8bitLt}, "vision": {nn.Linear}, "lm_head": {nn.Linear}}
+    assert all(not p.requires_grad for p in int8_teacher.parameters())
+
+
+@quiet_bnb
+def test_int8_agrees_with_fp32(int8_teacher, teacher, batch, inputs):
+    answers = batch["labels"][:, 1:] != IGNORE_INDEX  # positions that predict an answer token
+    ref = teacher(**inputs).logits[:, :-1][answers]  # (N, V)
+    q = int8_teacher(**inputs).logits[:, :-1][answers]
+    top1 = (q.argmax(-1) == ref.argmax(-1)).float().mean()
+    kl = F.kl_div(q.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean")
+    # measured on this batch (89 answer positions): top-1 agreement 1.0, KL 4.9e-7
+    # (NF4 on the same batch: 0.83 and 5.0e-4)
+    assert top1 >= 0.9
+    assert kl <= 1e-4
+
+
+def test_nf4_loads_and_runs(tiny_vlm_dir, inputs):
+    teacher = HFVLMTeacher(str(tiny_vlm_dir), quantize="nf4")
+    kinds = linear_kinds(teacher.model)
+    assert kinds == {"decoder": {bnb.nn.Linear4bit}, "vision": {nn.Linear}, "lm_head": {nn.Linear}}
+    assert torch.isfinite(teacher(**inputs).logits).all()
+
+
+@quiet_bnb
+def test_skip_modules_replace_the_default_and_match_from_the_root(tiny_vlm_dir):
+    teacher = HFVLMTeacher(str(tiny_vlm_dir), quantize="int8", skip_modules=["lm_head"])
+    kinds = linear_kinds(teacher.model)
+    assert kinds["vision"] == {bnb.nn.Linear8bitLt} and kinds["lm_head"] == {nn.Linear}
+    # "vision_tower" alone matches nothing in transformers 5: names are anchored at the root
+    with pytest.raises(WorkbenchError, match="'vision_tower'.*model.vision_tower"):
+        HFVLMTeacher(str(tiny_vlm_dir), quantize="int8", skip_modules=["vision_tower", "lm_head"])
+
+
+@pytest.fixture
+def broken_copy(tiny_vlm_dir, tmp_path):
+    """A copy of the tiny checkpoint folder to damage."""
+    return shutil.copytree(tiny_vlm_dir, tmp_path / "copy")
+
+
+def test_error_missing_local_path(tmp_path):
+    for path in (str(tmp_path / "nope"), "./no/such/teacher", "~/no-such-teacher"):
+        with pytest.raises(WorkbenchError, match="does not exist") as err:
+            HFVLMTeacher(path)
+        assert path in str(err.value)
+
+
+def test_error_folder_without_config(broken_copy):
+    (broken_copy / "config.json").unlink()
+    with pytest.raises(WorkbenchError, match="config.json") as err:
+        HFVLMTeacher(str(broken_copy))
+    assert str(broken_copy) in str(err.value)
+
+
+def test_error_truncated_weights(broken_copy):
+    weights = broken_copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(WorkbenchError, match="truncated") as err:
+        HFVLMTeacher(str(broken_copy))
+    assert str(weights) in str(err.value)
+
+
+def test_error_folder_without_processor(broken_copy):
+    for f in broken_copy.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            f.unlink()
+    with pytest.raises(WorkbenchError, match="processor") as err:
+        HFVLMTeacher(str(broken_copy))
+    assert str(broken_copy) in str(err.value)
+
+
+def test_error_hub_id_offline():
+    with pytest.raises(WorkbenchError, match="hub") as err:
+        HFVLMTeacher("distill-workbench-tests/no-such-model")
+    assert "distill-workbench-tests/no-such-model" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle", [(dict(quantize="int4"), "'int4'.*'nf4'"), (dict(dtype="fp8"), "'fp8'.*'bfloat16'")]
+)
+def test_error_unknown_option(tiny_vlm_dir, kwargs, needle):
+    with pytest.raises(WorkbenchError, match=needle):
+        HFVLMTeacher(str(tiny_vlm_dir), **kwargs)
+
+
+def test_error_quantize_without_bitsandbytes(tiny_vlm_dir, monkeypatch):
+    monkeypatch.setattr(hf_vlm, "is_bitsandbytes_available", lambda: False)
+    with pytest.raises(WorkbenchError, match="'nf4'.*bitsandbytes"):
+        HFVLMTeacher(str(tiny_vlm_dir), quantize="nf4")

@@ -1,0 +1,122 @@
+"""`workbench` command line: run, data, doctor.
+
+Bad input of any kind exits with code 2 and a short message (no traceback; `--debug` shows
+it). Anything else that fails is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from workbench.errors import WorkbenchError
+
+EXIT_BAD_INPUT = 2
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from workbench.config import load_config
+    from workbench.run import run
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = run(cfg)
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        _print_summary(run_dir, summary)
+
+
+def _print_summary(run_dir, summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary['name']} — {run_dir}")
+    table.add_column("model")
+    table.add_column("params", justify="right")
+    table.add_column("answer acc", justify="right")
+    for who in ("teacher", "student"):
+        metrics = summary.get(who)
+        if metrics is None:
+            continue
+        params = summary["params"].get(who)
+        table.add_row(who, f"{params:,}" if params else "-", f"{metrics.get('acc', float('nan')):.3f}")
+    Console(stderr=False).print(table)
+
+
+def _cmd_data(args: argparse.Namespace) -> None:
+    from workbench.data.windtunnel import WorldConfig, write_windtunnel
+
+    world = WorldConfig(questions_per_image=args.questions_per_image, question_first=args.question_first)
+    try:
+        out = write_windtunnel(args.out, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
+                               n_classification=args.n_classification, world=world)
+    except FileExistsError as e:
+        raise WorkbenchError(str(e)) from None
+    print(f"wrote the wind tunnel to {out}: train.json, val.json, images/, processor/"
+          + (", classification/" if args.n_classification else ""))
+
+
+def _cmd_doctor(args: argparse.Namespace) -> None:
+    from workbench.device import environment
+
+    env = environment()
+    if args.json:
+        print(json.dumps(env, indent=2))
+        return
+    print(f"python {env['python']} on {env['platform']}")
+    for name, version in env["packages"].items():
+        print(f"  {name:<20} {version or 'not installed'}")
+    cuda = env["cuda"]
+    print(f"CUDA: {'yes ' + str(cuda['devices']) if cuda['available'] else 'no'} (torch built for CUDA {cuda['version']})")
+    print(f"Triton: {'installed' if env['triton'] else 'not installed'}")
+    print(f"bitsandbytes (+accelerate): {'usable' if env['bitsandbytes'] else 'missing'}")
+    print(f"mamba-ssm: {env['mamba_ssm']}")
+    print(f"kernel path: {env['kernels']} (WB_KERNELS=ref|triton|auto)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="workbench", description="Distil and compress VLMs and ViTs.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train as an experiment config says")
+    r.add_argument("config", help="experiment YAML, e.g. experiments/windtunnel/teacher.yaml")
+    r.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=3e-4 teacher=null")
+    r.set_defaults(func=_cmd_run)
+
+    d = sub.add_parser("data", help="generate data sets")
+    dsub = d.add_subparsers(dest="dataset", required=True)
+    w = dsub.add_parser("windtunnel", help="write the wind tunnel (LLaVA format + image folders + processor)")
+    w.add_argument("--out", required=True)
+    w.add_argument("--n-train", type=int, default=8000, help="training images")
+    w.add_argument("--n-val", type=int, default=500, help="held-out images")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--n-classification", type=int, default=0, help="images per split of the classification set")
+    w.add_argument("--questions-per-image", type=int, default=5)
+    w.add_argument("--question-first", action="store_true", help="put the first question before the image")
+    w.set_defaults(func=_cmd_data)
+
+    doc = sub.add_parser("doctor", help="versions, CUDA / Triton / mamba-ssm / bitsandbytes, kernel paths")
+    doc.add_argument("--json", action="store_true")
+    doc.set_defaults(func=_cmd_doctor)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except WorkbenchError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

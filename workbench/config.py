@@ -1,0 +1,232 @@
+"""The typed experiment config: dataclasses merged as defaults <- YAML (with `base:`) <- dotlist.
+
+`load_config("experiments/x.yaml", ["optim.lr=3e-4"])` returns a `RunConfig`. Dataclass nodes
+are closed, so a misspelt key fails with the closest valid names; a value of the wrong type
+fails naming the key and the type it needs. Things are named by registry key (see
+`workbench/registry.py`), never by import path; `workbench/build.py` turns names into objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+from workbench.errors import WorkbenchError
+
+
+@dataclass
+class TeacherConfig:
+    """A frozen Hugging Face VLM (`AutoModelForImageTextToText`) loaded from a folder or hub id."""
+
+    type: str = "hf_vlm"  # registry key (workbench/registry.py TEACHERS)
+    path: str = MISSING
+    revision: str | None = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    quantize: str = "none"  # none | int8 | nf4 (bitsandbytes; vision tower, projector, lm_head kept)
+    skip_modules: list[str] | None = None  # modules left unquantized (replaces the default list)
+    trust_remote_code: bool = False
+
+
+@dataclass
+class StudentConfig:
+    """The trained model: a registered builder plus its arguments, or an exported folder."""
+
+    type: str = "tiny_llava"  # registry key (workbench/registry.py STUDENTS)
+    path: str | None = None  # start from an exported student / HF folder instead of random init
+    processor: str | None = None  # processor folder when there is no teacher to share one with
+    kwargs: dict[str, Any] = field(default_factory=dict)  # builder arguments, checked by name and type
+
+
+@dataclass
+class LossTermConfig:
+    """One weighted term of the objective."""
+
+    type: str = MISSING  # ce | forward_kl | reverse_kl | jsd | tvd
+    weight: float = 1.0
+    temperature: float = 1.0  # divergences are computed at tau and multiplied by tau^2
+    mask: str = "answer"  # answer | image | all | answer+image (positions the divergence covers)
+    beta: float = 0.5  # jsd mixture weight (0 -> forward KL, 1 -> reverse KL)
+
+
+@dataclass
+class WindTunnelConfig:
+    """Parameters of the generated world (workbench/data/windtunnel.py)."""
+
+    n_train: int = 8000
+    n_val: int = 500
+    seed: int = 0
+    questions_per_image: int = 5
+    question_first: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Training and held-out conversations in LLaVA format."""
+
+    type: str = "llava"  # registry key: llava (files below) | windtunnel (generated under `root`)
+    train: str | None = None  # LLaVA-format JSON
+    val: str | None = None
+    image_folder: str | None = None  # image paths are relative to this (default: the JSON's folder)
+    root: str = "data"  # where the wind tunnel is generated (one sub-folder per world)
+    windtunnel: WindTunnelConfig = field(default_factory=WindTunnelConfig)
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    num_workers: int = 0
+    max_length: int | None = None
+    limit_train: int | None = None
+    limit_val: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (no decay on biases, norms and other 1-d parameters) and a per-step LR schedule."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying (MiniCPM uses ~10%)
+    min_lr_ratio: float = 0.0  # final LR as a fraction of `lr`
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class TrainerConfig:
+    """Passed to `lightning.Trainer`."""
+
+    max_steps: int = 1000
+    max_time_minutes: float | None = None  # stop early after this much training time
+    val_every_n_steps: int = 250
+    log_every_n_steps: int = 10
+    accelerator: str = "auto"
+    devices: Any = 1  # int or "auto"
+    strategy: str = "auto"  # e.g. ddp (2 CPU processes work with gloo)
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    checkpoint_every_n_steps: int | None = None  # default: at every validation
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    """One experiment: who teaches whom, on what, with which objective."""
+
+    name: str = "run"
+    seed: int = 0
+    out_root: str = "runs"
+    run_id: str | None = None  # default: <timestamp>-<config hash>
+    teacher: TeacherConfig | None = None  # null: plain supervised training
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: dict[str, LossTermConfig] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval_teacher: bool = True  # score the teacher on the held-out split before training
+
+
+CHOICES = {
+    "teacher.quantize": ("none", "int8", "nf4"),
+    "teacher.dtype": ("float32", "bfloat16", "float16"),
+    "optim.schedule": ("cosine", "wsd", "constant"),
+}
+MASKS = ("answer", "image", "all", "answer+image")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML file, resolving `base:` (a path relative to the file) recursively."""
+    if not path.is_file():
+        raise WorkbenchError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise WorkbenchError(f"config file {path}: `base:` chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise WorkbenchError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise WorkbenchError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = _read_yaml((path.parent / base), seen + (path.resolve(),))
+    return OmegaConf.to_container(OmegaConf.merge(parent, data))
+
+
+def _explain(e: OmegaConfBaseException) -> WorkbenchError:
+    key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+    msg = str(getattr(e, "msg", e)).splitlines()[0]
+    if isinstance(e, ConfigKeyError):
+        return WorkbenchError(f"unknown config key '{key}': {msg}")
+    if isinstance(e, MissingMandatoryValue):
+        return WorkbenchError(f"config key '{key}' must be set")
+    if isinstance(e, ValidationError):
+        return WorkbenchError(f"config key '{key}' has the wrong type: {msg}")
+    return WorkbenchError(f"config error at '{key}': {msg}")
+
+
+def merge_config(*layers: dict | DictConfig) -> RunConfig:
+    """defaults <- each layer in turn; returns the validated dataclass tree."""
+    try:
+        cfg = OmegaConf.structured(RunConfig)
+        for layer in layers:
+            cfg = OmegaConf.merge(cfg, layer)
+        run_cfg: RunConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _explain(e) from None
+    validate(run_cfg)
+    return run_cfg
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise WorkbenchError(f"override {bad[0]!r} is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise WorkbenchError(f"cannot parse overrides {overrides}: {e}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """defaults <- YAML at `path` (with `base:` inheritance) <- `key=value` overrides."""
+    return merge_config(_read_yaml(Path(path)), parse_overrides(list(overrides)))
+
+
+def _choice(key: str, value: str, options=None) -> None:
+    options = options or CHOICES[key]
+    if value not in options:
+        raise WorkbenchError(f"config key '{key}' is {value!r}; expected one of {', '.join(options)}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks a type system cannot express: choices, ranges, required combinations."""
+    if cfg.teacher is not None:
+        _choice("teacher.quantize", cfg.teacher.quantize)
+        _choice("teacher.dtype", cfg.teacher.dtype)
+    _choice("optim.schedule", cfg.optim.schedule)
+    if cfg.data.type == "llava" and not cfg.data.train:
+        raise WorkbenchError("config key 'data.train' must name a LLaVA-format JSON file (or set data.type=windtunnel)")
+    if not cfg.loss:
+        raise WorkbenchError("config key 'loss' has no terms; add one, e.g. loss.ce.type=ce")
+    for name, term in cfg.loss.items():
+        _choice(f"loss.{name}.mask", term.mask, MASKS)
+        if term.temperature <= 0:
+            raise WorkbenchError(f"config key 'loss.{name}.temperature' must be > 0")
+        if not 0.0 <= term.beta <= 1.0:
+            raise WorkbenchError(f"config key 'loss.{name}.beta' must be in [0, 1]")
+    for key in ("data.batch_size", "trainer.max_steps", "trainer.val_every_n_steps"):
+        section, attr = key.split(".")
+        if getattr(getattr(cfg, section), attr) <= 0:
+            raise WorkbenchError(f"config key '{key}' must be > 0")
+    if cfg.optim.lr <= 0:
+        raise WorkbenchError("config key 'optim.lr' must be > 0")
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The fully resolved config, as written to a run directory's config.yaml."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)

@@ -1,0 +1,97 @@
+"""`DistillModule`: the LightningModule that trains a student, optionally from a frozen teacher.
+
+The teacher is deliberately *not* a registered submodule: it stays out of `state_dict` (and
+so out of checkpoints), out of the optimizer and out of DDP/FSDP wrapping and gradient sync.
+It is moved to the student's device when fitting starts and always runs under no_grad.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from losses.combine import LossInputs, WeightedLoss
+from workbench.config import OptimConfig
+from workbench.metrics import accuracies, merge_scores, score_batch
+from workbench.optim import make_optimizer
+
+NON_MODEL_KEYS = ("labels", "image_mask", "ids", "qtypes")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a collated batch that the model's forward takes."""
+    return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+
+
+class DistillModule(pl.LightningModule):
+    """Student + weighted loss terms (+ frozen teacher); validation scores answer accuracy.
+
+    Args:
+        student: the model being trained (a Hugging Face VLM).
+        loss: the weighted objective; terms that need a teacher get its logits.
+        optim: optimizer and schedule settings.
+        total_steps: length of the LR schedule.
+        teacher: frozen model with the student's vocabulary, or None for supervised training.
+        val_tags: every answer tag (question type) in the held-out split, so that all ranks
+            reduce the same list of counts.
+    """
+
+    def __init__(self, student: nn.Module, loss: WeightedLoss, optim: OptimConfig, total_steps: int,
+                 teacher: nn.Module | None = None, val_tags: tuple[str, ...] = ()):
+        super().__init__()
+        self.student = student
+        self.loss = loss
+        self.optim = optim
+        self.total_steps = total_steps
+        object.__setattr__(self, "teacher", teacher)  # not a submodule, see module docstring
+        self.val_keys = ["all", *sorted(set(val_tags))]
+        self._val_scores: dict[str, tuple[int, int]] = {}
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+    def _loss_inputs(self, batch: dict[str, Any]) -> LossInputs:
+        inputs = model_inputs(batch)
+        student_logits = self.student(**inputs).logits
+        teacher_logits = None
+        if self.teacher is not None and self.loss.needs_teacher:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**inputs).logits
+        return LossInputs(student_logits=student_logits, labels=batch["labels"],
+                          attention_mask=batch["attention_mask"], image_mask=batch["image_mask"],
+                          teacher_logits=teacher_logits)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        total, terms = self.loss(self._loss_inputs(batch))
+        n = batch["input_ids"].shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=n)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, batch_size=n)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
+        return total
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        inputs = self._loss_inputs(batch)
+        total, _ = self.loss(inputs)
+        self.log("val/loss", total, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        merge_scores(self._val_scores, score_batch(inputs.student_logits, batch["labels"], batch["qtypes"]))
+
+    def on_validation_epoch_end(self) -> None:
+        keys = self.val_keys
+        counts = torch.tensor([self._val_scores.get(k, (0, 0)) for k in keys], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            counts = self.all_gather(counts).sum(0)
+        scores = {k: (int(c), int(n)) for k, (c, n) in zip(keys, counts.tolist())}
+        for name, value in accuracies(scores).items():
+            self.log(f"val/{name}", value, prog_bar=name == "acc", rank_zero_only=True)
+        self._val_scores = {}
+
+    def configure_optimizers(self):
+        o = self.optim
+        optimizer, scheduler = make_optimizer(self.student, o.lr, o.weight_decay, o.betas, o.schedule,
+                                              self.total_steps, o.warmup_steps, o.decay_fraction, o.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,123 @@
+"""Name -> builder tables: configs name students, teachers, loss terms and datasets by key.
+
+A `Registry` checks the arguments a config passes against the builder's signature before
+calling it, so a misspelt argument or a value of the wrong type is a short error naming the
+key, not a TypeError deep inside a model constructor.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from workbench.errors import WorkbenchError
+
+
+def closest(name: str, options) -> str:
+    """' Did you mean ...?' for the nearest of `options`, or ''."""
+    near = difflib.get_close_matches(name, list(options), n=3, cutoff=0.5)
+    return f" Did you mean: {', '.join(repr(n) for n in near)}?" if near else ""
+
+
+def _accepts(value: Any, hint: Any) -> bool:
+    """Loose check of a config value against a (possibly union / generic) annotation."""
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is not None:
+        hint = origin
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+class Registry:
+    """A named table of builders for one kind of thing (student, teacher, loss, dataset)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._builders: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str, builder: Callable[..., Any] | None = None):
+        """Add `builder` under `name`; usable as a decorator."""
+        def add(fn):
+            if name in self._builders:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._builders[name] = fn
+            return fn
+        return add(builder) if builder is not None else add
+
+    def names(self) -> list[str]:
+        return sorted(self._builders)
+
+    def get(self, name: str) -> Callable[..., Any]:
+        if name not in self._builders:
+            raise WorkbenchError(
+                f"unknown {self.kind} {name!r}.{closest(name, self._builders)} "
+                f"Registered: {', '.join(self.names())}"
+            )
+        return self._builders[name]
+
+    def check_kwargs(self, name: str, kwargs: dict[str, Any], where: str) -> None:
+        """Fail on arguments the builder does not take or whose type does not fit."""
+        fn = self.get(name)
+        params = inspect.signature(fn).parameters
+        hints = typing.get_type_hints(fn)
+        for key, value in kwargs.items():
+            if key not in params:
+                raise WorkbenchError(
+                    f"unknown config key '{where}.{key}': {self.kind} {name!r} takes no argument {key!r}."
+                    f"{closest(key, params)}"
+                )
+            if not _accepts(value, hints.get(key, Any)):
+                expected = getattr(hints[key], "__name__", str(hints[key]))
+                raise WorkbenchError(
+                    f"config key '{where}.{key}' has the wrong type: expected {expected}, got {value!r}"
+                )
+
+    def build(self, name: str, where: str, /, fixed: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        """Call the builder with `fixed` (filled in by the workbench) plus user `kwargs`."""
+        self.check_kwargs(name, kwargs, where)
+        clash = set(kwargs) & set(fixed or {})
+        if clash:
+            raise WorkbenchError(
+                f"config key '{where}.{sorted(clash)[0]}' is set by the workbench (from the processor); remove it"
+            )
+        return self.get(name)(**(fixed or {}), **kwargs)
+
+
+STUDENTS = Registry("student")
+TEACHERS = Registry("teacher")
+LOSSES = Registry("loss")
+DATASETS = Registry("dataset")
+
+
+def _register_builtins() -> None:
+    from losses.combine import CrossEntropyTerm, LogitDivergenceTerm
+    from students.vlm import tiny_llava
+    from teachers.hf_vlm import HFVLMTeacher
+    from workbench.data import llava_splits, windtunnel_splits
+
+    STUDENTS.register("tiny_llava", tiny_llava)
+    TEACHERS.register("hf_vlm", HFVLMTeacher)
+    DATASETS.register("llava", llava_splits)
+    DATASETS.register("windtunnel", windtunnel_splits)
+    LOSSES.register("ce", lambda term: CrossEntropyTerm())
+    for divergence in ("forward_kl", "reverse_kl", "jsd", "tvd"):
+        LOSSES.register(divergence, lambda term, _d=divergence: LogitDivergenceTerm(
+            _d, temperature=term.temperature, mask=term.mask, beta=term.beta))
+
+
+_register_builtins()

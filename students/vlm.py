@@ -90,4 +90,8 @@ def tiny_llava(
     config.pad_token_id = pad_token_id
     config.bos_token_id = bos_token_id
     config.eos_token_id = eos_token_id
-    return LlavaForConditionalGeneration(config)
+    model = LlavaForConditionalGeneration(config)
+    # LLaVA reads the tower's hidden states, never its pooled output: the post-layernorm is
+    # dead weight, and a trainable parameter without a gradient breaks DDP.
+    model.model.vision_tower.post_layernorm.requires_grad_(False)
+    return model

@@ -37,7 +37,7 @@ def build_teacher(cfg: RunConfig) -> nn.Module | None:
     t = cfg.teacher
     if t is None:
         return None
-    builder = TEACHERS.get(t.type)
+    builder = TEACHERS.get(t.type, "teacher.type")
     return builder(path=t.path, revision=t.revision, dtype=t.dtype, quantize=t.quantize,
                    skip_modules=t.skip_modules, trust_remote_code=t.trust_remote_code)
 
@@ -90,6 +90,7 @@ def build_student(cfg: RunConfig, processor) -> nn.Module:
         if s.kwargs:
             raise WorkbenchError("config keys 'student.kwargs' and 'student.path' exclude each other")
         return students.load(s.path)
+    STUDENTS.get(s.type, "student.type")
     return STUDENTS.build(s.type, "student.kwargs", fixed=processor_fields(processor), **s.kwargs)
 
 
@@ -127,7 +128,7 @@ def check_vocabularies(student: nn.Module, processor, teacher=None) -> None:
 def build_loss(cfg: RunConfig, has_teacher: bool) -> WeightedLoss:
     terms = {}
     for name, term in cfg.loss.items():
-        module = LOSSES.get(term.type)(term)
+        module = LOSSES.get(term.type, f"loss.{name}.type")(term)
         if getattr(module, "needs_teacher", False) and term.weight and not has_teacher:
             raise WorkbenchError(
                 f"loss term '{name}' ({term.type}) needs a teacher but 'teacher' is null; "
@@ -143,7 +144,7 @@ def build_loss(cfg: RunConfig, has_teacher: bool) -> WeightedLoss:
 def build(cfg: RunConfig) -> Built:
     """Config -> data, teacher, student, loss; raises `WorkbenchError` on any bad input."""
     torch.manual_seed(cfg.seed)
-    splits = DATASETS.get(cfg.data.type)(cfg.data)
+    splits = DATASETS.get(cfg.data.type, "data.type")(cfg.data)
     teacher = build_teacher(cfg)
     processor = resolve_processor(cfg, teacher, splits)
     loss = build_loss(cfg, teacher is not None)

@@ -147,7 +147,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise WorkbenchError(f"config file {path} is not valid YAML: {e}") from None
+        raise WorkbenchError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise WorkbenchError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
     base = data.pop("base", None)
@@ -155,6 +155,13 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return data
     parent = _read_yaml((path.parent / base), seen + (path.resolve(),))
     return OmegaConf.to_container(OmegaConf.merge(parent, data))
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line out of PyYAML's multi-line report: the problem and where it is."""
+    problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
 
 
 def _explain(e: OmegaConfBaseException) -> WorkbenchError:

@@ -90,6 +90,23 @@ class DistillModule(pl.LightningModule):
             self.log(f"val/{name}", value, prog_bar=name == "acc", rank_zero_only=True)
         self._val_scores = {}
 
+    def on_fit_end(self) -> None:
+        """Under DDP, check that every rank ends with the same student and a grad-free teacher."""
+        self.distributed_check = None
+        if self.trainer.world_size == 1:
+            return
+        params = [p.detach().double().flatten() for p in self.student.parameters()]
+        flat = torch.cat(params)
+        probe = torch.tensor([flat.sum(), (flat * torch.arange(flat.numel(), device=flat.device) % 7).sum(),
+                              float(any(p.grad is not None for p in (self.teacher.parameters() if self.teacher else [])))],
+                             device=self.device)
+        probes = self.all_gather(probe)  # (world_size, 3)
+        self.distributed_check = {
+            "world_size": self.trainer.world_size,
+            "student_weights_in_sync": bool(torch.equal(probes[:, :2], probes[:1, :2].expand_as(probes[:, :2]))),
+            "teacher_grads": bool(probes[:, 2].any()),
+        }
+
     def configure_optimizers(self):
         o = self.optim
         optimizer, scheduler = make_optimizer(self.student, o.lr, o.weight_decay, o.betas, o.schedule,

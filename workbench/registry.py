@@ -62,10 +62,12 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._builders)
 
-    def get(self, name: str) -> Callable[..., Any]:
+    def get(self, name: str, key: str | None = None) -> Callable[..., Any]:
+        """The builder registered as `name`; `key` is the config key that named it (for errors)."""
         if name not in self._builders:
+            where = f"config key '{key}': " if key else ""
             raise WorkbenchError(
-                f"unknown {self.kind} {name!r}.{closest(name, self._builders)} "
+                f"{where}unknown {self.kind} {name!r}.{closest(name, self._builders)} "
                 f"Registered: {', '.join(self.names())}"
             )
         return self._builders[name]

@@ -2,7 +2,8 @@
 
 Run directory (`<out_root>/<name>/<run-id>/`): config.yaml (resolved), env.json,
 metrics.csv (per step, Lightning's CSVLogger), checkpoints/, student/ (exported with
-save_pretrained + the processor), summary.json. An existing run directory is never reused.
+save_pretrained + the processor), summary.json. An existing run directory is never reused; `<out_root>/<name>/latest` links to
+the newest completed run.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ from workbench.errors import WorkbenchError
 from workbench.metrics import accuracies, merge_scores, score_batch
 from workbench.module import DistillModule, model_inputs
 
+# Our run directory is always new; CSVLogger's warning about a non-empty folder is noise.
+warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
 RUN_DIR_ENV = "WB_RUN_DIR"  # hands rank 0's run directory to DDP worker processes
 
 
@@ -120,6 +124,15 @@ def export_student(built: Built, out: Path) -> None:
     built.processor.save_pretrained(out)
 
 
+def mark_latest(run_dir: Path) -> None:
+    """Point `<out_root>/<name>/latest` at a completed run, so configs can name it."""
+    link = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(run_dir.name, tmp)
+    os.replace(tmp, link)
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
@@ -170,8 +183,11 @@ def run(cfg: RunConfig) -> Path:
         samples_per_s=round(samples / max(train_time, 1e-9), 2),
         final_train={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
     )
+    if getattr(module, "distributed_check", None):
+        summary["distributed"] = module.distributed_check
     if val_loader is not None:
         summary["student"] = evaluate(built.student, val_loader)
     summary["wall_time_s"] = round(time.time() - start, 2)
     _write_json(run_dir / "summary.json", summary)
+    mark_latest(run_dir)
     return run_dir

@@ -81,6 +81,10 @@ class LlavaDataset(Dataset):
                 raise WorkbenchError(f"{where}: each turn needs 'from' in {sorted(ROLES)} and a string 'value'")
         if not any(ROLES[t["from"]] == "assistant" for t in rec["conversations"]):
             raise WorkbenchError(f"{where}: has no assistant ('gpt') turn to learn from")
+        if rec.get("image") and not any(
+            ROLES[t["from"]] == "user" and IMAGE_PLACEHOLDER in t["value"] for t in rec["conversations"]
+        ):
+            raise WorkbenchError(f"{where} (id {rec.get('id', i)!r}): has an image but no '<image>' in a human turn")
         if rec.get("image") and not (self.image_folder / rec["image"]).is_file():
             raise WorkbenchError(
                 f"{where} (id {rec.get('id', i)!r}): image file {self.image_folder / rec['image']} does not exist"

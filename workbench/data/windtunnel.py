@@ -33,7 +33,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (160, 60, 210),
     "cyan": (40, 220, 220),
 }
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("square", "triangle", "cross")
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
 NUMBERS = ("zero", "one", "two", "three", "four")
@@ -71,6 +71,7 @@ class WorldConfig:
     grid: int = 3
     max_shapes: int = 3
     noise: float = 12.0  # std of per-pixel Gaussian noise, in 0..255 units
+    jitter: float = 1.0  # max shift (pixels) of a shape's centre within its cell
     questions_per_image: int = 5
     question_first: bool = False  # "question\n<image>" instead of "<image>\nquestion" in turn 1
 
@@ -86,13 +87,16 @@ def vocabulary() -> list[str]:
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, fill) -> None:
-    if kind == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif kind == "square":
-        s = r * 0.85
-        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    # Shapes differ in which parts of the cell they fill (corners, centre, arms), not just in
+    # area, so a 16-pixel patch embedding separates them early in training.
+    if kind == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif kind == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    elif kind == "cross":
+        w = r / 2.5
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
     else:  # pragma: no cover - SHAPES is closed
         raise ValueError(kind)
 
@@ -104,8 +108,8 @@ def render(objects: list[dict], world: WorldConfig, rng: random.Random) -> Image
     img = Image.new("RGB", (size, size), bg)
     draw = ImageDraw.Draw(img)
     for obj in objects:
-        r = rng.uniform(0.28, 0.42) * cell
-        jitter = cell / 2 - r - 1
+        r = rng.uniform(0.34, 0.40) * cell
+        jitter = min(world.jitter, cell / 2 - r - 1)
         cx = obj["col"] * cell + cell / 2 + rng.uniform(-jitter, jitter)
         cy = obj["row"] * cell + cell / 2 + rng.uniform(-jitter, jitter)
         base = COLOURS[obj["colour"]]

@@ -40,6 +40,7 @@ def tiny_llava(
     max_position_embeddings: int = 512,
     vision_feature_layer: int = -1,
     tie_word_embeddings: bool = False,
+    initializer_range: float = 0.02,
 ) -> LlavaForConditionalGeneration:
     """A LLaVA model with a CLIP vision tower and a Llama/Qwen2 decoder.
 
@@ -53,6 +54,8 @@ def tiny_llava(
         text_*: width, depth, heads, KV heads (GQA; default = heads) and MLP width
             (default 4x width) of the decoder.
         vision_feature_layer: which tower layer feeds the projector (-1 = last).
+        initializer_range: std of the normal init of the decoder's and tower's Linear and
+            embedding weights.
     """
     if text_model not in TEXT_CONFIGS:
         raise ValueError(f"text_model must be one of {sorted(TEXT_CONFIGS)}, got {text_model!r}")
@@ -64,6 +67,7 @@ def tiny_llava(
         image_size=image_size,
         patch_size=patch_size,
         projection_dim=vision_hidden,
+        initializer_range=initializer_range,
     )
     text = TEXT_CONFIGS[text_model](
         vocab_size=vocab_size,
@@ -77,6 +81,7 @@ def tiny_llava(
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         tie_word_embeddings=tie_word_embeddings,
+        initializer_range=initializer_range,
     )
     config = LlavaConfig(
         vision_config=vision,

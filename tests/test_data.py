@@ -95,10 +95,10 @@ def test_world_shape_of_records(world_dir):
     assert len({r["id"] for r in records(world_dir)}) == 80
     for rec in recs:
         conv = rec["conversations"]
-        assert [t["from"] for t in conv] == ["human", "gpt"] * 5
+        assert [t["from"] for t in conv] == ["human", "gpt"] * WorldConfig().questions_per_image
         assert conv[0]["value"].startswith("<image>\n")
         assert sum(t["value"].count("<image>") for t in conv) == 1
-        assert len(rec["qtypes"]) == 5 and set(rec["qtypes"]) <= set(QUESTION_TYPES)
+        assert len(rec["qtypes"]) == WorldConfig().questions_per_image and set(rec["qtypes"]) <= set(QUESTION_TYPES)
         assert (world_dir / rec["image"]).is_file()
 
 
@@ -115,7 +115,11 @@ def test_answers_are_well_formed(world_dir):
                 assert question.split()[-2] in SHAPES and answer in COLOURS
             elif qtype == "shape":
                 assert question.split()[-3] in COLOURS and answer in SHAPES
+            elif qtype == "cell":  # "what is in the <row> <col> ?" -> "<colour> <shape>" | "nothing"
+                assert question.split()[-3] in ROWS and question.split()[-2] in COLS
+                assert answer == "nothing" or (answer.split()[0] in COLOURS and answer.split()[1] in SHAPES)
             else:
+                assert qtype == "position"
                 row, col = answer.split()
                 assert row in ROWS and col in COLS
     assert all(counts.values()), counts  # every question type occurs

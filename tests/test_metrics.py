@@ -8,6 +8,9 @@ from conftest import make_tiny_vlm
 from workbench.data import LlavaDataset, VLMCollator
 from workbench.metrics import IGNORE_INDEX, accuracies, answer_correct, merge_scores, score_batch
 from workbench.module import model_inputs
+from workbench.data.windtunnel import WorldConfig
+
+QPI = WorldConfig().questions_per_image  # answers per wind-tunnel conversation
 
 X = IGNORE_INDEX
 V = 10
@@ -143,9 +146,9 @@ def test_answer_correct_equals_greedy_generate(models, batch, processor):
                 hits = token_right[i, start - 1:end - 1]
                 n_partly_right += bool(hits.any() and not hits.all())
         expected = greedy_correct(model, batch, tok.eos_token_id, tok.pad_token_id)
-        assert len(expected) == 5 * len(batch["ids"])
+        assert len(expected) == QPI * len(batch["ids"])
         assert correct.tolist() == expected, name
-        assert row.tolist() == [r for r in range(len(batch["ids"])) for _ in range(5)]
+        assert row.tolist() == [r for r in range(len(batch["ids"])) for _ in range(QPI)]
         n_right[name] = int(correct.sum())
     # the comparison covers right and wrong answers, not just a model that gets nothing right
     assert 0 < sum(n_right.values()) < 3 * len(correct), n_right

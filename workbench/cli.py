@@ -47,7 +47,8 @@ def _print_summary(run_dir, summary: dict) -> None:
 def _cmd_data(args: argparse.Namespace) -> None:
     from workbench.data.windtunnel import WorldConfig, write_windtunnel
 
-    world = WorldConfig(questions_per_image=args.questions_per_image, question_first=args.question_first)
+    world = WorldConfig(grid=args.grid, questions_per_image=args.questions_per_image,
+                        question_first=args.question_first)
     try:
         out = write_windtunnel(args.out, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
                                n_classification=args.n_classification, world=world)
@@ -93,7 +94,8 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--n-val", type=int, default=500, help="held-out images")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--n-classification", type=int, default=0, help="images per split of the classification set")
-    w.add_argument("--questions-per-image", type=int, default=5)
+    w.add_argument("--grid", type=int, default=3, choices=(2, 3), help="cells per side")
+    w.add_argument("--questions-per-image", type=int, default=6, help="questions (turns) per image, at most 6")
     w.add_argument("--question-first", action="store_true", help="put the first question before the image")
     w.set_defaults(func=_cmd_data)
 

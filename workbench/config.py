@@ -16,6 +16,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
+from losses.combine import TOKEN_MASKS
 from workbench.errors import WorkbenchError
 
 
@@ -60,7 +61,8 @@ class WindTunnelConfig:
     n_train: int = 8000
     n_val: int = 500
     seed: int = 0
-    questions_per_image: int = 5
+    grid: int = 3  # cells per side (2 or 3)
+    questions_per_image: int = 6  # one of each question type, in random order
     question_first: bool = False
 
 
@@ -132,10 +134,9 @@ class RunConfig:
 
 CHOICES = {
     "teacher.quantize": ("none", "int8", "nf4"),
-    "teacher.dtype": ("float32", "bfloat16", "float16"),
+    "teacher.dtype": ("float32", "bfloat16", "float16", "auto"),
     "optim.schedule": ("cosine", "wsd", "constant"),
 }
-MASKS = ("answer", "image", "all", "answer+image")
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -221,7 +222,7 @@ def validate(cfg: RunConfig) -> None:
     if not cfg.loss:
         raise WorkbenchError("config key 'loss' has no terms; add one, e.g. loss.ce.type=ce")
     for name, term in cfg.loss.items():
-        _choice(f"loss.{name}.mask", term.mask, MASKS)
+        _choice(f"loss.{name}.mask", term.mask, TOKEN_MASKS)
         if term.temperature <= 0:
             raise WorkbenchError(f"config key 'loss.{name}.temperature' must be > 0")
         if not 0.0 <= term.beta <= 1.0:
@@ -230,6 +231,10 @@ def validate(cfg: RunConfig) -> None:
         section, attr = key.split(".")
         if getattr(getattr(cfg, section), attr) <= 0:
             raise WorkbenchError(f"config key '{key}' must be > 0")
+    if cfg.data.windtunnel.grid not in (2, 3):
+        raise WorkbenchError("config key 'data.windtunnel.grid' must be 2 or 3")
+    if not 1 <= cfg.data.windtunnel.questions_per_image <= 6:
+        raise WorkbenchError("config key 'data.windtunnel.questions_per_image' must be in 1..6 (one per question type)")
     if cfg.optim.lr <= 0:
         raise WorkbenchError("config key 'optim.lr' must be > 0")
 

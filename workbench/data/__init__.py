@@ -53,7 +53,8 @@ def windtunnel_splits(cfg) -> Splits:
         Path(cfg.root).mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".windtunnel-", dir=cfg.root))
         try:
-            world = WorldConfig(questions_per_image=wt.questions_per_image, question_first=wt.question_first)
+            world = WorldConfig(grid=wt.grid, questions_per_image=wt.questions_per_image,
+                                question_first=wt.question_first)
             write_windtunnel(tmp / "w", n_train=wt.n_train, n_val=wt.n_val, seed=wt.seed, world=world)
             if not (out / "world.json").is_file():  # another process may have finished first
                 shutil.rmtree(out, ignore_errors=True)

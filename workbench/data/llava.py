@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from losses.combine import IGNORE_INDEX
 from workbench.errors import WorkbenchError
 
-IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -120,6 +120,7 @@ class VLMCollator:
     max_length: int | None = None
 
     def __post_init__(self):
+        self._label_cache: dict[tuple[str, str, int], list[int]] = {}
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.image_token_id = getattr(self.processor, "image_token_id", None)
         if self.image_token_id is None:
@@ -172,7 +173,10 @@ class VLMCollator:
         for i, (s, text) in enumerate(zip(samples, texts)):
             keep = attention[i].bool()
             expanded = input_ids[i][keep].tolist()
-            row = self._labels(text, self._answer_spans(s["messages"], text), expanded, s["id"])
+            key = (s["id"], text, len(expanded))
+            if key not in self._label_cache:  # chat-template renders dominate collation time
+                self._label_cache[key] = self._labels(text, self._answer_spans(s["messages"], text), expanded, s["id"])
+            row = self._label_cache[key]
             labels[i, keep.nonzero().squeeze(1)] = torch.tensor(row, dtype=labels.dtype)
         batch = dict(enc)
         batch["labels"] = labels

@@ -5,8 +5,8 @@ classification set and a ready-made processor (word-level tokenizer + image proc
 models trained on the world save next to their weights. Everything downstream reads these
 files through the same loaders that read real data (`workbench/data/llava.py`).
 
-Design (see README "The wind tunnel"): a 48x48 canvas is a 3x3 grid of 16-pixel cells and
-each shape sits inside one cell, so with 16-pixel patches every image token sees exactly
+Design (see README "The wind tunnel"): the canvas is a 2x2 or 3x3 grid of 16-pixel cells
+and each shape sits inside one cell, so with 16-pixel patches every image token sees exactly
 one whole object. Colour-shape binding is then local to a token and the language model's
 only job is to find the right image token, which is what makes a tiny teacher reliably
 strong.
@@ -36,8 +36,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("square", "triangle", "cross")
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
+CELL = 16  # pixels per grid cell = the processor's patch size
+GRID_NAMES = {2: (("top", "bottom"), ("left", "right")), 3: (ROWS, COLS)}
 NUMBERS = ("zero", "one", "two", "three", "four")
-QUESTION_TYPES = ("count", "color", "shape", "presence", "position")
+QUESTION_TYPES = ("count", "color", "shape", "presence", "position", "cell")
 
 # Chat format of the world's processor: LLaVA-1.5 style, one image per conversation.
 CHAT_TEMPLATE = (
@@ -59,7 +61,7 @@ SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 TEMPLATE_WORDS = ("USER", "ASSISTANT", ":", "?")
 QUESTION_WORDS = (
     "how", "many", "shapes", "are", "there", "what", "color", "is", "the", "shape",
-    "one", "a", "where", "yes", "no",
+    "one", "a", "where", "yes", "no", "in", "nothing",
 )
 
 
@@ -67,13 +69,16 @@ QUESTION_WORDS = (
 class WorldConfig:
     """Parameters of a generated world; together with `seed` they fix every pixel."""
 
-    image_size: int = 48
-    grid: int = 3
+    grid: int = 3  # cells per side (2 or 3); each cell is one 16-pixel patch
     max_shapes: int = 3
     noise: float = 12.0  # std of per-pixel Gaussian noise, in 0..255 units
     jitter: float = 1.0  # max shift (pixels) of a shape's centre within its cell
-    questions_per_image: int = 5
+    questions_per_image: int = 6
     question_first: bool = False  # "question\n<image>" instead of "<image>\nquestion" in turn 1
+
+    @property
+    def image_size(self) -> int:
+        return CELL * self.grid
 
 
 def vocabulary() -> list[str]:
@@ -103,7 +108,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: f
 
 def render(objects: list[dict], world: WorldConfig, rng: random.Random) -> Image.Image:
     """Draw `objects` ({colour, shape, row, col}) on a noisy canvas."""
-    size, cell = world.image_size, world.image_size // world.grid
+    size, cell = world.image_size, CELL
     bg = tuple(rng.randint(20, 60) for _ in range(3))
     img = Image.new("RGB", (size, size), bg)
     draw = ImageDraw.Draw(img)
@@ -131,11 +136,12 @@ def sample_scene(world: WorldConfig, rng: random.Random) -> list[dict]:
     ]
 
 
-def _position(obj: dict) -> str:
-    return f"{ROWS[obj['row']]} {COLS[obj['col']]}"
+def _position(obj: dict, grid: int = 3) -> str:
+    rows, cols = GRID_NAMES[grid]
+    return f"{rows[obj['row']]} {cols[obj['col']]}"
 
 
-def ask(objects: list[dict], qtype: str, rng: random.Random) -> tuple[str, str] | None:
+def ask(objects: list[dict], qtype: str, rng: random.Random, grid: int = 3) -> tuple[str, str] | None:
     """A (question, answer) pair of type `qtype` about the scene, or None if ill-posed."""
     if qtype == "count":
         return "how many shapes are there ?", NUMBERS[len(objects)]
@@ -165,7 +171,16 @@ def ask(objects: list[dict], qtype: str, rng: random.Random) -> tuple[str, str] 
         return f"is there a {c} {s} ?", "no"
     if qtype == "position":
         o = rng.choice(objects)
-        return f"where is the {o['colour']} {o['shape']} ?", _position(o)
+        return f"where is the {o['colour']} {o['shape']} ?", _position(o, grid)
+    if qtype == "cell":  # looks up a cell by name: teaches the tower what each cell holds
+        if rng.random() < 0.25:
+            taken = {(o["row"], o["col"]) for o in objects}
+            free = [(r, c) for r in range(grid) for c in range(grid) if (r, c) not in taken]
+            if free:
+                r, c = rng.choice(free)
+                return f"what is in the {_position({'row': r, 'col': c}, grid)} ?", "nothing"
+        o = rng.choice(objects)
+        return f"what is in the {_position(o, grid)} ?", f"{o['colour']} {o['shape']}"
     raise ValueError(f"unknown question type {qtype!r}")
 
 
@@ -179,9 +194,9 @@ def _records(split: str, n_images: int, world: WorldConfig, seed: int, image_dir
         render(objects, world, rng).save(image_dir / name)
         turns, qtypes = [], []
         for qtype in rng.sample(QUESTION_TYPES, world.questions_per_image):
-            qa = ask(objects, qtype, rng)
+            qa = ask(objects, qtype, rng, world.grid)
             if qa is None:  # e.g. no shape occurs exactly once: ask where something is
-                qtype, qa = "position", ask(objects, "position", rng)
+                qtype, qa = "position", ask(objects, "position", rng, world.grid)
             question, answer = qa
             if not turns:
                 question = f"{question}\n<image>" if world.question_first else f"<image>\n{question}"
@@ -203,7 +218,7 @@ def _classification(root: Path, split: str, n: int, world: WorldConfig, seed: in
         render([obj], world, rng).save(folder / f"{i:06d}.png")
 
 
-def build_processor(world: WorldConfig, patch_size: int = 16):
+def build_processor(world: WorldConfig, patch_size: int = CELL):
     """A LLaVA processor for the world: word-level tokenizer, CLIP image processor, chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
@@ -262,6 +277,6 @@ def write_windtunnel(
         _classification(out / "classification", "val", max(1, n_classification // 5), world, seed)
     build_processor(world).save_pretrained(out / "processor")
     manifest = {"version": WORLD_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val,
-                "n_classification": n_classification, **asdict(world)}
+                "n_classification": n_classification, "image_size": world.image_size, **asdict(world)}
     (out / "world.json").write_text(json.dumps(manifest, indent=2))
     return out

@@ -8,6 +8,7 @@ as a teacher for the next run. Pure model code: no Lightning, no IO.
 
 from __future__ import annotations
 
+from torch import nn
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -41,6 +42,7 @@ def tiny_llava(
     vision_feature_layer: int = -1,
     tie_word_embeddings: bool = False,
     initializer_range: float = 0.02,
+    position_init_std: float | None = None,
 ) -> LlavaForConditionalGeneration:
     """A LLaVA model with a CLIP vision tower and a Llama/Qwen2 decoder.
 
@@ -56,6 +58,9 @@ def tiny_llava(
         vision_feature_layer: which tower layer feeds the projector (-1 = last).
         initializer_range: std of the normal init of the decoder's and tower's Linear and
             embedding weights.
+        position_init_std: std of the tower's position embeddings (default: as above). A
+            tiny tower whose position embeddings start much smaller than its patch
+            embeddings learns slowly *where* an image token is.
     """
     if text_model not in TEXT_CONFIGS:
         raise ValueError(f"text_model must be one of {sorted(TEXT_CONFIGS)}, got {text_model!r}")
@@ -99,4 +104,6 @@ def tiny_llava(
     # LLaVA reads the tower's hidden states, never its pooled output: the post-layernorm is
     # dead weight, and a trainable parameter without a gradient breaks DDP.
     model.model.vision_tower.post_layernorm.requires_grad_(False)
+    if position_init_std is not None:
+        nn.init.normal_(model.model.vision_tower.embeddings.position_embedding.weight, std=position_init_std)
     return model

@@ -2,7 +2,8 @@
 
 `LossInputs` holds a batch's logits and masks and owns the next-token shift; each term turns
 it into a scalar; `WeightedLoss` adds active terms and returns every value for logging.
-Divergences come from `losses/logit.py` by name.
+Divergences come from `losses/logit.py` by name, against dense teacher logits or a cached
+top-k teacher (`teachers/cache.py`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from losses.logit import cross_entropy, forward_kl, jsd, reverse_kl, tvd
+from losses.logit import cross_entropy, forward_kl, jsd, reverse_kl, sparse_divergence, tvd
 
 IGNORE_INDEX = -100
 
@@ -34,6 +35,12 @@ class LossInputs:
         attention_mask: (B, L) 1 on real tokens, 0 on padding.
         image_mask: (B, L) bool, True on image-token positions.
         teacher_logits: (B, L, V) teacher logits, or None when no term needs them.
+        teacher_topk: a cached sparse teacher instead of `teacher_logits`: (ids (M, K) integer,
+            logp (M, K) float) with one row per label, M = (labels != IGNORE_INDEX).sum(), in
+            row-major (b, t) order; row (b, t) is the teacher's top-k for predicting
+            labels[b, t], i.e. from position t - 1. logp is log_softmax(teacher_logits / tau)
+            at the term's temperature. Rows for labels at t = 0 (nothing predicts them) are
+            dropped, as the dense path drops them.
     """
 
     student_logits: Tensor
@@ -41,6 +48,7 @@ class LossInputs:
     attention_mask: Tensor
     image_mask: Tensor
     teacher_logits: Tensor | None = None
+    teacher_topk: tuple[Tensor, Tensor] | None = None
 
     def __post_init__(self) -> None:
         token_shape = self.student_logits.shape[:2]
@@ -51,6 +59,19 @@ class LossInputs:
                     f"{name} has shape {tuple(shape)} but student_logits has shape "
                     f"{tuple(self.student_logits.shape)}; expected {tuple(token_shape)}"
                 )
+        if self.teacher_topk is not None:
+            self._check_teacher_topk()
+
+    def _check_teacher_topk(self) -> None:
+        if not (isinstance(self.teacher_topk, tuple | list) and len(self.teacher_topk) == 2):
+            raise ValueError("teacher_topk must be a pair (topk_ids (M, K), topk_logp (M, K))")
+        ids, logp = self.teacher_topk
+        n_labels = int((self.labels != IGNORE_INDEX).sum())
+        if ids.dim() != 2 or ids.shape != logp.shape or ids.shape[0] != n_labels:
+            raise ValueError(
+                f"teacher_topk has shapes {tuple(ids.shape)} and {tuple(logp.shape)} but the batch has "
+                f"{n_labels} labels; expected two (M, K) tensors with M = {n_labels}, one row per label"
+            )
 
     @property
     def shifted_student_logits(self) -> Tensor:
@@ -66,6 +87,24 @@ class LossInputs:
     def shifted_labels(self) -> Tensor:
         """(B, L-1) the token each prediction position should predict."""
         return self.labels[:, 1:]
+
+    def sparse_teacher_rows(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Student logits at the "answer" prediction positions and the cached teacher's rows there.
+
+        Returns:
+            student: (N, V) student logits where `token_mask("answer")` is True, row-major.
+            topk_ids: (N, K) the teacher's top-k ids for the same positions.
+            topk_logp: (N, K) the teacher's log-probabilities at those ids.
+        """
+        if self.teacher_topk is None:
+            raise ValueError("sparse_teacher_rows needs LossInputs.teacher_topk, which is None")
+        ids, logp = self.teacher_topk
+        labelled = self.labels != IGNORE_INDEX  # (B, L)
+        # Cache rows follow labels over (B, L); prediction rows follow labels[:, 1:]. Both are
+        # row-major, so dropping the rows of labels at t = 0 aligns them one to one.
+        predictable = labelled.nonzero()[:, 1] > 0  # (M,)
+        student = self.shifted_student_logits[self.token_mask("answer")]  # (N, V)
+        return student, ids[predictable], logp[predictable]
 
     def token_mask(self, which: str) -> Tensor:
         """Which prediction positions a term averages over.
@@ -102,6 +141,9 @@ class CrossEntropyTerm(nn.Module):
 class LogitDivergenceTerm(nn.Module):
     """A divergence from `losses/logit.py` between student and teacher next-token distributions.
 
+    Uses `LossInputs.teacher_logits` when present, else the cached top-k teacher
+    `LossInputs.teacher_topk` (through `sparse_divergence`, which covers answer tokens only).
+
     Args:
         divergence: "forward_kl", "reverse_kl", "jsd" or "tvd".
         temperature: softmax temperature tau > 0 (the loss carries the tau**2 factor).
@@ -127,12 +169,28 @@ class LogitDivergenceTerm(nn.Module):
     def forward(self, inputs: LossInputs) -> Tensor:
         """Returns the scalar per-token mean divergence over the positions of `self.mask`."""
         teacher = inputs.shifted_teacher_logits
+        if teacher is None and inputs.teacher_topk is not None:
+            return self._sparse(inputs)
         if teacher is None:
-            raise ValueError(f"{self.divergence} term needs teacher_logits, but LossInputs.teacher_logits is None")
+            raise ValueError(
+                f"{self.divergence} term needs teacher_logits or teacher_topk, but LossInputs has neither"
+            )
         extra = {"beta": self.beta} if self.divergence == "jsd" else {}
         return DIVERGENCES[self.divergence](
             inputs.shifted_student_logits, teacher, inputs.token_mask(self.mask), self.temperature, **extra
         )
+
+    def _sparse(self, inputs: LossInputs) -> Tensor:
+        if self.mask != "answer":
+            raise ValueError(
+                f"{self.divergence} term with mask={self.mask!r} needs dense teacher_logits; a cached top-k "
+                "teacher (teacher_topk) covers answer tokens only, so use mask='answer'"
+            )
+        student, ids, logp = inputs.sparse_teacher_rows()
+        rows = sparse_divergence(student, ids, logp, self.divergence, self.temperature, self.beta)  # (N,)
+        if rows.shape[0] == 0:
+            return rows.sum()  # empty sum: an exact 0 whose backward gives zero gradients
+        return rows.mean()
 
     def extra_repr(self) -> str:
         beta = f", beta={self.beta}" if self.divergence == "jsd" else ""

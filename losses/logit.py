@@ -2,7 +2,8 @@
 
 Pure torch, no Lightning and no IO. Masking, dtype, temperature and per-token averaging are
 written once in `_divergence_loss`; each divergence is a small per-row function of the two
-log-distributions. `losses/combine.py` picks these by name and weights them into a loss.
+log-distributions. `sparse_divergence` applies the same row functions to a cached top-k
+teacher (K ids + one rest bucket). `losses/combine.py` picks these by name into a loss.
 """
 
 from __future__ import annotations
@@ -255,3 +256,125 @@ def cross_entropy(student_logits: Tensor, targets: Tensor, mask: Tensor | None =
     # while still counting it in the denominator; gather() instead fails on it.
     target_logit = logits.gather(-1, kept_targets.long()[:, None]).squeeze(-1)  # (N,)
     return (torch.logsumexp(logits, dim=-1) - target_logit).mean()
+
+
+
+SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+# Where r (the teacher's mass outside its top-k) rounds to 0 although K < V, the reverse KL
+# takes log r at this floor instead of -inf, so very peaked teachers give a finite loss.
+_MIN_REST_MASS = 1e-30
+
+
+def _check_sparse_target(student_logits: Tensor, topk_ids: Tensor, topk_logp: Tensor) -> None:
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be (N, V), got shape {tuple(student_logits.shape)}")
+    n, vocab = student_logits.shape
+    if topk_ids.dim() != 2 or topk_ids.shape != topk_logp.shape or topk_ids.shape[0] != n:
+        raise ValueError(
+            f"topk_ids {tuple(topk_ids.shape)} and topk_logp {tuple(topk_logp.shape)} must both be (N, K) "
+            f"with N = {n} rows like student_logits {tuple(student_logits.shape)}"
+        )
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise ValueError(f"topk_ids must be an integer tensor, got dtype {topk_ids.dtype}")
+    k = topk_ids.shape[1]
+    if not 0 < k <= vocab:
+        raise ValueError(f"top-k size K = {k} must be in [1, V = {vocab}]")
+    if n == 0:
+        return
+    low, high = topk_ids.min().item(), topk_ids.max().item()
+    if low < 0 or high >= vocab:
+        raise ValueError(f"topk_ids must lie in [0, {vocab}), got values in [{low}, {high}]")
+    ids = topk_ids.sort(dim=-1).values  # (N, K)
+    if (ids[:, 1:] == ids[:, :-1]).any():
+        # A repeated id would count its probability twice and make the K + 1 outcomes overlap.
+        raise ValueError("topk_ids repeat an id within a row; a top-k target must list K distinct ids")
+
+
+def _sparse_log_probs(
+    student_logits: Tensor, topk_ids: Tensor, topk_logp: Tensor, temperature: float, rest_floor: float
+) -> tuple[Tensor, Tensor]:
+    """Student and teacher log-probabilities over K + 1 outcomes: the top-k ids, then the rest.
+
+    The student's rest mass is a logsumexp over its logits outside the top-k ids (set to -inf
+    by a scatter), not 1 - sum(p_k): that subtraction cancels catastrophically when the top-k
+    holds nearly all the mass, and its gradient p_j / (1 - sum(p_k)) is then unbounded in
+    floating point; this form is exact, its gradient bounded, and it keeps one (N, V) tensor
+    for backward, like a plain log_softmax.
+
+    Args:
+        student_logits: (N, V) student logits in the compute dtype.
+        topk_ids: (N, K) distinct token ids per row.
+        topk_logp: (N, K) teacher log-probabilities at those ids, at `temperature`.
+        temperature: tau applied to the student logits.
+        rest_floor: lower bound for the teacher's rest mass r (0 keeps r = 0 as log r = -inf).
+    Returns:
+        (N, K') student and teacher log-probabilities, K' = K + 1; K' = K when K = V, where
+        there is no rest outcome and the teacher's computed rest mass is rounding error.
+    """
+    ids = topk_ids.long()
+    z = student_logits / temperature  # (N, V)
+    z_k = z.gather(-1, ids)  # (N, K)
+    lse_k = torch.logsumexp(z_k, dim=-1)  # (N,)
+    log_t_k = topk_logp.detach().to(z.dtype)  # (N, K)
+    if ids.shape[1] == z.shape[1]:
+        return z_k - lse_k[:, None], log_t_k
+    lse_rest = torch.logsumexp(z.scatter(-1, ids, float("-inf")), dim=-1)  # (N,)
+    lse_all = torch.logaddexp(lse_k, lse_rest)  # (N,)
+    log_s = torch.cat([z_k, lse_rest[:, None]], dim=-1) - lse_all[:, None]  # (N, K + 1)
+    rest_t = -torch.expm1(torch.logsumexp(log_t_k, dim=-1))  # (N,) r = 1 - sum_k p_T,k
+    log_rest_t = rest_t.clamp(min=rest_floor).log()  # (N,) -inf where r = 0 and no floor
+    return log_s, torch.cat([log_t_k, log_rest_t[:, None]], dim=-1)
+
+
+def sparse_divergence(
+    student_logits: Tensor,
+    topk_ids: Tensor,
+    topk_logp: Tensor,
+    kind: str,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+) -> Tensor:
+    """A divergence against a cached top-k teacher, with the missing mass as its own outcome.
+
+    Both distributions are coarse-grained to K + 1 outcomes: the teacher's K ids and one
+    "everything else" bucket, holding r = 1 - sum(exp(topk_logp)) (clamped at 0) for the
+    teacher and the student's probability outside the K ids. A bucket with r = 0 adds nothing
+    to the forward KL, JSD or TVD; the reverse KL, which would be infinite there, takes r at
+    1e-30 instead. By the data-processing inequality the result is at most the dense
+    divergence, and equals it when K = V. Conventions match the dense functions above: the
+    student is softened by tau, the result is multiplied by tau**2, JSD's beta is the teacher's
+    mixture weight (beta = 0 is the forward KL, beta = 1 the reverse KL), and the arithmetic
+    runs in at least float32.
+
+    Args:
+        student_logits: (N, V) student logits (gradients flow to these).
+        topk_ids: (N, K) integer ids of the teacher's top-k tokens, distinct within a row.
+        topk_logp: (N, K) teacher log-probabilities at those ids: log_softmax(teacher_logits /
+            tau) over the full vocabulary, then top-k. Detached internally.
+        kind: "forward_kl", "reverse_kl", "jsd" or "tvd".
+        temperature: tau > 0; must be the temperature `topk_logp` was computed at.
+        beta: teacher weight in the JSD mixture, 0 <= beta <= 1; used by "jsd" only.
+    Returns:
+        (N,) per-row divergences times tau**2, in the compute dtype (float32 or wider).
+    """
+    if kind not in SPARSE_DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; valid: {', '.join(SPARSE_DIVERGENCES)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    _check_sparse_target(student_logits, topk_ids, topk_logp)
+    if kind == "jsd" and beta in (0.0, 1.0):  # the endpoints, as in the dense `jsd`
+        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    student = student_logits.to(_compute_dtype(student_logits.dtype))  # (N, V)
+    rest_floor = _MIN_REST_MASS if kind == "reverse_kl" else 0.0
+    log_s, log_t = _sparse_log_probs(student, topk_ids, topk_logp, temperature, rest_floor)  # (N, K + 1)
+    if kind == "forward_kl":
+        rows = _kl_rows(log_t, log_s)
+    elif kind == "reverse_kl":
+        rows = _kl_rows(log_s, log_t)
+    elif kind == "jsd":
+        rows = _jsd_rows(log_s, log_t, beta)
+    else:
+        rows = _tvd_rows(log_s, log_t)
+    return rows * temperature**2

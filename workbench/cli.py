@@ -1,4 +1,4 @@
-"""`workbench` command line: run, data, doctor.
+"""`workbench` command line: run, compare, data, doctor.
 
 Bad input of any kind exits with code 2 and a short message (no traceback; `--debug` shows
 it). Anything else that fails is a bug and keeps its traceback.
@@ -58,6 +58,13 @@ def _cmd_data(args: argparse.Namespace) -> None:
           + (", classification/" if args.n_classification else ""))
 
 
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from workbench.results import compare_command
+
+    print(compare_command(args.paths, by=args.by, metrics=args.metric, fmt=args.format,
+                          group_seeds=not args.per_run), end="")
+
+
 def _cmd_doctor(args: argparse.Namespace) -> None:
     from workbench.device import environment
 
@@ -98,6 +105,14 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--questions-per-image", type=int, default=6, help="questions (turns) per image, at most 6")
     w.add_argument("--question-first", action="store_true", help="put the first question before the image")
     w.set_defaults(func=_cmd_data)
+
+    c = sub.add_parser("compare", help="one table of runs: the settings that differ, metrics as mean ± std over seeds")
+    c.add_argument("paths", nargs="+", help="run dirs, sweep dirs, folders of runs or globs, e.g. 'runs/study/sweep-*'")
+    c.add_argument("--by", action="append", metavar="KEY", help="config key to group by (repeatable; default: those that differ)")
+    c.add_argument("--metric", action="append", metavar="NAME", help="summary key, e.g. student.acc/color (repeatable)")
+    c.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    c.add_argument("--per-run", action="store_true", help="one row per run instead of averaging over seeds")
+    c.set_defaults(func=_cmd_compare)
 
     doc = sub.add_parser("doctor", help="versions, CUDA / Triton / mamba-ssm / bitsandbytes, kernel paths")
     doc.add_argument("--json", action="store_true")

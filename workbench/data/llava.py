@@ -10,6 +10,7 @@ assistant answers (and the end-of-turn token) in `labels`.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from workbench.errors import WorkbenchError
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 IMAGE_PLACEHOLDER = "<image>"
+_OPEN, _CLOSE = "\ue000", "\ue001"  # private-use marks around answers while rendering
 
 
 def _to_messages(conversations: list[dict], has_image: bool) -> list[dict]:
@@ -131,6 +133,51 @@ class VLMCollator:
 
     def _answer_spans(self, messages: list[dict], text: str) -> list[tuple[int, int]]:
         """Character spans of `text` that are assistant answers (incl. end-of-turn)."""
+        return self._answer_spans_marked(messages, text) or self._answer_spans_by_prefix(messages, text)
+
+    def _answer_spans_marked(self, messages: list[dict], text: str) -> list[tuple[int, int]] | None:
+        """One render with every answer wrapped in private-use marks (the fast path).
+
+        Returns None when the template does not reproduce `text` once the marks are removed
+        or does not end answers with the end-of-turn suffix it uses elsewhere; the caller
+        then falls back to rendering prefix by prefix.
+        """
+        frame = self._end_of_turn()
+        if frame is None:
+            return None
+        lead, eot = frame
+        marked = [
+            {**m, "content": [{**p, "text": f"{_OPEN}{p['text']}{_CLOSE}"} if p.get("type") == "text" else p
+                              for p in m["content"]]} if m["role"] == "assistant" else m
+            for m in messages
+        ]
+        rendered = self._render(marked)
+        if rendered.replace(_OPEN, "").replace(_CLOSE, "") != text:
+            return None
+        spans, removed = [], 0
+        for match in re.finditer(f"{_OPEN}(.*?){_CLOSE}", rendered, flags=re.S):
+            start = match.start() - removed
+            end = start + len(match.group(1))
+            removed += 2
+            if text[start - len(lead):start] != lead or text[end:end + len(eot)] != eot:
+                return None
+            spans.append((start - len(lead), end + len(eot.rstrip())))
+        return spans if len(spans) == sum(m["role"] == "assistant" for m in messages) else None
+
+    def _end_of_turn(self) -> tuple[str, str] | None:
+        """What the template writes between the generation prompt and an answer, and after
+        the answer (e.g. `" "` and `"</s> "`); probed once, None if the probe is ambiguous."""
+        if not hasattr(self, "_turn_frame"):
+            user = {"role": "user", "content": [{"type": "text", "text": "q"}]}
+            reply = {"role": "assistant", "content": [{"type": "text", "text": _OPEN}]}
+            start = self._render([user], add_generation_prompt=True)
+            end = self._render([user, reply])
+            rest = end[len(start):]
+            ok = end.startswith(start) and rest.count(_OPEN) == 1
+            self._turn_frame = tuple(rest.split(_OPEN)) if ok else None
+        return self._turn_frame
+
+    def _answer_spans_by_prefix(self, messages: list[dict], text: str) -> list[tuple[int, int]]:
         spans = []
         for k, m in enumerate(messages):
             if m["role"] != "assistant":

@@ -40,7 +40,7 @@ def llava_splits(cfg) -> Splits:
 
 def windtunnel_dir(cfg) -> Path:
     """The folder of the world `cfg.windtunnel` describes: one per parameter set."""
-    params = {"version": WORLD_VERSION, **asdict(cfg.windtunnel)}
+    params = {"version": WORLD_VERSION, **{k: v for k, v in asdict(cfg.windtunnel).items() if v is not None}}
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
     return Path(cfg.root) / f"windtunnel-{digest}"
 
@@ -54,7 +54,8 @@ def windtunnel_splits(cfg) -> Splits:
         tmp = Path(tempfile.mkdtemp(prefix=".windtunnel-", dir=cfg.root))
         try:
             world = WorldConfig(grid=wt.grid, questions_per_image=wt.questions_per_image,
-                                question_first=wt.question_first)
+                                question_first=wt.question_first,
+                                **({"question_types": tuple(wt.question_types)} if wt.question_types else {}))
             write_windtunnel(tmp / "w", n_train=wt.n_train, n_val=wt.n_val, seed=wt.seed, world=world)
             if not (out / "world.json").is_file():  # another process may have finished first
                 shutil.rmtree(out, ignore_errors=True)

@@ -75,6 +75,7 @@ class WorldConfig:
     jitter: float = 1.0  # max shift (pixels) of a shape's centre within its cell
     questions_per_image: int = 6
     question_first: bool = False  # "question\n<image>" instead of "<image>\nquestion" in turn 1
+    question_types: tuple[str, ...] = QUESTION_TYPES  # which kinds of question are asked
 
     @property
     def image_size(self) -> int:
@@ -193,10 +194,11 @@ def _records(split: str, n_images: int, world: WorldConfig, seed: int, image_dir
         name = f"{split}-{i:06d}.png"
         render(objects, world, rng).save(image_dir / name)
         turns, qtypes = [], []
-        for qtype in rng.sample(QUESTION_TYPES, world.questions_per_image):
+        for qtype in rng.sample(world.question_types, world.questions_per_image):
             qa = ask(objects, qtype, rng, world.grid)
-            if qa is None:  # e.g. no shape occurs exactly once: ask where something is
-                qtype, qa = "position", ask(objects, "position", rng, world.grid)
+            if qa is None:  # e.g. no shape occurs exactly once: ask where something is (or what a cell holds)
+                qtype = "position" if "position" in world.question_types else "cell"
+                qa = ask(objects, qtype, rng, world.grid)
             question, answer = qa
             if not turns:
                 question = f"{question}\n<image>" if world.question_first else f"<image>\n{question}"

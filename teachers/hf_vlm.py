@@ -262,6 +262,13 @@ def _resolve_path(path: str) -> str:
     return str(folder)
 
 
+def load_teacher_processor(path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The teacher checkpoint's processor alone (no weights), with the same checks as the teacher."""
+    path = _resolve_path(path)
+    return _load(path, AutoProcessor.from_pretrained, "processor", revision=revision,
+                 trust_remote_code=trust_remote_code)
+
+
 def _load(path: str, loader, what: str, **kwargs):
     """Call a `from_pretrained` and turn its loading failures into a `WorkbenchError`."""
     try:

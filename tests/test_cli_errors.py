@@ -192,6 +192,7 @@ def test_valid_input_is_not_refused(config, tmp_path):
     from workbench.run import loaders
 
     cfg = load_config(config, TINY)
-    train, val = loaders(cfg, build(cfg))
-    assert len(train) == 4 and val is not None
+    train, val, sampler = loaders(cfg, build(cfg))
+    assert len(train) == cfg.trainer.max_steps and val is not None  # one batch per step, resumable
+    assert len(next(iter(train))["ids"]) == cfg.data.batch_size
     assert not (tmp_path / "runs").exists()  # building and loading write nothing

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from torch import nn
 
-from workbench.config import RunConfig, load_config, merge_config, to_yaml
+from workbench.config import stage_configs, RunConfig, load_config, merge_config, to_yaml
 from workbench.errors import WorkbenchError
 from workbench.optim import lr_multiplier, param_groups
 from workbench.registry import DATASETS, LOSSES, STUDENTS
@@ -44,7 +44,8 @@ def test_every_shipped_yaml_loads(path):
     assert isinstance(cfg, RunConfig)
     raw = yaml.safe_load(path.read_text())
     assert cfg.name == raw.get("name", cfg.name) and cfg.name != RunConfig().name  # the YAML was applied
-    assert cfg.loss, "a recipe without loss terms cannot train"
+    stages = [s for _, s in stage_configs(cfg)] if cfg.stages else [cfg]
+    assert all(s.loss for s in stages), "a recipe (or stage) without loss terms cannot train"
 
 
 # ---- base: inheritance --------------------------------------------------------------------

@@ -7,7 +7,9 @@ directory is created.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from torch import nn
 from losses.combine import WeightedLoss
 from workbench.config import RunConfig
 from workbench.data import Splits, VLMCollator
+from workbench.teacher_data import attach_teacher
 from workbench.errors import WorkbenchError
 from workbench.registry import DATASETS, LOSSES, STUDENTS, TEACHERS
 
@@ -31,6 +34,10 @@ class Built:
     student: nn.Module
     loss: WeightedLoss
     teacher: nn.Module | None = None
+    callbacks: list[Any] = field(default_factory=list)  # Lightning callbacks the data/loss setup needs
+    pool_fn: Callable[[int], list[int]] | None = None  # per-epoch training pool (parity alignment)
+    notes: dict[str, Any] = field(default_factory=dict)  # extra summary.json entries (data split, cache)
+    eval_collator: Any = None  # held-out batches (default: `collator`; it differs when training reads a cache)
 
 
 def build_teacher(cfg: RunConfig) -> nn.Module | None:
@@ -53,11 +60,14 @@ def load_processor(path: str | Path, key: str):
         raise WorkbenchError(f"config key '{key}': cannot load a processor from {path}: {e}") from None
 
 
-def resolve_processor(cfg: RunConfig, teacher, splits: Splits):
+def resolve_processor(cfg: RunConfig, splits: Splits):
     """The student shares its teacher's processor; else `student.processor`, the student
     folder's own, or the one that ships with the data (the wind tunnel's)."""
-    if teacher is not None:
-        return teacher.processor
+    if cfg.teacher is not None:
+        from teachers.hf_vlm import load_teacher_processor
+
+        t = cfg.teacher
+        return load_teacher_processor(t.path, t.revision, t.trust_remote_code)
     if cfg.student.processor:
         return load_processor(cfg.student.processor, "student.processor")
     if cfg.student.path and (Path(cfg.student.path) / "preprocessor_config.json").is_file():
@@ -92,6 +102,46 @@ def build_student(cfg: RunConfig, processor) -> nn.Module:
         return students.load(s.path)
     STUDENTS.get(s.type, "student.type")
     return STUDENTS.build(s.type, "student.kwargs", fixed=processor_fields(processor), **s.kwargs)
+
+
+def init_student(student: nn.Module, source: str, key: str = "init_from") -> dict[str, int]:
+    """Copy every same-named, same-shaped weight of the model folder `source` into `student`.
+
+    Returns counts of copied and left-alone tensors; shape mismatches and a source that
+    shares no weight with the student are errors.
+    """
+    import students
+
+    donor = students.load(source).state_dict()
+    own = student.state_dict()
+    shared = [k for k in own if k in donor]
+    bad = [k for k in shared if own[k].shape != donor[k].shape]
+    if bad:
+        raise WorkbenchError(
+            f"config key '{key}': {source} does not fit the student: {bad[0]} is "
+            f"{tuple(donor[bad[0]].shape)} there and {tuple(own[bad[0]].shape)} in the student"
+            + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "")
+        )
+    if not shared:
+        raise WorkbenchError(f"config key '{key}': {source} shares no weight name with the student")
+    with torch.no_grad():
+        for k in shared:
+            own[k].copy_(donor[k])
+    return {"copied": len(shared), "kept": len(own) - len(shared)}
+
+
+def apply_trainable(student: nn.Module, patterns: list[str]) -> None:
+    """Freeze every parameter whose name matches none of the glob `patterns`."""
+    names = [n for n, _ in student.named_parameters()]
+    for pattern in patterns:
+        if not any(fnmatch(n, pattern) for n in names):
+            raise WorkbenchError(
+                f"config key 'trainable': pattern {pattern!r} matches no parameter; names look like "
+                + ", ".join(names[:: max(1, len(names) // 4)][:4])
+            )
+    for name, p in student.named_parameters():
+        if not any(fnmatch(name, pattern) for pattern in patterns):
+            p.requires_grad_(False)
 
 
 def _image_token_id(config) -> int | None:
@@ -145,10 +195,21 @@ def build(cfg: RunConfig) -> Built:
     """Config -> data, teacher, student, loss; raises `WorkbenchError` on any bad input."""
     torch.manual_seed(cfg.seed)
     splits = DATASETS.get(cfg.data.type, "data.type")(cfg.data)
-    teacher = build_teacher(cfg)
-    processor = resolve_processor(cfg, teacher, splits)
-    loss = build_loss(cfg, teacher is not None)
+    processor = resolve_processor(cfg, splits)
+    loss = build_loss(cfg, cfg.teacher is not None)
     student = build_student(cfg, processor)
-    check_vocabularies(student, processor, teacher)
+    notes: dict[str, Any] = {}
+    if cfg.init_from:
+        if cfg.init_from == "teacher" and cfg.teacher is None:
+            raise WorkbenchError("config key 'init_from' is 'teacher' but 'teacher' is null")
+        source = cfg.teacher.path if cfg.init_from == "teacher" else cfg.init_from
+        notes["init_from"] = {"path": str(source), **init_student(student, source)}
+    if cfg.trainable:
+        apply_trainable(student, cfg.trainable)
+    check_vocabularies(student, processor)
     collator = VLMCollator(processor, max_length=cfg.data.max_length)
-    return Built(splits, processor, collator, student, loss, teacher)
+    built = attach_teacher(cfg, Built(splits, processor, collator, student, loss, notes=notes))
+    n_train = len(built.splits.train)  # after the labelled split: what the student trains on
+    if n_train < cfg.data.batch_size:
+        raise WorkbenchError(f"data.batch_size={cfg.data.batch_size} is larger than the training set ({n_train} samples)")
+    return built

@@ -1,4 +1,4 @@
-"""`workbench` command line: run, compare, data, doctor.
+"""`workbench` command line: run (single, multi-stage, sweeps, resume), cache-teacher, compare, data, doctor.
 
 Bad input of any kind exits with code 2 and a short message (no traceback; `--debug` shows
 it). Anything else that fails is a bug and keeps its traceback.
@@ -17,14 +17,40 @@ EXIT_BAD_INPUT = 2
 
 def _cmd_run(args: argparse.Namespace) -> None:
     from workbench.config import load_config
-    from workbench.run import run
+    from workbench.run import resume, run
+    from workbench.sweep import parse_sweep_args, run_sweep
 
-    cfg = load_config(args.config, args.overrides)
-    run_dir = run(cfg)
+    if args.resume:
+        if args.config or args.overrides or args.sweep:
+            raise WorkbenchError("--resume RUN_DIR takes no config, overrides or --sweep (the run's config.yaml is used)")
+        run_dir = resume(args.resume)
+    elif not args.config:
+        raise WorkbenchError("give an experiment config (workbench run CONFIG [key=value ...]) or --resume RUN_DIR")
+    else:
+        cfg = load_config(args.config, args.overrides)
+        if args.sweep or cfg.sweep:
+            print(f"sweep written to {run_sweep(args.config, args.overrides, parse_sweep_args(args.sweep or []))}")
+            return
+        run_dir = run(cfg)
+    results = run_dir / "results.md"
+    if results.is_file():
+        print(results.read_text())
+        print(f"written to {run_dir}")
+        return
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        _print_summary(run_dir, summary)
+        _print_summary(run_dir, json.loads(summary_path.read_text()))
+
+
+def _cmd_cache_teacher(args: argparse.Namespace) -> None:
+    from workbench.config import load_config
+    from workbench.teacher_data import cache_teacher
+
+    overrides = [*args.overrides, f"teacher.top_k={args.top_k}"] if args.top_k else list(args.overrides)
+    if args.out:
+        overrides.append(f"teacher.cache={args.out}")
+    directory, stats = cache_teacher(load_config(args.config, overrides), stage=args.stage)
+    print(f"teacher cache {directory}: {stats}")
 
 
 def _print_summary(run_dir, summary: dict) -> None:
@@ -89,9 +115,20 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="train as an experiment config says")
-    r.add_argument("config", help="experiment YAML, e.g. experiments/windtunnel/teacher.yaml")
+    r.add_argument("config", nargs="?", help="experiment YAML, e.g. experiments/windtunnel/quickstart.yaml")
     r.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=3e-4 teacher=null")
+    r.add_argument("--sweep", action="append", metavar="KEY=A,B,C",
+                   help="run the grid of these values (repeatable: the product of all); finished runs are skipped")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     r.set_defaults(func=_cmd_run)
+
+    ct = sub.add_parser("cache-teacher", help="run the teacher once over the training data: top-k logits (+ pseudo-labels)")
+    ct.add_argument("config", help="the experiment whose student will distil from the cache")
+    ct.add_argument("overrides", nargs="*", help="key=value config overrides")
+    ct.add_argument("--top-k", type=int, help="token ids kept per position (default teacher.top_k)")
+    ct.add_argument("--out", help="cache folder (default <out_root>/teacher-cache/<fingerprint>)")
+    ct.add_argument("--stage", help="for multi-stage experiments: the stage whose teacher to cache")
+    ct.set_defaults(func=_cmd_cache_teacher)
 
     d = sub.add_parser("data", help="generate data sets")
     dsub = d.add_subparsers(dest="dataset", required=True)

@@ -31,6 +31,8 @@ class TeacherConfig:
     quantize: str = "none"  # none | int8 | nf4 (bitsandbytes; vision tower, projector, lm_head kept)
     skip_modules: list[str] | None = None  # modules left unquantized (replaces the default list)
     trust_remote_code: bool = False
+    cache: str | None = None  # teacher-logit cache folder, or "auto" (<out_root>/teacher-cache/<fingerprint>)
+    top_k: int = 16  # ids kept per position when this run makes the cache itself
 
 
 @dataclass
@@ -64,6 +66,7 @@ class WindTunnelConfig:
     grid: int = 3  # cells per side (2 or 3)
     questions_per_image: int = 6  # one of each question type, in random order
     question_first: bool = False
+    question_types: list[str] | None = None  # subset of count, color, shape, presence, position, cell (default all)
 
 
 @dataclass
@@ -82,6 +85,11 @@ class DataConfig:
     max_length: int | None = None
     limit_train: int | None = None
     limit_val: int | None = None
+    labeled_fraction: float = 1.0  # share of training records whose answers the student may see
+    split_seed: int = 0  # which records are labelled (independent of `seed`, so seed sweeps share it)
+    unlabeled: str = "auto"  # the other records: pseudo (teacher answers) | drop | auto (pseudo if a teacher)
+    disagreement_only: bool = False  # pseudo-labelled records: train only where the student disagrees
+    max_new_tokens: int = 32  # longest teacher answer when pseudo-labelling
 
 
 @dataclass
@@ -130,12 +138,17 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval_teacher: bool = True  # score the teacher on the held-out split before training
+    init_from: str | None = None  # start the student from: stage:<name> | teacher | a model folder
+    trainable: list[str] | None = None  # glob patterns of parameter names to train; the rest is frozen
+    stages: dict[str, Any] = field(default_factory=dict)  # name -> overlay of this config, run in order
+    sweep: dict[str, list[Any]] = field(default_factory=dict)  # key -> values: `workbench run` runs the grid
 
 
 CHOICES = {
     "teacher.quantize": ("none", "int8", "nf4"),
     "teacher.dtype": ("float32", "bfloat16", "float16", "auto"),
     "optim.schedule": ("cosine", "wsd", "constant"),
+    "data.unlabeled": ("auto", "pseudo", "drop"),
 }
 
 
@@ -200,9 +213,74 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
         raise WorkbenchError(f"cannot parse overrides {overrides}: {e}") from None
 
 
+CLEARABLE = ("stages", "sweep")  # `stages=null` on the command line runs the experiment's top level alone
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """defaults <- YAML at `path` (with `base:` inheritance) <- `key=value` overrides."""
-    return merge_config(_read_yaml(Path(path)), parse_overrides(list(overrides)))
+    data = _stages_by_name(_read_yaml(Path(path)))
+    cleared = {o.split("=", 1)[0] for o in overrides if o.replace(" ", "") in {f"{k}=null" for k in CLEARABLE}}
+    for key in cleared:
+        data[key] = {}
+    return merge_config(data, parse_overrides([o for o in overrides if o.split("=", 1)[0] not in cleared]))
+
+
+def _stages_by_name(data: dict) -> dict:
+    """`stages:` may be a list of overlays with a `name` each; keep it as an ordered mapping."""
+    stages = data.get("stages")
+    if isinstance(stages, list):
+        if not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in stages):
+            raise WorkbenchError("config key 'stages': a list of stages needs a 'name' in every entry")
+        names = [s["name"] for s in stages]
+        if len(set(names)) != len(names):
+            raise WorkbenchError(f"config key 'stages': stage names repeat ({', '.join(names)})")
+        data = {**data, "stages": {s["name"]: {k: v for k, v in s.items() if k != "name"} for s in stages}}
+    return data
+
+
+STAGE_ONLY_AT_TOP = ("stages", "sweep", "name", "out_root", "run_id")
+REPLACED_BY_STAGE = ("loss", "teacher", "trainable", "init_from")  # a stage's value replaces, never merges
+
+
+def stage_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
+    """The resolved config of every stage, in order: the experiment with the stage's overlay.
+
+    A stage's `loss`, `teacher`, `trainable` and `init_from` replace the experiment's instead
+    of merging into them, so each stage states its own objective.
+    """
+    base = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    base["stages"], base["sweep"] = {}, {}
+    out = []
+    for name, overlay in cfg.stages.items():
+        if not isinstance(overlay, dict):
+            raise WorkbenchError(f"config key 'stages.{name}' must be a mapping of config keys")
+        bad = [k for k in overlay if k in STAGE_ONLY_AT_TOP]
+        if bad:
+            raise WorkbenchError(f"config key 'stages.{name}.{bad[0]}' can only be set for the whole experiment")
+        layer = dict(base)
+        for key in REPLACED_BY_STAGE:
+            if key in overlay:
+                layer[key] = {} if key == "loss" else None
+        try:
+            stage = merge_config(layer, overlay)
+        except WorkbenchError as e:
+            raise WorkbenchError(f"stage '{name}': {e}") from None
+        out.append((name, stage))
+    return out
+
+
+STAGE_REF = "stage:"
+
+
+def stage_ref(value: str | None, earlier: list[str], key: str) -> str | None:
+    """The stage a `stage:<name>` value names (checked to be an earlier stage), else None."""
+    if not value or not value.startswith(STAGE_REF):
+        return None
+    name = value[len(STAGE_REF):]
+    if name not in earlier:
+        where = f"earlier stages are {', '.join(earlier)}" if earlier else "there is no earlier stage"
+        raise WorkbenchError(f"config key '{key}' names {value!r}, but {where}")
+    return name
 
 
 def _choice(key: str, value: str, options=None) -> None:
@@ -213,6 +291,17 @@ def _choice(key: str, value: str, options=None) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Checks a type system cannot express: choices, ranges, required combinations."""
+    for key, values in cfg.sweep.items():
+        if not isinstance(values, list) or not values:
+            raise WorkbenchError(f"config key 'sweep.{key}' must be a non-empty list of values")
+    if cfg.stages:
+        names = []
+        for name, stage in stage_configs(cfg):  # merge_config validates each stage
+            for key in ("init_from", "teacher.path"):
+                value = stage.init_from if key == "init_from" else (stage.teacher.path if stage.teacher else None)
+                stage_ref(value, names, f"stages.{name}.{key}")
+            names.append(name)
+        return
     if cfg.teacher is not None:
         _choice("teacher.quantize", cfg.teacher.quantize)
         _choice("teacher.dtype", cfg.teacher.dtype)
@@ -233,10 +322,23 @@ def validate(cfg: RunConfig) -> None:
             raise WorkbenchError(f"config key '{key}' must be > 0")
     if cfg.data.windtunnel.grid not in (2, 3):
         raise WorkbenchError("config key 'data.windtunnel.grid' must be 2 or 3")
-    if not 1 <= cfg.data.windtunnel.questions_per_image <= 6:
-        raise WorkbenchError("config key 'data.windtunnel.questions_per_image' must be in 1..6 (one per question type)")
+    from workbench.data.windtunnel import QUESTION_TYPES
+
+    types = cfg.data.windtunnel.question_types or list(QUESTION_TYPES)
+    unknown = sorted(set(types) - set(QUESTION_TYPES))
+    if unknown or len(set(types)) != len(types):
+        raise WorkbenchError(f"config key 'data.windtunnel.question_types': {unknown or types} - choose distinct "
+                             f"names from {', '.join(QUESTION_TYPES)}")
+    if not 1 <= cfg.data.windtunnel.questions_per_image <= len(types):
+        raise WorkbenchError(f"config key 'data.windtunnel.questions_per_image' must be in 1..{len(types)} "
+                             "(one question per type)")
     if cfg.optim.lr <= 0:
         raise WorkbenchError("config key 'optim.lr' must be > 0")
+    if not 0.0 <= cfg.data.labeled_fraction <= 1.0:
+        raise WorkbenchError("config key 'data.labeled_fraction' must be in [0, 1]")
+    _choice("data.unlabeled", cfg.data.unlabeled)
+    if cfg.teacher is not None and cfg.teacher.top_k < 1:
+        raise WorkbenchError("config key 'teacher.top_k' must be >= 1")
 
 
 def to_yaml(cfg: RunConfig) -> str:

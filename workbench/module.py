@@ -18,7 +18,7 @@ from workbench.config import OptimConfig
 from workbench.metrics import accuracies, merge_scores, score_batch
 from workbench.optim import make_optimizer
 
-NON_MODEL_KEYS = ("labels", "image_mask", "ids", "qtypes")
+NON_MODEL_KEYS = ("labels", "image_mask", "ids", "qtypes", "teacher_topk")
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +63,7 @@ class DistillModule(pl.LightningModule):
                 teacher_logits = self.teacher(**inputs).logits
         return LossInputs(student_logits=student_logits, labels=batch["labels"],
                           attention_mask=batch["attention_mask"], image_mask=batch["image_mask"],
-                          teacher_logits=teacher_logits)
+                          teacher_logits=teacher_logits, teacher_topk=batch.get("teacher_topk"))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         total, terms = self.loss(self._loss_inputs(batch))
@@ -76,8 +76,10 @@ class DistillModule(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         inputs = self._loss_inputs(batch)
-        total, _ = self.loss(inputs)
-        self.log("val/loss", total, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        if inputs.teacher_logits is not None or inputs.teacher_topk is not None or not self.loss.needs_teacher:
+            total, _ = self.loss(inputs)
+            self.log("val/loss", total, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        # else: the teacher signal comes from a training-set cache; held-out batches have none
         merge_scores(self._val_scores, score_batch(inputs.student_logits, batch["labels"], batch["qtypes"]))
 
     def on_validation_epoch_end(self) -> None:

@@ -13,6 +13,7 @@ import json
 import os
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from workbench.build import Built, build
-from workbench.config import RunConfig, to_yaml
+from workbench.data.sampler import SamplerState, StepBatchSampler
+from workbench.config import STAGE_REF, RunConfig, load_config, stage_configs, to_yaml
 from workbench.device import environment
 from workbench.errors import WorkbenchError
 from workbench.metrics import accuracies, merge_scores, score_batch
@@ -39,13 +41,14 @@ def _is_worker_process() -> bool:
     return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
 
 
-def open_run_dir(cfg: RunConfig) -> Path:
-    """Create `<out_root>/<name>/<run-id>` exclusively; an existing one is an error."""
+def open_run_dir(cfg: RunConfig, run_dir: Path | None = None) -> Path:
+    """Create `<out_root>/<name>/<run-id>` (or `run_dir`) exclusively; an existing one is an error."""
     if _is_worker_process() and os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
-    digest = hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:6]
-    run_id = cfg.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{digest}"
-    run_dir = Path(cfg.out_root) / cfg.name / run_id
+    if run_dir is None:
+        digest = hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:6]
+        run_id = cfg.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{digest}"
+        run_dir = Path(cfg.out_root) / cfg.name / run_id
     if run_dir.exists():
         raise WorkbenchError(f"run directory {run_dir} already exists; choose another run_id (nothing was written)")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -57,19 +60,18 @@ def open_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def loaders(cfg: RunConfig, built: Built) -> tuple[DataLoader, DataLoader | None]:
+def loaders(cfg: RunConfig, built: Built) -> tuple[DataLoader, DataLoader | None, StepBatchSampler]:
+    """Training batches are a function of the step (resumable); held-out batches in file order."""
     d = cfg.data
     common = dict(collate_fn=built.collator, num_workers=d.num_workers, persistent_workers=d.num_workers > 0)
-    train = DataLoader(built.splits.train, batch_size=d.batch_size, shuffle=True, drop_last=True,
-                       generator=torch.Generator().manual_seed(cfg.seed), **common)
-    if len(train) == 0:
-        raise WorkbenchError(
-            f"data.batch_size={d.batch_size} is larger than the training set ({len(built.splits.train)} samples)"
-        )
+    sampler = StepBatchSampler(len(built.splits.train), d.batch_size, cfg.seed,
+                               cfg.trainer.max_steps * cfg.trainer.accumulate_grad_batches, built.pool_fn)
+    train = DataLoader(built.splits.train, batch_sampler=sampler, **common)
     val = None
     if built.splits.val is not None:
-        val = DataLoader(built.splits.val, batch_size=d.eval_batch_size, shuffle=False, **common)
-    return train, val
+        val = DataLoader(built.splits.val, batch_size=d.eval_batch_size, shuffle=False,
+                         **{**common, "collate_fn": built.eval_collator or built.collator})
+    return train, val, sampler
 
 
 @torch.no_grad()
@@ -93,7 +95,7 @@ def count_params(model: torch.nn.Module | None, trainable: bool = False) -> int 
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
-def make_trainer(cfg: RunConfig, run_dir: Path) -> pl.Trainer:
+def make_trainer(cfg: RunConfig, run_dir: Path, callbacks: list[pl.Callback]) -> pl.Trainer:
     t = cfg.trainer
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
                                  save_last=True, save_top_k=0,
@@ -112,7 +114,8 @@ def make_trainer(cfg: RunConfig, run_dir: Path) -> pl.Trainer:
         gradient_clip_val=cfg.optim.grad_clip or None,
         num_sanity_val_steps=0,
         logger=CSVLogger(run_dir, name="", version=""),
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, *callbacks],
+        use_distributed_sampler=False,  # StepBatchSampler shards batches across ranks itself
         enable_progress_bar=t.progress_bar,
         default_root_dir=run_dir,
     )
@@ -139,38 +142,83 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def run(cfg: RunConfig) -> Path:
-    """Train as `cfg` says; returns the run directory."""
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _merge_metrics(run_dir: Path, earlier: Path, resumed_step: int) -> None:
+    """After a resume: the rows logged before the checkpoint, then the resumed run's rows."""
+    import pandas as pd
+
+    if not earlier.is_file():
+        return
+    old = pd.read_csv(earlier)
+    old = old[old["step"] < resumed_step]
+    new_path = run_dir / "metrics.csv"
+    new = pd.read_csv(new_path) if new_path.is_file() else old.iloc[:0]
+    merged = pd.concat([old, new], ignore_index=True)
+    tmp = run_dir / "metrics.csv.tmp"
+    merged.to_csv(tmp, index=False)
+    os.replace(tmp, new_path)
+    earlier.unlink()
+
+
+def _checkpoint_step(ckpt: Path) -> int:
+    try:
+        return int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
+    except Exception as e:  # noqa: BLE001 - truncated zip, unpickling refusal, missing key
+        raise WorkbenchError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}); was the run killed while "
+                             "writing it? Remove it to restart this stage from scratch") from None
+
+
+def train(cfg: RunConfig, built: Built, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Fit `built` as `cfg` says inside `run_dir` (a run or a stage directory); returns its summary.
+
+    With `resume`, continues from `run_dir/checkpoints/last.ckpt` when there is one (optimizer,
+    schedule, step and data position included) and keeps the metrics logged before it.
+    """
     start = time.time()
-    built = build(cfg)  # every config/data/checkpoint error surfaces here, before any write
-    train_loader, val_loader = loaders(cfg, built)
-    run_dir = open_run_dir(cfg)
+    train_loader, val_loader, sampler = loaders(cfg, built)
     is_main = not _is_worker_process()
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = ckpt if resume and ckpt.is_file() else None
+    resumed_step = _checkpoint_step(ckpt) if ckpt else 0
     summary: dict[str, Any] = {"name": cfg.name, "run_id": run_dir.name, "status": "running",
                                "params": {"student": count_params(built.student),
                                           "student_trainable": count_params(built.student, trainable=True),
-                                          "teacher": count_params(built.teacher)}}
+                                          "teacher": count_params(built.teacher)},
+                               **built.notes}
+    earlier_metrics = run_dir / "metrics.before-resume.csv"
     if is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        _write_json(run_dir / "env.json", environment())
+        if (run_dir / "metrics.csv").is_file():  # Lightning's CSV logger would delete it
+            os.replace(run_dir / "metrics.csv", earlier_metrics)
         if built.teacher is not None and cfg.eval_teacher and val_loader is not None:
             summary["teacher"] = evaluate(built.teacher, val_loader)
         _write_json(run_dir / "summary.json", summary)
+    print(f"[workbench] {run_dir}: training {summary['params']['student_trainable']:,} of "
+          f"{summary['params']['student']:,} student parameters"
+          + (f", resuming from step {resumed_step}" if ckpt else ""))
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     tags = sorted({t for rec in (built.splits.val.records if built.splits.val else []) for t in rec.get("qtypes", [])})
     module = DistillModule(built.student, built.loss, cfg.optim, cfg.trainer.max_steps, built.teacher, tuple(tags))
-    trainer = make_trainer(cfg, run_dir)
+    trainer = make_trainer(cfg, run_dir, [SamplerState(sampler, cfg.trainer.accumulate_grad_batches),
+                                          *built.callbacks])
     fit_start = time.time()
     try:
-        trainer.fit(module, train_loader, val_loader)
+        trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt)
     except BaseException as e:
         if is_main:
             summary.update(status="failed", error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - start)
             _write_json(run_dir / "summary.json", summary)
         raise
+    finally:
+        if is_main:
+            _merge_metrics(run_dir, earlier_metrics, resumed_step)
     if not trainer.is_global_zero:
-        return run_dir
+        return summary
     train_time = time.time() - fit_start
     built.student.cpu()
     export_student(built, run_dir / "student")
@@ -189,5 +237,110 @@ def run(cfg: RunConfig) -> Path:
         summary["student"] = evaluate(built.student, val_loader)
     summary["wall_time_s"] = round(time.time() - start, 2)
     _write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def run(cfg: RunConfig, run_dir: Path | None = None) -> Path:
+    """Train as `cfg` says in a new run directory (default `<out_root>/<name>/<run-id>`);
+    returns it. Multi-stage configs run every stage."""
+    if cfg.stages:
+        return _run_stages(cfg, None, run_dir)
+    start = time.time()
+    built = build(cfg)  # every config/data/checkpoint error surfaces here, before any write
+    run_dir = open_run_dir(cfg, run_dir)
+    _write_json(run_dir / "env.json", environment())
+    summary = train(cfg, built, run_dir)
+    if summary["status"] == "completed":
+        summary["wall_time_s"] = round(time.time() - start, 2)
+        _write_json(run_dir / "summary.json", summary)
+        mark_latest(run_dir)
+    return run_dir
+
+
+def resume(run_dir: str | Path) -> Path:
+    """Continue an interrupted run (any stage) from its last checkpoint."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise WorkbenchError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    done = read_summary(run_dir)
+    if done and done.get("status") == "completed":
+        raise WorkbenchError(f"run {run_dir} already completed; nothing to resume")
+    os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
+    if cfg.stages:
+        return _run_stages(cfg, run_dir)
+    summary = train(cfg, build(cfg), run_dir, resume=True)
+    if summary["status"] == "completed":
+        mark_latest(run_dir)
+    return run_dir
+
+
+def _stage_refs(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """`stage:<name>` in teacher.path / init_from -> that stage's exported student."""
+    def resolve(value: str | None) -> str | None:
+        if value and value.startswith(STAGE_REF):
+            return str(run_dir / "stages" / value[len(STAGE_REF):] / "student")
+        return value
+
+    teacher = replace(cfg.teacher, path=resolve(cfg.teacher.path)) if cfg.teacher else None
+    return replace(cfg, teacher=teacher, init_from=resolve(cfg.init_from))
+
+
+def _run_stages(cfg: RunConfig, resume_dir: Path | None, new_dir: Path | None = None) -> Path:
+    """Run the stages in order inside one run directory (`stages/<name>/`)."""
+    start = time.time()
+    stages = stage_configs(cfg)
+    if resume_dir is None:
+        first = build(_stage_refs(stages[0][1], Path("/nonexistent")))  # fail on bad input before writing
+        run_dir = open_run_dir(cfg, new_dir)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        _write_json(run_dir / "env.json", environment())
+    else:
+        first, run_dir = None, resume_dir
+    summary = {"name": cfg.name, "run_id": run_dir.name, "status": "running", "stages": {}}
+    try:
+        for i, (name, stage_cfg) in enumerate(stages):
+            stage_dir = run_dir / "stages" / name
+            done = read_summary(stage_dir)
+            if done and done.get("status") == "completed":
+                summary["stages"][name] = done
+                continue
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            stage_cfg = _stage_refs(stage_cfg, run_dir)
+            built = first if (i == 0 and first is not None) else build(stage_cfg)
+            summary["stages"][name] = train(stage_cfg, built, stage_dir, resume=resume_dir is not None)
+            _write_json(run_dir / "summary.json", summary)
+    except BaseException as e:
+        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
+        _write_json(run_dir / "summary.json", summary)
+        raise
+    summary["results"] = stage_results(summary["stages"])
+    summary.update(status="completed", wall_time_s=round(time.time() - start, 2))
+    _write_json(run_dir / "summary.json", summary)
+    (run_dir / "results.md").write_text(results_markdown(cfg.name, summary["results"]))
     mark_latest(run_dir)
     return run_dir
+
+
+def stage_results(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per stage: the stage's model, its parameters and its held-out answer accuracy."""
+    rows = []
+    for name, s in stages.items():
+        acc = s.get("student", {})
+        rows.append({"model": name, "params": s["params"]["student"], "acc": acc.get("acc"),
+                     **{k: v for k, v in acc.items() if k != "acc"}})
+    return rows
+
+
+def results_markdown(title: str, rows: list[dict[str, Any]]) -> str:
+    types = sorted({k for r in rows for k in r if k.startswith("acc/")})
+    head = ["model", "params", "answer acc", *[t.removeprefix("acc/") for t in types]]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], f"{r['params']:,}", _fmt(r["acc"]), *[_fmt(r.get(t)) for t in types]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"

@@ -264,3 +264,14 @@ def test_resume_refuses_a_completed_run(quickstart, capsys):
     _, run_dir = quickstart
     assert main(["run", "--resume", str(run_dir)]) == 2
     assert "already completed" in capsys.readouterr().err
+
+
+def test_compare_on_a_quickstart_sweep(tmp_path, capsys):
+    assert main(["run", QUICKSTART, *quick(tmp_path), "--sweep", "data.labeled_fraction=0.2,0.4"]) == 0
+    (sweep,) = (tmp_path / "runs" / "windtunnel-quickstart").glob("sweep-*")
+    capsys.readouterr()
+    assert main(["compare", str(sweep), "--format", "csv"]) == 0
+    table = pd.read_csv(__import__("io").StringIO(capsys.readouterr().out))
+    assert "config.data.labeled_fraction" in table.columns or "data.labeled_fraction" in table.columns
+    assert {"stages.kd.student.acc", "stages.ce.student.acc", "stages.teacher.student.acc"} <= set(table.columns)
+    assert len(table) == 2

@@ -1,9 +1,11 @@
-"""Run one experiment: build, open a fresh run directory, fit with Lightning, export, summarise.
+"""Run an experiment: build, open a fresh run directory, fit with Lightning, export, summarise.
 
-Run directory (`<out_root>/<name>/<run-id>/`): config.yaml (resolved), env.json,
-metrics.csv (per step, Lightning's CSVLogger), checkpoints/, student/ (exported with
-save_pretrained + the processor), summary.json. An existing run directory is never reused; `<out_root>/<name>/latest` links to
-the newest completed run.
+Run directory (`<out_root>/<name>/<run-id>/`): config.yaml (resolved), env.json, metrics.csv
+(per step, Lightning's CSVLogger), checkpoints/, student/ (save_pretrained + the processor),
+summary.json; multi-stage experiments put one such directory per stage under `stages/<name>/`
+and a results table in results.md. A run directory is never reused except by `resume`, which
+continues from `checkpoints/last.ckpt`; `<out_root>/<name>/latest` links to the newest
+completed run.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ class LossInputs:
         image_mask: (B, L) bool, True on image-token positions.
         teacher_logits: (B, L, V) teacher logits, or None when no term needs them.
         teacher_topk: a cached sparse teacher instead of `teacher_logits`: (ids (M, K) integer,
-            logp (M, K) float) with one row per label, M = (labels != IGNORE_INDEX).sum(), in
+            logp (M, K) float[, rest_logp (M,) float: log of the mass outside the top-k, when
+            the cache stores it]) with one row per label, M = (labels != IGNORE_INDEX).sum(), in
             row-major (b, t) order; row (b, t) is the teacher's top-k for predicting
             labels[b, t], i.e. from position t - 1. logp is log_softmax(teacher_logits / tau)
             at the term's temperature. Rows for labels at t = 0 (nothing predicts them) are
@@ -48,7 +49,7 @@ class LossInputs:
     attention_mask: Tensor
     image_mask: Tensor
     teacher_logits: Tensor | None = None
-    teacher_topk: tuple[Tensor, Tensor] | None = None
+    teacher_topk: tuple[Tensor, ...] | None = None
 
     def __post_init__(self) -> None:
         token_shape = self.student_logits.shape[:2]
@@ -63,9 +64,12 @@ class LossInputs:
             self._check_teacher_topk()
 
     def _check_teacher_topk(self) -> None:
-        if not (isinstance(self.teacher_topk, tuple | list) and len(self.teacher_topk) == 2):
-            raise ValueError("teacher_topk must be a pair (topk_ids (M, K), topk_logp (M, K))")
-        ids, logp = self.teacher_topk
+        if not (isinstance(self.teacher_topk, tuple | list) and len(self.teacher_topk) in (2, 3)):
+            raise ValueError("teacher_topk must be (topk_ids (M, K), topk_logp (M, K)[, rest_logp (M,)])")
+        ids, logp = self.teacher_topk[:2]
+        if len(self.teacher_topk) == 3 and self.teacher_topk[2].shape != ids.shape[:1]:
+            raise ValueError(f"teacher_topk rest_logp has shape {tuple(self.teacher_topk[2].shape)}; "
+                             f"expected ({ids.shape[0]},), one per row")
         n_labels = int((self.labels != IGNORE_INDEX).sum())
         if ids.dim() != 2 or ids.shape != logp.shape or ids.shape[0] != n_labels:
             raise ValueError(
@@ -88,23 +92,25 @@ class LossInputs:
         """(B, L-1) the token each prediction position should predict."""
         return self.labels[:, 1:]
 
-    def sparse_teacher_rows(self) -> tuple[Tensor, Tensor, Tensor]:
+    def sparse_teacher_rows(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Student logits at the "answer" prediction positions and the cached teacher's rows there.
 
         Returns:
             student: (N, V) student logits where `token_mask("answer")` is True, row-major.
             topk_ids: (N, K) the teacher's top-k ids for the same positions.
             topk_logp: (N, K) the teacher's log-probabilities at those ids.
+            rest_logp: (N,) log of the teacher's mass outside them, or None if not cached.
         """
         if self.teacher_topk is None:
             raise ValueError("sparse_teacher_rows needs LossInputs.teacher_topk, which is None")
-        ids, logp = self.teacher_topk
+        ids, logp = self.teacher_topk[:2]
+        rest = self.teacher_topk[2] if len(self.teacher_topk) == 3 else None
         labelled = self.labels != IGNORE_INDEX  # (B, L)
         # Cache rows follow labels over (B, L); prediction rows follow labels[:, 1:]. Both are
         # row-major, so dropping the rows of labels at t = 0 aligns them one to one.
         predictable = labelled.nonzero()[:, 1] > 0  # (M,)
         student = self.shifted_student_logits[self.token_mask("answer")]  # (N, V)
-        return student, ids[predictable], logp[predictable]
+        return student, ids[predictable], logp[predictable], None if rest is None else rest[predictable]
 
     def token_mask(self, which: str) -> Tensor:
         """Which prediction positions a term averages over.
@@ -186,8 +192,8 @@ class LogitDivergenceTerm(nn.Module):
                 f"{self.divergence} term with mask={self.mask!r} needs dense teacher_logits; a cached top-k "
                 "teacher (teacher_topk) covers answer tokens only, so use mask='answer'"
             )
-        student, ids, logp = inputs.sparse_teacher_rows()
-        rows = sparse_divergence(student, ids, logp, self.divergence, self.temperature, self.beta)  # (N,)
+        student, ids, logp, rest = inputs.sparse_teacher_rows()
+        rows = sparse_divergence(student, ids, logp, self.divergence, self.temperature, self.beta, rest)  # (N,)
         if rows.shape[0] == 0:
             return rows.sum()  # empty sum: an exact 0 whose backward gives zero gradients
         return rows.mean()

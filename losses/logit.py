@@ -291,7 +291,8 @@ def _check_sparse_target(student_logits: Tensor, topk_ids: Tensor, topk_logp: Te
 
 
 def _sparse_log_probs(
-    student_logits: Tensor, topk_ids: Tensor, topk_logp: Tensor, temperature: float, rest_floor: float
+    student_logits: Tensor, topk_ids: Tensor, topk_logp: Tensor, temperature: float, rest_floor: float,
+    rest_logp: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Student and teacher log-probabilities over K + 1 outcomes: the top-k ids, then the rest.
 
@@ -307,6 +308,8 @@ def _sparse_log_probs(
         topk_logp: (N, K) teacher log-probabilities at those ids, at `temperature`.
         temperature: tau applied to the student logits.
         rest_floor: lower bound for the teacher's rest mass r (0 keeps r = 0 as log r = -inf).
+        rest_logp: (N,) log r as the teacher computed it (exact), or None to derive
+            r = 1 - sum(exp(topk_logp)) here.
     Returns:
         (N, K') student and teacher log-probabilities, K' = K + 1; K' = K when K = V, where
         there is no rest outcome and the teacher's computed rest mass is rounding error.
@@ -321,8 +324,13 @@ def _sparse_log_probs(
     lse_rest = torch.logsumexp(z.scatter(-1, ids, float("-inf")), dim=-1)  # (N,)
     lse_all = torch.logaddexp(lse_k, lse_rest)  # (N,)
     log_s = torch.cat([z_k, lse_rest[:, None]], dim=-1) - lse_all[:, None]  # (N, K + 1)
-    rest_t = -torch.expm1(torch.logsumexp(log_t_k, dim=-1))  # (N,) r = 1 - sum_k p_T,k
-    log_rest_t = rest_t.clamp(min=rest_floor).log()  # (N,) -inf where r = 0 and no floor
+    if rest_logp is not None:
+        log_rest_t = rest_logp.detach().to(z.dtype)  # (N,)
+        if rest_floor > 0:
+            log_rest_t = log_rest_t.clamp(min=math.log(rest_floor))
+    else:
+        rest_t = -torch.expm1(torch.logsumexp(log_t_k, dim=-1))  # (N,) r = 1 - sum_k p_T,k
+        log_rest_t = rest_t.clamp(min=rest_floor).log()  # (N,) -inf where r = 0 and no floor
     return log_s, torch.cat([log_t_k, log_rest_t[:, None]], dim=-1)
 
 
@@ -333,6 +341,7 @@ def sparse_divergence(
     kind: str,
     temperature: float = 1.0,
     beta: float = 0.5,
+    rest_logp: Tensor | None = None,
 ) -> Tensor:
     """A divergence against a cached top-k teacher, with the missing mass as its own outcome.
 
@@ -354,6 +363,8 @@ def sparse_divergence(
         kind: "forward_kl", "reverse_kl", "jsd" or "tvd".
         temperature: tau > 0; must be the temperature `topk_logp` was computed at.
         beta: teacher weight in the JSD mixture, 0 <= beta <= 1; used by "jsd" only.
+        rest_logp: (N,) log of the teacher's mass outside its top-k, as cached (exact even
+            when that mass is tiny); None derives it as log(1 - sum(exp(topk_logp))).
     Returns:
         (N,) per-row divergences times tau**2, in the compute dtype (float32 or wider).
     """
@@ -368,7 +379,7 @@ def sparse_divergence(
         kind = "forward_kl" if beta == 0.0 else "reverse_kl"
     student = student_logits.to(_compute_dtype(student_logits.dtype))  # (N, V)
     rest_floor = _MIN_REST_MASS if kind == "reverse_kl" else 0.0
-    log_s, log_t = _sparse_log_probs(student, topk_ids, topk_logp, temperature, rest_floor)  # (N, K + 1)
+    log_s, log_t = _sparse_log_probs(student, topk_ids, topk_logp, temperature, rest_floor, rest_logp)  # (N, K + 1)
     if kind == "forward_kl":
         rows = _kl_rows(log_t, log_s)
     elif kind == "reverse_kl":

@@ -52,12 +52,15 @@ class CacheEntry:
         topk_logp: (T, K) float32, log_softmax(teacher_logits / tau) at those ids.
         tokens: (T,) long, the target token at each position (to check alignment with labels).
         answers: the teacher's pseudo-label answers for an unlabeled sample, or None.
+        rest_logp: (T,) float32 log of the teacher's probability mass outside the top-k (exact,
+            as the teacher computed it), or None for caches written without it.
     """
 
     topk_ids: Tensor
     topk_logp: Tensor
     tokens: Tensor
     answers: list[str] | None
+    rest_logp: Tensor | None = None
 
 
 # ----------------------------------------------------------------------------- files
@@ -325,7 +328,8 @@ class CacheWriter:
     """Writes a teacher cache shard by shard; reopening an unfinished one resumes it.
 
     Layout: `manifest.json` plus `shard-00000.safetensors` ... holding `topk_ids` int32 (T, K),
-    `topk_logp` float32 (T, K), `tokens` int32 (T,) and `offsets` int64 (n + 1,) over the
+    `topk_logp` float32 (T, K), optionally `rest_logp` float32 (T,) (log of the mass outside
+    the top-k), `tokens` int32 (T,) and `offsets` int64 (n + 1,) over the
     shard's n samples (their ids in the safetensors metadata), with `shard-00000.json` beside
     it when some sample has pseudo-label answers. Each shard is written atomically before the
     manifest lists it, and the manifest is replaced atomically, so a killed job leaves a valid,
@@ -428,6 +432,7 @@ class CacheWriter:
         topk_logp: Tensor,
         tokens: Tensor,
         answers: list[str] | None = None,
+        rest_logp: Tensor | None = None,
     ) -> None:
         """Buffer one sample; writes a shard once `shard_size` samples are buffered.
 
@@ -437,6 +442,8 @@ class CacheWriter:
             topk_logp: (T, K) log_softmax(teacher_logits / tau) at those ids (full vocabulary).
             tokens: (T,) the target token at each position.
             answers: pseudo-label answers the teacher generated for an unlabeled sample.
+            rest_logp: (T,) log of the teacher's mass outside the top-k at each position; give
+                it for every sample of a cache or for none.
         Raises:
             WorkbenchError: the id is already in the cache.
             ValueError: wrong shapes or dtypes, NaN or positive log-probabilities, or the
@@ -450,7 +457,14 @@ class CacheWriter:
             raise WorkbenchError(f"sample id {sample_id!r} is already in teacher cache {self.directory}; "
                                  "sample ids must be unique")
         topk_ids, topk_logp, tokens = self._checked(sample_id, topk_ids, topk_logp, tokens, answers)
-        self._buffer.append((sample_id, topk_ids, topk_logp, tokens, None if answers is None else list(answers)))
+        if rest_logp is not None:
+            if rest_logp.shape != tokens.shape or rest_logp.isnan().any() or (rest_logp > 1e-4).any():
+                raise ValueError(f"sample {sample_id!r}: rest_logp must be (T,) log-probabilities")
+            rest_logp = rest_logp.detach().to(device="cpu", dtype=torch.float32)
+        if self._buffer and (self._buffer[0][5] is None) != (rest_logp is None):
+            raise ValueError(f"sample {sample_id!r}: give rest_logp for every sample of a cache or for none")
+        self._buffer.append((sample_id, topk_ids, topk_logp, tokens, None if answers is None else list(answers),
+                             rest_logp))
         self._buffered_ids.add(sample_id)
         if len(self._buffer) >= self.shard_size:
             self._flush()
@@ -492,6 +506,8 @@ class CacheWriter:
             "tokens": torch.cat([sample[3] for sample in self._buffer]),  # (T_shard,)
             "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),  # (n + 1,)
         }
+        if self._buffer[0][5] is not None:
+            tensors["rest_logp"] = torch.cat([sample[5] for sample in self._buffer])  # (T_shard,)
         name = f"shard-{len(self.manifest['shards']):05d}"
         entry = {"file": f"{name}.safetensors", "sidecar": None, "n_samples": len(ids),
                  "n_positions": int(lengths.sum())}
@@ -642,6 +658,7 @@ class TeacherCache:
             topk_logp=tensors["topk_logp"][start:end].clone(),  # (T, K)
             tokens=tensors["tokens"][start:end].long(),  # (T,)
             answers=self.answers(sample_id),
+            rest_logp=tensors["rest_logp"][start:end].clone() if "rest_logp" in tensors else None,  # (T,)
         )
 
     def answers(self, sample_id: str) -> list[str] | None:

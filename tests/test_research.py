@@ -87,6 +87,7 @@ def test_teacher_cache_holds_pseudo_labels_and_top_k(quickstart):
         assert entry.topk_ids.shape[0] == entry.tokens.shape[0] > 0
         p = entry.topk_logp.exp()
         assert torch.all(p[:, :-1] >= p[:, 1:]) and torch.all(p.sum(-1) <= 1 + 1e-5)
+        torch.testing.assert_close(p.sum(-1) + entry.rest_logp.exp(), torch.ones(len(p)), rtol=0, atol=1e-5)
         answers = cache.answers(r["id"])
         if answers is not None:  # one answer per assistant turn
             assert len(answers) == sum(t["from"] == "gpt" for t in r["conversations"])

@@ -248,7 +248,8 @@ def test_sparse_rows_align_with_answer_mask():
     inputs, teacher = batch()
     ids, logp = sparse_from_dense(inputs.labels, teacher, 4, 1.0)
     inputs.teacher_topk = (ids, logp)
-    student, kept_ids, kept_logp = inputs.sparse_teacher_rows()
+    student, kept_ids, kept_logp, kept_rest = inputs.sparse_teacher_rows()
+    assert kept_rest is None
     mask = inputs.token_mask("answer")
     assert student.shape == (int(mask.sum()), 23) and kept_ids.shape == (int(mask.sum()), 4)
     assert torch.isfinite(kept_logp).all()  # the NaN row of the t = 0 label was dropped
@@ -284,8 +285,40 @@ def test_loss_inputs_reject_misaligned_sparse_target():
     with pytest.raises(ValueError, match=f"{n_labels} labels"):
         LossInputs(inputs.student_logits, inputs.labels, inputs.attention_mask, inputs.image_mask,
                    teacher_topk=(ids[1:], logp[1:]))
-    with pytest.raises(ValueError, match="pair"):
+    with pytest.raises(ValueError, match="topk_ids"):
         LossInputs(inputs.student_logits, inputs.labels, inputs.attention_mask, inputs.image_mask,
                    teacher_topk=ids)
     with pytest.raises(ValueError, match="teacher_logits or teacher_topk"):
         LogitDivergenceTerm("tvd")(inputs)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_cached_rest_mass_matches_the_float64_coarse_grained_divergence(kind):
+    """With the teacher's exact remaining mass (as the cache stores it), the sparse divergence
+    equals the (K+1)-outcome divergence computed in float64, even for a very peaked teacher
+    whose 1 - sum(top-k) rounds to 0 in float32."""
+    torch.manual_seed(0)
+    n, v, k, tau = 6, 41, 3, 1.0
+    student = torch.randn(n, v, dtype=torch.float32)
+    teacher = torch.randn(n, v, dtype=torch.float64)
+    teacher[:, 0] += 40.0  # rest mass ~1e-16: lost to float32 rounding when derived
+    logp_t = torch.log_softmax(teacher / tau, -1)
+    vals, ids = logp_t.topk(k, -1)
+    rest = torch.logsumexp(logp_t.scatter(-1, ids, float("-inf")), -1)
+    got = sparse_divergence(student, ids, vals.float(), kind, tau, 0.5, rest_logp=rest.float())
+    logp_s = torch.log_softmax(student.double() / tau, -1)
+    s_k = logp_s.gather(-1, ids)
+    s_rest = torch.logsumexp(logp_s.scatter(-1, ids, float("-inf")), -1)
+    log_s = torch.cat([s_k, s_rest[:, None]], -1)
+    log_t = torch.cat([vals, rest[:, None]], -1)
+    p_s, p_t = log_s.exp(), log_t.exp()
+    if kind == "forward_kl":
+        ref = (p_t * (log_t - log_s)).sum(-1)
+    elif kind == "reverse_kl":
+        ref = (p_s * (log_s - log_t)).sum(-1)
+    elif kind == "jsd":
+        log_m = torch.log(0.5 * p_s + 0.5 * p_t)
+        ref = 0.5 * (p_t * (log_t - log_m)).sum(-1) + 0.5 * (p_s * (log_s - log_m)).sum(-1)
+    else:
+        ref = 0.5 * (p_s - p_t).abs().sum(-1)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-6)

@@ -342,3 +342,19 @@ def test_fingerprint_processor_tells_tokenizers_apart(world_dir):
     assert diff_fingerprints(same, fingerprint_processor(bigger_images)) == ["processor_sha256"]
     bare = fingerprint_processor(load().tokenizer)
     assert bare["processor_sha256"] is None
+
+
+def test_rest_mass_round_trips_and_is_all_or_nothing(tmp_path):
+    from teachers.cache import CacheWriter, TeacherCache
+
+    fp = {"temperature": 1.0, "top_k": 2}
+    writer = CacheWriter(tmp_path / "c", fp, shard_size=2)
+    for i in range(3):
+        logp = torch.log(torch.tensor([[0.5, 0.3], [0.6, 0.1]]))
+        writer.add(f"s{i}", torch.tensor([[1, 2], [3, 4]]), logp, torch.tensor([1, 3]),
+                   rest_logp=torch.log(torch.tensor([0.2, 0.3])))
+    with pytest.raises(ValueError, match="rest_logp"):
+        writer.add("s9", torch.tensor([[1, 2]]), torch.log(torch.tensor([[0.5, 0.3]])), torch.tensor([1]))
+    writer.close()
+    entry = TeacherCache(tmp_path / "c").get("s2")
+    torch.testing.assert_close(entry.rest_logp, torch.log(torch.tensor([0.2, 0.3])))

@@ -44,7 +44,7 @@ def test_jacobi_pseudo_labels_equal_greedy_generation(processor, samples, seed):
     collator = VLMCollator(processor)
     eot = processor.tokenizer.convert_tokens_to_ids("</s>")
     rows = pseudo_label(model, collator, batch, temperature=1.0, k=4, max_new_tokens=3)
-    for sample, (ids, logp, tokens, texts) in zip(batch, rows):
+    for sample, (ids, logp, rest, tokens, texts) in zip(batch, rows):
         reference = _greedy_turn_by_turn(model, processor, sample, eot, 3)
         # the cached target tokens are each answer followed by its end-of-turn token
         expected = [t for ans in reference for t in (*ans, eot)]
@@ -53,9 +53,12 @@ def test_jacobi_pseudo_labels_equal_greedy_generation(processor, samples, seed):
         assert ids.shape == logp.shape == (len(expected), 4)
         # the top-k rows are the teacher's distribution along its own answers
         pseudo = {**sample, "messages": with_answers_messages(sample["messages"], texts)}
-        (ids2, logp2, tokens2, _), = teacher_forced(model, collator, [pseudo], 1.0, 4)
+        (ids2, logp2, rest2, tokens2, _), = teacher_forced(model, collator, [pseudo], 1.0, 4)
         assert torch.equal(tokens2, tokens) and torch.equal(ids2, ids)
         torch.testing.assert_close(logp2, logp, rtol=1e-5, atol=1e-5)
+        # the stored remaining mass is exactly what the top-k leave over
+        torch.testing.assert_close(rest.exp() + logp.exp().sum(-1), torch.ones(len(rest)), rtol=0, atol=1e-5)
+        torch.testing.assert_close(rest2, rest, rtol=1e-5, atol=1e-5)
 
 
 def with_answers_messages(messages, texts):

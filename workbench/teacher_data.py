@@ -246,7 +246,7 @@ class CachedTargets:
 
     def __call__(self, samples: list[dict]) -> dict[str, Any]:
         batch = self.collator(samples)
-        ids, logp = [], []
+        ids, logp, rest = [], [], []
         for row, sample_id in enumerate(batch["ids"]):
             entry = self.cache.get(sample_id)
             targets = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX]
@@ -257,7 +257,10 @@ class CachedTargets:
                 )
             ids.append(entry.topk_ids)
             logp.append(entry.topk_logp)
+            rest.append(entry.rest_logp)
         batch["teacher_topk"] = (torch.cat(ids).long(), torch.cat(logp).float())
+        if all(r is not None for r in rest):  # the exact remaining mass, when the cache has it
+            batch["teacher_topk"] += (torch.cat(rest).float(),)
         return batch
 
 
@@ -273,12 +276,14 @@ def _model_inputs(enc: dict[str, Any], rows: list[int] | None = None) -> dict[st
     return out
 
 
-def _topk(logits: torch.Tensor, positions: list[int], temperature: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k log-probabilities at tau of the predictions for `positions` (made at position - 1)."""
-    rows = logits[torch.tensor(positions) - 1].float() / temperature  # (T, V)
+def _topk(logits: torch.Tensor, positions: list[int], temperature: float, k: int):
+    """Top-k ids and log-probabilities at tau of the predictions for `positions` (made at
+    position - 1), and the log of the mass outside the top-k, computed exactly."""
+    rows = logits[torch.tensor(positions, dtype=torch.long) - 1].float() / temperature  # (T, V)
     logp = torch.log_softmax(rows, dim=-1)
-    vals, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
-    return idx.to(torch.int32), vals
+    vals, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)  # (T, K)
+    rest = torch.logsumexp(logp.scatter(-1, idx, float("-inf")), dim=-1)  # (T,)
+    return idx.to(torch.int32), vals, rest
 
 
 @torch.no_grad()
@@ -289,8 +294,8 @@ def teacher_forced(teacher, collator: VLMCollator, samples: list[dict], temperat
     out = []
     for i in range(len(samples)):
         positions = (enc["labels"][i] != IGNORE_INDEX).nonzero().squeeze(1).tolist()
-        ids, logp = _topk(logits[i], positions, temperature, k)
-        out.append((ids, logp, enc["labels"][i][positions].to(torch.int32), None))
+        ids, logp, rest = _topk(logits[i], positions, temperature, k)
+        out.append((ids, logp, rest, enc["labels"][i][positions].to(torch.int32), None))
     return out
 
 
@@ -382,10 +387,10 @@ def pseudo_label(teacher, collator: VLMCollator, samples: list[dict], temperatur
             if done:
                 positions = [p for start, ans, end in zip(starts, sl.answers, sl.ends)
                              for p in range(start, start + len(ans) + len(end))]
-                top_ids, top_logp = _topk(logits[r], positions, temperature, k)
+                top_ids, top_logp, rest = _topk(logits[r], positions, temperature, k)
                 tokens = torch.tensor([seq[p] for p in positions], dtype=torch.int32)
                 texts = [collator.tokenizer.decode(a).strip() for a in sl.answers]  # specials kept: text round-trips
-                results[i] = (top_ids, top_logp, tokens, texts)
+                results[i] = (top_ids, top_logp, rest, tokens, texts)
             else:
                 still.append(i)
         active = still
@@ -414,8 +419,8 @@ def make_teacher_cache(cfg, teacher, collator: VLMCollator, train: LlavaDataset,
                 samples = [train[i] for i in todo[b:b + bs]]
                 rows = (pseudo_label(teacher, collator, samples, tau, k, cfg.data.max_new_tokens) if pseudo
                         else teacher_forced(teacher, collator, samples, tau, k))
-                for s, (ids, logp, tokens, answers) in zip(samples, rows):
-                    writer.add(s["id"], ids, logp, tokens, answers=answers)
+                for s, (ids, logp, rest, tokens, answers) in zip(samples, rows):
+                    writer.add(s["id"], ids, logp, tokens, answers=answers, rest_logp=rest)
                 bar.update(len(samples))
     writer.close()
     return {"teacher_time_s": round(time.time() - start, 2), "samples_computed": len(jobs)}

@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.test_run import tiny
+from test_run import tiny
 from workbench.cli import main
 from workbench.config import load_config, stage_configs
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from tests.conftest import make_tiny_vlm
-from tests.test_research import quick
+from conftest import make_tiny_vlm
+from test_research import quick
 from workbench.cli import main
 from workbench.data.llava import LlavaDataset, VLMCollator
 from workbench.teacher_data import DisagreementPool, label_split, pseudo_label, teacher_forced, with_answers
@@ -114,7 +114,7 @@ def test_disagreement_pool_is_empty_when_the_student_is_the_teacher(processor, s
 
 
 def test_parity_run_trains_on_teacher_labels_only(tmp_path_factory):
-    from tests.test_research import QUICKSTART
+    from test_research import QUICKSTART
 
     root = tmp_path_factory.mktemp("parity")
     # the quickstart gives a teacher folder

@@ -117,6 +117,7 @@ def test_cache_for_other_data_or_tokenizer_is_refused(quickstart, capsys, tmp_pa
     teacher = run_dir / "stages" / "teacher" / "student"
     base = quick(root, "stages=null", f"teacher.cache={cache_dir}", f"teacher.path={teacher}", "teacher.top_k=8",
                  "loss.kd.type=forward_kl", "loss.ce.type=ce")
+    runs_before = sorted((root / "runs" / "windtunnel-quickstart").iterdir())
     # another data set: a different world
     assert main(["run", QUICKSTART, *base, "data.windtunnel.seed=1"]) == 2
     err = capsys.readouterr().err
@@ -131,7 +132,7 @@ def test_cache_for_other_data_or_tokenizer_is_refused(quickstart, capsys, tmp_pa
     (other / "tokenizer.json").write_text(json.dumps(tok))
     assert main(["run", QUICKSTART, *base, f"teacher.path={other}"]) == 2
     assert "tokenizer" in capsys.readouterr().err
-    assert not (root / "runs" / "windtunnel-quickstart").glob("*").__next__() is None  # nothing new was half-written
+    assert sorted((root / "runs" / "windtunnel-quickstart").iterdir()) == runs_before  # refused before writing
 
 
 def test_cache_teacher_command_makes_and_finds_a_cache(quickstart, capsys):

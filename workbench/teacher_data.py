@@ -27,9 +27,9 @@ from teachers.cache import CacheWriter, TeacherCache, fingerprint_data, fingerpr
 from workbench.data.llava import LlavaDataset, VLMCollator
 from workbench.errors import WorkbenchError
 from workbench.metrics import answer_correct
+from workbench.module import model_inputs
 
 CACHE_FORMAT = 1
-MODEL_INPUT_SKIP = ("input_ids", "attention_mask", "labels", "image_mask", "ids", "qtypes")
 
 
 # ---------------------------------------------------------------------------- the split
@@ -58,6 +58,13 @@ def label_split(records: list[dict], fraction: float, seed: int, mode: str) -> L
 
 
 # ---------------------------------------------------------------------------- attach
+
+
+def unlabeled_mode(cfg) -> str:
+    """`data.unlabeled` with `auto` resolved: pseudo-labels when there is a teacher."""
+    if cfg.data.unlabeled != "auto":
+        return cfg.data.unlabeled
+    return "pseudo" if cfg.teacher is not None else "drop"
 
 
 def _kd_temperature(cfg) -> float:
@@ -112,7 +119,7 @@ def attach_teacher(cfg, built):
 
     train = built.splits.train
     has_teacher = cfg.teacher is not None
-    mode = cfg.data.unlabeled if cfg.data.unlabeled != "auto" else ("pseudo" if has_teacher else "drop")
+    mode = unlabeled_mode(cfg)
     if mode == "pseudo" and not has_teacher:
         raise WorkbenchError("config key 'data.unlabeled' is 'pseudo' but there is no teacher to label them")
     split = label_split(train.records, cfg.data.labeled_fraction, cfg.data.split_seed, mode)
@@ -185,7 +192,7 @@ def cache_teacher(cfg, stage: str | None = None) -> tuple[Path, dict[str, Any]]:
         raise WorkbenchError("config key 'teacher' is null: there is no teacher to cache")
     splits = DATASETS.get(cfg.data.type, "data.type")(cfg.data)
     processor = resolve_processor(cfg, splits)
-    mode = "drop" if cfg.data.unlabeled == "drop" else "pseudo"
+    mode = unlabeled_mode(cfg)
     split = label_split(splits.train.records, cfg.data.labeled_fraction, cfg.data.split_seed, mode)
     fingerprint = cache_fingerprint(cfg, processor, splits.train, split)
     directory = cache_dir_for(cfg, fingerprint)
@@ -215,9 +222,8 @@ def with_answers(record: dict, answers: list[str] | None) -> dict:
     """The record with its assistant turns replaced by `answers` (the teacher's)."""
     if answers is None:
         raise WorkbenchError(f"teacher cache has no pseudo-label answers for record {record.get('id')!r}")
-    turns = [t for t in record["conversations"]]
     out, k = [], 0
-    for turn in turns:
+    for turn in record["conversations"]:
         if turn["from"] in ("gpt", "assistant"):
             turn = {**turn, "value": answers[k]}
             k += 1
@@ -267,13 +273,10 @@ class CachedTargets:
 # ---------------------------------------------------------------------------- making a cache
 
 
-def _model_inputs(enc: dict[str, Any], rows: list[int] | None = None) -> dict[str, Any]:
-    out = {}
-    for k, v in enc.items():
-        if k in MODEL_INPUT_SKIP or not torch.is_tensor(v):
-            continue
-        out[k] = v if rows is None else v[rows]
-    return out
+def _image_inputs(enc: dict[str, Any], rows: list[int] | None = None) -> dict[str, Any]:
+    """The model inputs other than the token sequence (pixel values, ...), optionally for some rows."""
+    return {k: v if rows is None else v[rows] for k, v in model_inputs(enc).items()
+            if torch.is_tensor(v) and k not in ("input_ids", "attention_mask")}
 
 
 def _topk(logits: torch.Tensor, positions: list[int], temperature: float, k: int):
@@ -290,7 +293,7 @@ def _topk(logits: torch.Tensor, positions: list[int], temperature: float, k: int
 def teacher_forced(teacher, collator: VLMCollator, samples: list[dict], temperature: float, k: int):
     """Cache rows for labelled samples: the teacher's top-k at every answer token."""
     enc = collator(samples)
-    logits = teacher(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **_model_inputs(enc)).logits
+    logits = teacher(**model_inputs(enc)).logits
     out = []
     for i in range(len(samples)):
         positions = (enc["labels"][i] != IGNORE_INDEX).nonzero().squeeze(1).tolist()
@@ -368,7 +371,7 @@ def pseudo_label(teacher, collator: VLMCollator, samples: list[dict], temperatur
         for r, (s, _) in enumerate(seqs):
             ids[r, :len(s)] = torch.tensor(s)
             mask[r, :len(s)] = 1
-        logits = teacher(input_ids=ids, attention_mask=mask, **_model_inputs(enc, active)).logits
+        logits = teacher(input_ids=ids, attention_mask=mask, **_image_inputs(enc, active)).logits
         preds = logits.argmax(-1)
         still = []
         for r, i in enumerate(active):
@@ -449,9 +452,8 @@ class DisagreementPool:
         for b in range(0, len(self.pseudo_rows), self.batch_size):
             rows = self.pseudo_rows[b:b + self.batch_size]
             batch = self.collator.collator([self.train[i] for i in rows])
-            inputs = {k: v.to(device) for k, v in _model_inputs(batch).items()}
-            logits = self.student(input_ids=batch["input_ids"].to(device),
-                                  attention_mask=batch["attention_mask"].to(device), **inputs).logits.cpu()
+            inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+            logits = self.student(**inputs).logits.cpu()
             correct, row = answer_correct(logits, batch["labels"])
             wrong = set(row[~correct].tolist())
             out += [rows[r] for r in sorted(wrong)]

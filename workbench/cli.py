@@ -1,4 +1,5 @@
-"""`workbench` command line: run (single, multi-stage, sweeps, resume), cache-teacher, compare, data, doctor.
+"""`workbench` command line: run (single, multi-stage, sweeps, resume), cache-teacher, compare, data, bench,
+doctor.
 
 Bad input of any kind exits with code 2 and a short message (no traceback; `--debug` shows
 it). Anything else that fails is a bug and keeps its traceback.
@@ -91,6 +92,12 @@ def _cmd_compare(args: argparse.Namespace) -> None:
                           group_seeds=not args.per_run), end="")
 
 
+def _cmd_bench_kernels(args: argparse.Namespace) -> None:
+    from workbench.bench.kernels import bench_kernels_command
+
+    bench_kernels_command(args.ops, quick=args.quick, repeats=args.repeats, json_out=args.json, timeout=args.timeout)
+
+
 def _cmd_doctor(args: argparse.Namespace) -> None:
     from workbench.device import environment
 
@@ -150,6 +157,17 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=("md", "csv", "json"), default="md")
     c.add_argument("--per-run", action="store_true", help="one row per run instead of averaging over seeds")
     c.set_defaults(func=_cmd_compare)
+
+    b = sub.add_parser("bench", help="benchmarks: peak memory and time against baselines, as a table and JSON")
+    bsub = b.add_subparsers(dest="benchmark", required=True)
+    bk = bsub.add_parser("kernels", help="fused kernels vs naive torch, each measurement in a fresh subprocess")
+    bk.add_argument("--ops", default="fused_linear_kd,attention_kl,relation_loss",
+                    help="comma-separated ops (default: all)")
+    bk.add_argument("--quick", action="store_true", help="shrunk shapes (N/8, V/16) for a smoke test")
+    bk.add_argument("--repeats", type=int, default=1, help="timed forward+backward runs per measurement (best)")
+    bk.add_argument("--json", metavar="OUT", help="also write the rows and the machine to this JSON file")
+    bk.add_argument("--timeout", type=float, default=3600, help="seconds allowed per measurement")
+    bk.set_defaults(func=_cmd_bench_kernels)
 
     doc = sub.add_parser("doctor", help="versions, CUDA / Triton / mamba-ssm / bitsandbytes, kernel paths")
     doc.add_argument("--json", action="store_true")

@@ -1,0 +1,72 @@
+"""Gram-relation distillation loss (LLaVA-KD RDist, MiniViT hidden-state relations), tiled.
+
+`relation_loss` dispatches to the Triton kernels (`triton.py`) on CUDA or when forced with
+WB_KERNELS=triton, and to the tiled torch path (`ref.py`) otherwise; the choice is logged once.
+Neither path materialises the N x N Gram matrices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from torch import Tensor
+
+from kernels import backend, requested_backend
+from kernels.relation_loss.ref import relation_loss_naive, relation_loss_ref
+
+__all__ = ["relation_loss", "relation_loss_naive", "relation_loss_ref"]
+
+_log = logging.getLogger("kernels")
+_logged: set[str] = set()
+
+
+def _use_triton(x_s: Tensor) -> bool:
+    """Whether to run the Triton path for tensors like x_s (raises if forced where it cannot run)."""
+    if backend() != "triton":
+        return False
+    if x_s.is_cuda:
+        return True
+    if requested_backend() == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("relation_loss: WB_KERNELS=triton but the tensors are on the CPU; set "
+                               "TRITON_INTERPRET=1 before triton is imported to run the kernels in Triton's "
+                               "interpreter, or WB_KERNELS=ref for the torch path")
+        return True
+    return False  # "auto" on a CUDA machine, CPU tensors: the torch path
+
+
+def _log_once(path: str) -> None:
+    if path not in _logged:
+        _logged.add(path)
+        _log.info("relation_loss: using the %s path", path)
+
+
+def relation_loss(x_s: Tensor, x_t: Tensor, *, kind: str = "cosine", mask: Tensor | None = None) -> Tensor:
+    """Distance between student and teacher Gram relations, mean over items.
+
+    For each item b, G = X X^T over its valid tokens (no normalisation inside; MiniViT-style
+    callers L2-normalise rows first). "cosine" is LLaVA-KD's RDist, 1 - <G_s, G_t>_F /
+    max(||G_s||_F ||G_t||_F, 1e-12); "mse" is sum_ij (G_s - G_t)_ij^2 / n_b^2 with n_b the
+    item's valid tokens. Items without a valid token are left out of the mean (all left out:
+    exactly 0, still attached to the graph). Memory is O(B N D + tiles), never N x N.
+
+    Args:
+        x_s: (B, N, Ds) student features; gradients flow here. B = images (or images x heads).
+        x_t: (B, N, Dt) teacher features (detached inside); Dt may differ from Ds.
+        kind: "cosine" or "mse".
+        mask: (B, N) bool, False = token excluded (its row and column of G are dropped).
+
+    Returns:
+        () the loss, in float32 (float64 if an input is float64).
+
+    Raises:
+        ValueError: shapes, dtypes or devices that do not fit, naming the tensors.
+    """
+    if _use_triton(x_s):
+        from kernels.relation_loss.triton import relation_loss_triton
+
+        _log_once("triton")
+        return relation_loss_triton(x_s, x_t, kind=kind, mask=mask)
+    _log_once("torch (tiled ref)")
+    return relation_loss_ref(x_s, x_t, kind=kind, mask=mask)

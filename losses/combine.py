@@ -8,8 +8,10 @@ top-k teacher (`teachers/cache.py`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from losses.logit import cross_entropy, forward_kl, jsd, reverse_kl, sparse_divergence, tvd
@@ -17,6 +19,7 @@ from losses.logit import cross_entropy, forward_kl, jsd, reverse_kl, sparse_dive
 IGNORE_INDEX = -100
 
 TOKEN_MASKS = ("answer", "image", "all", "answer+image")
+FEATURE_MASKS = (*TOKEN_MASKS, "none")  # "none": every row of a tapped tensor (e.g. vision-tower tokens)
 DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "tvd": tvd}
 
 
@@ -30,7 +33,9 @@ class LossInputs:
     """One batch as the loss terms see it; position t of the logits predicts token t + 1.
 
     Attributes:
-        student_logits: (B, L, V) student logits.
+        student_logits: (B, L, V) student logits, or None in fused mode, where the logit terms
+            work from `student_hidden` and `student_head` chunk by chunk
+            (`kernels.fused_linear_kd`) and the (B, L, V) logits never exist.
         labels: (B, L) token ids on answer tokens, IGNORE_INDEX elsewhere.
         attention_mask: (B, L) 1 on real tokens, 0 on padding.
         image_mask: (B, L) bool, True on image-token positions.
@@ -42,26 +47,43 @@ class LossInputs:
             labels[b, t], i.e. from position t - 1. logp is log_softmax(teacher_logits / tau)
             at the term's temperature. Rows for labels at t = 0 (nothing predicts them) are
             dropped, as the dense path drops them.
+        student_hidden: (B, L, H) the student's final hidden states (the LM head's input);
+            set in fused mode.
+        student_head: the student's LM head (an `nn.Linear`), with `student_hidden`.
+        student_features, teacher_features: tap string (see `workbench/taps.py`) -> what the
+            tap captured in this forward pass, for the feature, relation and attention terms.
     """
 
-    student_logits: Tensor
+    student_logits: Tensor | None
     labels: Tensor
     attention_mask: Tensor
     image_mask: Tensor
     teacher_logits: Tensor | None = None
     teacher_topk: tuple[Tensor, ...] | None = None
+    student_hidden: Tensor | None = None
+    student_head: nn.Module | None = None
+    student_features: dict[str, Any] = field(default_factory=dict)
+    teacher_features: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        token_shape = self.student_logits.shape[:2]
+        if self.student_logits is None and (self.student_hidden is None or self.student_head is None):
+            raise ValueError("LossInputs needs student_logits, or student_hidden and student_head (fused mode)")
+        source = self.student_logits if self.student_logits is not None else self.student_hidden
+        token_shape = source.shape[:2]
         for name in ("labels", "attention_mask", "image_mask"):
             shape = getattr(self, name).shape
             if shape != token_shape:
                 raise ValueError(
-                    f"{name} has shape {tuple(shape)} but student_logits has shape "
-                    f"{tuple(self.student_logits.shape)}; expected {tuple(token_shape)}"
+                    f"{name} has shape {tuple(shape)} but the student's outputs have shape "
+                    f"{tuple(source.shape)}; expected {tuple(token_shape)}"
                 )
         if self.teacher_topk is not None:
             self._check_teacher_topk()
+
+    @property
+    def fused(self) -> bool:
+        """Whether the student logits are left unmaterialised (terms work from hidden states)."""
+        return self.student_logits is None
 
     def _check_teacher_topk(self) -> None:
         if not (isinstance(self.teacher_topk, tuple | list) and len(self.teacher_topk) in (2, 3)):
@@ -80,7 +102,28 @@ class LossInputs:
     @property
     def shifted_student_logits(self) -> Tensor:
         """(B, L-1, V) student logits at prediction positions."""
+        if self.student_logits is None:
+            raise ValueError("this term needs the full student logits, which fused mode does not compute")
         return self.student_logits[:, :-1]
+
+    def student_logits_at(self, positions: Tensor) -> Tensor:
+        """(N, V) student logits at the True positions of a (B, L) mask, computed from the hidden
+        states (only those rows) in fused mode."""
+        if self.student_logits is not None:
+            return self.student_logits[positions]
+        return self.student_head(self.student_hidden[positions])
+
+    def position_mask(self, which: str) -> Tensor:
+        """`token_mask` over all L input positions: (B, L) bool; "none" is every position.
+
+        Position t counts as "answer" when it predicts an answer token (labels[t + 1] is
+        set), as in `token_mask`; "image" when it holds an image token.
+        """
+        _check_choice("mask", which, FEATURE_MASKS)
+        if which == "none":
+            return torch.ones_like(self.image_mask, dtype=torch.bool)
+        mask = self.token_mask(which)  # (B, L-1)
+        return torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)  # (B, L)
 
     @property
     def shifted_teacher_logits(self) -> Tensor | None:
@@ -92,12 +135,11 @@ class LossInputs:
         """(B, L-1) the token each prediction position should predict."""
         return self.labels[:, 1:]
 
-    def sparse_teacher_rows(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Student logits at the "answer" prediction positions and the cached teacher's rows there.
+    def sparse_teacher_rows(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The cached teacher's rows at the "answer" prediction positions.
 
         Returns:
-            student: (N, V) student logits where `token_mask("answer")` is True, row-major.
-            topk_ids: (N, K) the teacher's top-k ids for the same positions.
+            topk_ids: (N, K) the teacher's top-k ids where `token_mask("answer")` is True, row-major.
             topk_logp: (N, K) the teacher's log-probabilities at those ids.
             rest_logp: (N,) log of the teacher's mass outside them, or None if not cached.
         """
@@ -109,8 +151,7 @@ class LossInputs:
         # Cache rows follow labels over (B, L); prediction rows follow labels[:, 1:]. Both are
         # row-major, so dropping the rows of labels at t = 0 aligns them one to one.
         predictable = labelled.nonzero()[:, 1] > 0  # (M,)
-        student = self.shifted_student_logits[self.token_mask("answer")]  # (N, V)
-        return student, ids[predictable], logp[predictable], None if rest is None else rest[predictable]
+        return ids[predictable], logp[predictable], None if rest is None else rest[predictable]
 
     def token_mask(self, which: str) -> Tensor:
         """Which prediction positions a term averages over.
@@ -134,14 +175,29 @@ class LossInputs:
         return answer | image
 
 
+def _fused(hidden_rows: Tensor, head: nn.Module, **target) -> Tensor:
+    """`kernels.fused_linear_kd` on (N, H) hidden rows through the LM head `head`."""
+    from kernels.fused_linear_kd import fused_linear_kd
+
+    return fused_linear_kd(hidden_rows, head.weight, bias=getattr(head, "bias", None), **target)
+
+
 class CrossEntropyTerm(nn.Module):
     """Next-token cross-entropy on answer tokens: the hard-label term."""
 
     needs_teacher = False
+    needs_dense_teacher = False
 
     def forward(self, inputs: LossInputs) -> Tensor:
         """Returns the scalar per-answer-token mean cross-entropy."""
-        return cross_entropy(inputs.shifted_student_logits, inputs.shifted_labels, inputs.token_mask("answer"))
+        mask = inputs.token_mask("answer")  # (B, L-1)
+        if inputs.fused:
+            # CE is the forward KL to a one-hot teacher: top-1 = the label, log p = 0, no rest mass
+            targets = inputs.shifted_labels[mask]  # (N,)
+            zeros = torch.zeros(targets.shape[0], 1, device=targets.device)
+            return _fused(inputs.student_hidden[:, :-1][mask], inputs.student_head, topk_ids=targets[:, None],
+                          topk_logp=zeros, rest_logp=torch.full_like(zeros[:, 0], float("-inf")))
+        return cross_entropy(inputs.shifted_student_logits, inputs.shifted_labels, mask)
 
 
 class LogitDivergenceTerm(nn.Module):
@@ -149,6 +205,8 @@ class LogitDivergenceTerm(nn.Module):
 
     Uses `LossInputs.teacher_logits` when present, else the cached top-k teacher
     `LossInputs.teacher_topk` (through `sparse_divergence`, which covers answer tokens only).
+    In fused mode the same value comes from `kernels.fused_linear_kd`, which never holds
+    more than a chunk of student logits.
 
     Args:
         divergence: "forward_kl", "reverse_kl", "jsd" or "tvd".
@@ -171,6 +229,7 @@ class LogitDivergenceTerm(nn.Module):
         self.temperature = temperature
         self.mask = mask
         self.beta = beta
+        self.needs_dense_teacher = mask != "answer"  # a top-k cache covers answer tokens only
 
     def forward(self, inputs: LossInputs) -> Tensor:
         """Returns the scalar per-token mean divergence over the positions of `self.mask`."""
@@ -181,10 +240,12 @@ class LogitDivergenceTerm(nn.Module):
             raise ValueError(
                 f"{self.divergence} term needs teacher_logits or teacher_topk, but LossInputs has neither"
             )
+        mask = inputs.token_mask(self.mask)  # (B, L-1)
+        if inputs.fused:
+            return _fused(inputs.student_hidden[:, :-1][mask], inputs.student_head, teacher_logits=teacher[mask],
+                          kind=self.divergence, temperature=self.temperature, beta=self.beta)
         extra = {"beta": self.beta} if self.divergence == "jsd" else {}
-        return DIVERGENCES[self.divergence](
-            inputs.shifted_student_logits, teacher, inputs.token_mask(self.mask), self.temperature, **extra
-        )
+        return DIVERGENCES[self.divergence](inputs.shifted_student_logits, teacher, mask, self.temperature, **extra)
 
     def _sparse(self, inputs: LossInputs) -> Tensor:
         if self.mask != "answer":
@@ -192,7 +253,12 @@ class LogitDivergenceTerm(nn.Module):
                 f"{self.divergence} term with mask={self.mask!r} needs dense teacher_logits; a cached top-k "
                 "teacher (teacher_topk) covers answer tokens only, so use mask='answer'"
             )
-        student, ids, logp, rest = inputs.sparse_teacher_rows()
+        ids, logp, rest = inputs.sparse_teacher_rows()
+        if inputs.fused:
+            return _fused(inputs.student_hidden[:, :-1][inputs.token_mask("answer")], inputs.student_head,
+                          topk_ids=ids, topk_logp=logp, rest_logp=rest, kind=self.divergence,
+                          temperature=self.temperature, beta=self.beta)
+        student = inputs.shifted_student_logits[inputs.token_mask("answer")]  # (N, V)
         rows = sparse_divergence(student, ids, logp, self.divergence, self.temperature, self.beta, rest)  # (N,)
         if rows.shape[0] == 0:
             return rows.sum()  # empty sum: an exact 0 whose backward gives zero gradients
@@ -201,6 +267,87 @@ class LogitDivergenceTerm(nn.Module):
     def extra_repr(self) -> str:
         beta = f", beta={self.beta}" if self.divergence == "jsd" else ""
         return f"{self.divergence}, temperature={self.temperature}, mask={self.mask!r}{beta}"
+
+
+class MDistTerm(nn.Module):
+    """LLaVA-KD's multimodal distillation: KL on answer tokens + KL at image-token positions.
+
+    Each part is a per-token mean over its own positions (the unofficial re-implementation
+    averages the response and visual KL separately and adds them, weights 1; METHODS.md §8);
+    the image part distils the LM-head outputs at the positions holding image tokens.
+
+    Args:
+        temperature: tau of both parts.
+        divergence: the divergence of both parts (LLaVA-KD: forward KL).
+    """
+
+    needs_teacher = True
+    needs_dense_teacher = True  # image positions are not in a top-k cache
+
+    def __init__(self, temperature: float = 1.0, divergence: str = "forward_kl") -> None:
+        super().__init__()
+        self.response = LogitDivergenceTerm(divergence, temperature, mask="answer")
+        self.visual = LogitDivergenceTerm(divergence, temperature, mask="image")
+
+    def forward(self, inputs: LossInputs) -> Tensor:
+        return self.response(inputs) + self.visual(inputs)
+
+
+class TappedTerm(nn.Module):
+    """Base of the terms that compare tensors tapped inside the student and the teacher.
+
+    Config gives tap templates (module paths, `{i}` for a layer index) and a layer mapping;
+    `workbench/build.py` resolves them against both models (`bind`), probes widths, and adds
+    the projectors the term asks for. The term then reads `LossInputs.student_features[s]` and
+    `LossInputs.teacher_features[t]` for each bound pair (s, t) and averages over pairs.
+
+    Args:
+        student: tap template on the student, e.g. "model.language_model.layers.{i}" or
+            "model.multi_modal_projector" (":input" / ":qk" select another site).
+        teacher: tap template on the teacher (default: the student's).
+        layers: layer mapping when the templates hold `{i}` (see `workbench.taps.layer_pairs`).
+        projector: "auto" (a learned Linear when widths differ), "linear" or "none".
+    """
+
+    needs_teacher = True
+    needs_dense_teacher = True  # reads the teacher's insides, which no cache holds
+    site = "output"  # the tap site this term reads when the template names none
+    uses_projector = False
+
+    def __init__(self, student: str | None, teacher: str | None = None, layers: Any = None,
+                 projector: str = "auto") -> None:
+        super().__init__()
+        if not student:
+            raise ValueError(f"{type(self).__name__} needs a 'student' tap (a module path)")
+        self.student_template = student if ":" in student else f"{student}:{self.site}" if self.site != "output" else student
+        teacher = teacher or student
+        self.teacher_template = teacher if ":" in teacher else f"{teacher}:{self.site}" if self.site != "output" else teacher
+        self.layers = layers
+        self.projector_mode = projector
+        self.pairs: list[tuple[str, str]] = []
+        self.projectors = nn.ModuleList()
+
+    def bind(self, pairs: list[tuple[str, str]], projectors: list[nn.Module | None]) -> None:
+        """Fix the (student tap, teacher tap) pairs and their projectors (None = identity)."""
+        self.pairs = list(pairs)
+        self.projectors = nn.ModuleList([p if p is not None else nn.Identity() for p in projectors])
+
+    def expand(self, tap: str) -> list[str]:
+        """The taps one bound tap string stands for (Q/K/V templates stand for three)."""
+        return [tap]
+
+    def project(self, index: int, x: Tensor) -> Tensor:
+        return self.projectors[index](x) if len(self.projectors) > index else x
+
+    def forward(self, inputs: LossInputs) -> Tensor:
+        if not self.pairs:
+            raise ValueError(f"{type(self).__name__} is not bound to taps; build it with workbench.build")
+        values = [self.compare(i, inputs.student_features[s], inputs.teacher_features[t], inputs)
+                  for i, (s, t) in enumerate(self.pairs)]
+        return torch.stack(values).mean()
+
+    def compare(self, index: int, student: Any, teacher: Any, inputs: LossInputs) -> Tensor:
+        raise NotImplementedError
 
 
 class WeightedLoss(nn.Module):
@@ -223,6 +370,23 @@ class WeightedLoss(nn.Module):
     def needs_teacher(self) -> bool:
         """Whether any active term reads teacher logits (so the trainer must run the teacher)."""
         return any(term.needs_teacher for term in self.terms.values())
+
+    def dense_teacher_terms(self) -> list[str]:
+        """Active terms that need the teacher itself, not a top-k logit cache."""
+        return [name for name, term in self.terms.items() if getattr(term, "needs_dense_teacher", False)]
+
+    def tapped_terms(self) -> dict[str, TappedTerm]:
+        """The active terms that read feature taps."""
+        return {name: term for name, term in self.terms.items() if isinstance(term, TappedTerm)}
+
+    def tap_points(self) -> tuple[list[str], list[str]]:
+        """Every student and teacher tap the bound terms read (strings, see `workbench.taps`)."""
+        student, teacher = [], []
+        for term in self.tapped_terms().values():
+            for s, t in term.pairs:
+                student += term.expand(s)
+                teacher += term.expand(t)
+        return list(dict.fromkeys(student)), list(dict.fromkeys(teacher))
 
     def forward(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         """Compute every active term once.

@@ -107,3 +107,81 @@ def tiny_llava(
     if position_init_std is not None:
         nn.init.normal_(model.model.vision_tower.embeddings.position_embedding.weight, std=position_init_std)
     return model
+
+
+def llava_from_parts(
+    *,
+    vocab_size: int,
+    image_token_id: int,
+    pad_token_id: int,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    image_size: int,
+    patch_size: int,
+    vision_model: str,
+    language_model: str,
+    vision_feature_layer: int = -2,
+    vision_feature_select_strategy: str = "full",
+    projector_hidden_act: str = "gelu",
+) -> LlavaForConditionalGeneration:
+    """A LLaVA student assembled from a pretrained vision encoder and a pretrained causal LM,
+    joined by a fresh 2-layer MLP projector (LLaVA-KD's students: SigLIP + Qwen1.5-0.5B/1.8B).
+
+    Args:
+        vocab_size, image_token_id, pad_token_id, bos_token_id, eos_token_id, image_size,
+            patch_size: from the processor the student shares with its teacher (filled in by
+            `workbench/build.py`); the LM's embeddings grow to `vocab_size` if the tokenizer
+            has more tokens (e.g. an added image token).
+        vision_model: folder or hub id of a vision encoder checkpoint (a full CLIP/SigLIP
+            model or its vision tower alone); only the vision tower is kept.
+        language_model: folder or hub id of an `AutoModelForCausalLM` checkpoint (Qwen2,
+            Llama, ...).
+        vision_feature_layer: tower layer feeding the projector (-2: the penultimate, as
+            LLaVA and TinyLLaVA use).
+        vision_feature_select_strategy: "full" keeps every patch token (SigLIP has no CLS),
+            "default" drops the first (CLIP's CLS).
+        projector_hidden_act: activation between the projector's two Linear layers.
+    Raises:
+        ValueError: the encoder's image or patch size differs from the processor's.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(vision_model)
+    vision_config = getattr(config, "vision_config", config)
+    if (vision_config.image_size, vision_config.patch_size) != (image_size, patch_size):
+        raise ValueError(
+            f"vision_model {vision_model} takes {vision_config.image_size}px images in {vision_config.patch_size}px "
+            f"patches but the processor makes {image_size}px / {patch_size}px; use the teacher's vision encoder size"
+        )
+    tower_cls = type(AutoModel.from_config(vision_config))
+    tower = tower_cls.from_pretrained(vision_model, config=vision_config)  # a full CLIP/SigLIP keeps its tower only
+    lm = AutoModelForCausalLM.from_pretrained(language_model)
+    if lm.get_input_embeddings().weight.shape[0] < vocab_size:
+        lm.resize_token_embeddings(vocab_size)
+    text_config = lm.config
+    text_config.pad_token_id, text_config.bos_token_id, text_config.eos_token_id = pad_token_id, bos_token_id, eos_token_id
+    n_tokens = (image_size // patch_size) ** 2  # CLIP's CLS, if any, is dropped by the "default" strategy
+    llava_config = LlavaConfig(
+        vision_config=tower.config,
+        text_config=text_config,
+        image_token_index=image_token_id,
+        image_seq_length=n_tokens,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        vision_feature_layer=vision_feature_layer,
+        projector_hidden_act=projector_hidden_act,
+        tie_word_embeddings=text_config.tie_word_embeddings,
+    )
+    llava_config.pad_token_id, llava_config.bos_token_id, llava_config.eos_token_id = pad_token_id, bos_token_id, eos_token_id
+    model = LlavaForConditionalGeneration(llava_config)
+    model.model.vision_tower = tower
+    model.model.language_model = lm.get_decoder()
+    model.lm_head = lm.get_output_embeddings()
+    if text_config.tie_word_embeddings:
+        model.tie_weights()
+    # LLaVA reads the tower's hidden states: its post-layernorm and pooling head get no gradient
+    # (and a trainable parameter without one breaks DDP)
+    for name in ("post_layernorm", "head"):
+        unused = getattr(getattr(tower, "vision_model", tower), name, None)
+        if isinstance(unused, nn.Module):
+            unused.requires_grad_(False)
+    return model.to(lm.dtype)

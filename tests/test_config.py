@@ -236,10 +236,25 @@ def test_unknown_name_lists_registered(registry, name, expected):
     assert expected in registry.names()
 
 
-def test_loss_registry_lists_every_divergence():
-    assert {"ce", "forward_kl", "reverse_kl", "jsd", "tvd"} <= set(LOSSES.names())
-    with pytest.raises(WorkbenchError, match="ce, forward_kl, jsd, reverse_kl, tvd"):
+def test_loss_registry_lists_every_loss_type():
+    expected = {"ce", "forward_kl", "reverse_kl", "jsd", "tvd", "mdist", "rdist", "feature_mse", "feature_cosine",
+                "hidden_relation", "rkd_distance", "rkd_angle", "attention_kl", "qkv_relation"}
+    assert expected <= set(LOSSES.names())
+    with pytest.raises(WorkbenchError, match="Registered: attention_kl, ce, feature_cosine"):
         LOSSES.get("zzz")
+
+
+@pytest.mark.parametrize("term, message", [
+    ({"type": "feature_mse", "heads": [0, 1]}, "does not read 'heads'"),
+    ({"type": "ce", "temperature": 2.0}, "does not read 'temperature'"),
+    ({"type": "feature_mse"}, "needs a 'student' tap"),
+    ({"type": "attention_kl", "student": "x", "kind": "js"}, "unknown attention loss 'js'"),
+])
+def test_loss_term_fields_are_checked_per_type(term, message):
+    from workbench.config import LossTermConfig
+
+    with pytest.raises(WorkbenchError, match=message):
+        LOSSES.get(term["type"])(LossTermConfig(**term))
 
 
 # ---- LR schedules ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from workbench.data import Splits, VLMCollator
 from workbench.teacher_data import attach_teacher
 from workbench.errors import WorkbenchError
 from workbench.registry import DATASETS, LOSSES, STUDENTS, TEACHERS
+from workbench.taps import LAYER, TapPoint, layer_pairs, make_projector, num_layers, probe
 
 
 @dataclass
@@ -191,6 +192,57 @@ def build_loss(cfg: RunConfig, has_teacher: bool) -> WeightedLoss:
         raise WorkbenchError(f"config key 'loss': {e}") from None
 
 
+def _bound_pairs(name: str, term, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
+    """A term's (student tap, teacher tap) strings, with `{i}` filled in by its layer mapping."""
+    s_tpl, t_tpl = term.student_template, term.teacher_template
+    if (LAYER in s_tpl) != (LAYER in t_tpl):
+        raise WorkbenchError(f"loss.{name}: both tap templates or neither must hold {LAYER}, got {s_tpl!r} and {t_tpl!r}")
+    if LAYER not in s_tpl:
+        if term.layers is not None:
+            raise WorkbenchError(f"loss.{name}.layers is set but the tap templates have no {LAYER}")
+        return [(s_tpl, t_tpl)]
+    path = lambda tpl: tpl.split(":")[0]  # noqa: E731
+    pairs = layer_pairs(num_layers(student, path(s_tpl), "student"), num_layers(teacher, path(t_tpl), "teacher"),
+                        term.layers if term.layers is not None else "uniform")
+    return [(s_tpl.replace(LAYER, str(i)), t_tpl.replace(LAYER, str(j))) for i, j in pairs]
+
+
+def bind_taps(built: Built) -> None:
+    """Resolve the tap templates of the feature/relation/attention terms against both models,
+    run each once on one training sample (so a bad tap fails before a run starts), and give
+    the terms that ask for them projectors sized from what the taps saw."""
+    terms = built.loss.tapped_terms()
+    if built.teacher is None:
+        raise WorkbenchError(
+            f"loss terms {', '.join(terms)} read features inside the teacher, so they need it loaded: "
+            "a teacher-logit cache (teacher.cache) holds logits only; unset teacher.cache"
+        )
+    teacher_root = getattr(built.teacher, "model", built.teacher)
+    for name, term in terms.items():
+        term.pairs = _bound_pairs(name, term, built.student, teacher_root)
+    student_points, teacher_points = built.loss.tap_points()
+    batch = built.collator([built.splits.train[0]])
+    from workbench.module import model_inputs
+
+    inputs = model_inputs(batch)
+    seen_s = probe(built.student, built.student, [TapPoint.parse(p) for p in student_points], inputs, "student")
+    seen_t = probe(built.teacher, teacher_root, [TapPoint.parse(p) for p in teacher_points], inputs, "teacher")
+    seen_s, seen_t = {str(k): v for k, v in seen_s.items()}, {str(k): v for k, v in seen_t.items()}
+    for name, term in terms.items():
+        projectors = []
+        for s, t in term.pairs:
+            if not term.uses_projector:
+                projectors.append(None)
+                continue
+            d_s, d_t = seen_s[s].shape[-1], seen_t[t].shape[-1]
+            try:
+                projectors.append(make_projector(term.projector_mode, d_s, d_t))
+            except WorkbenchError as e:
+                raise WorkbenchError(f"loss.{name} ({s} -> {t}): {e}") from None
+        term.bind(term.pairs, projectors)
+    built.notes["taps"] = {name: [list(p) for p in term.pairs] for name, term in terms.items()}
+
+
 def build(cfg: RunConfig) -> Built:
     """Config -> data, teacher, student, loss; raises `WorkbenchError` on any bad input."""
     torch.manual_seed(cfg.seed)
@@ -209,6 +261,8 @@ def build(cfg: RunConfig) -> Built:
     check_vocabularies(student, processor)
     collator = VLMCollator(processor, max_length=cfg.data.max_length)
     built = attach_teacher(cfg, Built(splits, processor, collator, student, loss, notes=notes))
+    if loss.tapped_terms():
+        bind_taps(built)
     n_train = len(built.splits.train)  # after the labelled split: what the student trains on
     if n_train < cfg.data.batch_size:
         raise WorkbenchError(f"data.batch_size={cfg.data.batch_size} is larger than the training set ({n_train} samples)")

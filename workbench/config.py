@@ -16,7 +16,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
-from losses.combine import TOKEN_MASKS
+from losses.combine import FEATURE_MASKS
 from workbench.errors import WorkbenchError
 
 
@@ -49,11 +49,20 @@ class StudentConfig:
 class LossTermConfig:
     """One weighted term of the objective."""
 
-    type: str = MISSING  # ce | forward_kl | reverse_kl | jsd | tvd
+    type: str = MISSING  # a LOSSES registry key: ce | forward_kl | reverse_kl | jsd | tvd | mdist | rdist | ...
     weight: float = 1.0
     temperature: float = 1.0  # divergences are computed at tau and multiplied by tau^2
-    mask: str = "answer"  # answer | image | all | answer+image (positions the divergence covers)
+    mask: str | None = None  # answer | image | all | answer+image | none (default: the term's own)
     beta: float = 0.5  # jsd mixture weight (0 -> forward KL, 1 -> reverse KL)
+    # feature / relation / attention terms read tensors tapped inside both models (workbench/taps.py)
+    student: str | None = None  # tap template on the student: module path, {i} = layer, optional :input / :qk
+    teacher: str | None = None  # tap template on the teacher (default: the student's)
+    layers: Any = None  # uniform | all | last:K | [[student, teacher], ...] when the templates hold {i}
+    projector: str = "auto"  # feature terms: auto (Linear when widths differ) | linear | none
+    heads: Any = None  # attention_kl: teacher head per student head (uniform | list)
+    relation_heads: int = 1  # qkv_relation: A_r, heads the projections are re-split into
+    kind: str | None = None  # attention_kl / qkv_relation: kl | ce
+    scale: float = 1.0  # hidden_relation: factor on the mean squared Gram difference (MiniViT: 49)
 
 
 @dataclass
@@ -121,6 +130,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     checkpoint_every_n_steps: int | None = None  # default: at every validation
     progress_bar: bool = True
+    fused_logits: bool = False  # logit terms from hidden states in row chunks (kernels/fused_linear_kd): no (B, L, V) student logits
 
 
 @dataclass
@@ -142,6 +152,7 @@ class RunConfig:
     trainable: list[str] | None = None  # glob patterns of parameter names to train; the rest is frozen
     stages: dict[str, Any] = field(default_factory=dict)  # name -> overlay of this config, run in order
     sweep: dict[str, list[Any]] = field(default_factory=dict)  # key -> values: `workbench run` runs the grid
+    vars: dict[str, Any] = field(default_factory=dict)  # your own values, used elsewhere as ${vars.name} (and swept)
 
 
 CHOICES = {
@@ -246,12 +257,16 @@ def stage_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
     """The resolved config of every stage, in order: the experiment with the stage's overlay.
 
     A stage's `loss`, `teacher`, `trainable` and `init_from` replace the experiment's instead
-    of merging into them, so each stage states its own objective.
+    of merging into them, so each stage states its own objective. A stage set to null
+    (`stages.teacher=null` on the command line) is skipped, e.g. to reuse a teacher trained
+    by an earlier run.
     """
     base = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     base["stages"], base["sweep"] = {}, {}
     out = []
     for name, overlay in cfg.stages.items():
+        if overlay is None:
+            continue
         if not isinstance(overlay, dict):
             raise WorkbenchError(f"config key 'stages.{name}' must be a mapping of config keys")
         bad = [k for k in overlay if k in STAGE_ONLY_AT_TOP]
@@ -301,6 +316,8 @@ def validate(cfg: RunConfig) -> None:
                 value = stage.init_from if key == "init_from" else (stage.teacher.path if stage.teacher else None)
                 stage_ref(value, names, f"stages.{name}.{key}")
             names.append(name)
+        if not names:
+            raise WorkbenchError("config key 'stages': every stage is null (skipped); nothing would run")
         return
     if cfg.teacher is not None:
         _choice("teacher.quantize", cfg.teacher.quantize)
@@ -311,7 +328,8 @@ def validate(cfg: RunConfig) -> None:
     if not cfg.loss:
         raise WorkbenchError("config key 'loss' has no terms; add one, e.g. loss.ce.type=ce")
     for name, term in cfg.loss.items():
-        _choice(f"loss.{name}.mask", term.mask, TOKEN_MASKS)
+        if term.mask is not None:
+            _choice(f"loss.{name}.mask", term.mask, FEATURE_MASKS)
         if term.temperature <= 0:
             raise WorkbenchError(f"config key 'loss.{name}.temperature' must be > 0")
         if not 0.0 <= term.beta <= 1.0:

@@ -7,6 +7,7 @@ It is moved to the student's device when fitting starts and always runs under no
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytorch_lightning as pl
@@ -17,6 +18,7 @@ from losses.combine import LossInputs, WeightedLoss
 from workbench.config import OptimConfig
 from workbench.metrics import accuracies, merge_scores, score_batch
 from workbench.optim import make_optimizer
+from workbench.taps import FeatureTaps, TapPoint
 
 NON_MODEL_KEYS = ("labels", "image_mask", "ids", "qtypes", "teacher_topk")
 
@@ -40,33 +42,59 @@ class DistillModule(pl.LightningModule):
     """
 
     def __init__(self, student: nn.Module, loss: WeightedLoss, optim: OptimConfig, total_steps: int,
-                 teacher: nn.Module | None = None, val_tags: tuple[str, ...] = ()):
+                 teacher: nn.Module | None = None, val_tags: tuple[str, ...] = (), fused_logits: bool = False):
         super().__init__()
         self.student = student
-        self.loss = loss
+        self.loss = loss  # a submodule: projectors of feature terms train with the student
         self.optim = optim
         self.total_steps = total_steps
         object.__setattr__(self, "teacher", teacher)  # not a submodule, see module docstring
         self.val_keys = ["all", *sorted(set(val_tags))]
         self._val_scores: dict[str, tuple[int, int]] = {}
+        self.fused_logits = fused_logits
+        student_points, teacher_points = loss.tap_points()
+        self._decoder_tap = None
+        if fused_logits:
+            names = {id(m): n for n, m in student.named_modules()}
+            self._decoder_tap = TapPoint(names[id(student.get_decoder())])  # its output: the LM head's input
+            student_points = [*student_points, str(self._decoder_tap)]
+        self._student_taps = FeatureTaps(student, [TapPoint.parse(p) for p in student_points], "student")
+        self._teacher_taps = None
+        if teacher is not None and teacher_points:
+            self._teacher_taps = FeatureTaps(getattr(teacher, "model", teacher),
+                                             [TapPoint.parse(p) for p in teacher_points], "teacher")
 
     def on_fit_start(self) -> None:
         if self.teacher is not None:
             self.teacher.to(self.device)
 
-    def _loss_inputs(self, batch: dict[str, Any]) -> LossInputs:
+    def _loss_inputs(self, batch: dict[str, Any], fused: bool = False) -> LossInputs:
+        """Run student (and teacher) on a batch with the feature taps the loss reads.
+
+        With `fused`, the student computes no logits (`logits_to_keep` keeps none) and the logit
+        terms work from its final hidden states through `kernels.fused_linear_kd`.
+        """
         inputs = model_inputs(batch)
-        student_logits = self.student(**inputs).logits
-        teacher_logits = None
+        extra = {"logits_to_keep": torch.zeros_like(batch["attention_mask"], dtype=torch.bool)} if fused else {}
+        with self._student_taps.capture() as found:
+            student_logits = self.student(**inputs, **extra).logits
+        student_features = {str(p): v for p, v in found.items()}
+        hidden = student_features.pop(str(self._decoder_tap)) if self._decoder_tap is not None else None
+        teacher_logits, teacher_features = None, {}
         if self.teacher is not None and self.loss.needs_teacher:
-            with torch.no_grad():
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                found_t = stack.enter_context(self._teacher_taps.capture()) if self._teacher_taps else {}
                 teacher_logits = self.teacher(**inputs).logits
-        return LossInputs(student_logits=student_logits, labels=batch["labels"],
+            teacher_features = {str(p): v for p, v in found_t.items()}
+        return LossInputs(student_logits=None if fused else student_logits, labels=batch["labels"],
                           attention_mask=batch["attention_mask"], image_mask=batch["image_mask"],
-                          teacher_logits=teacher_logits, teacher_topk=batch.get("teacher_topk"))
+                          teacher_logits=teacher_logits, teacher_topk=batch.get("teacher_topk"),
+                          student_hidden=hidden if fused else None,
+                          student_head=self.student.get_output_embeddings() if fused else None,
+                          student_features=student_features, teacher_features=teacher_features)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        total, terms = self.loss(self._loss_inputs(batch))
+        total, terms = self.loss(self._loss_inputs(batch, fused=self.fused_logits))
         n = batch["input_ids"].shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=n)
         for name, value in terms.items():
@@ -112,6 +140,7 @@ class DistillModule(pl.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim
-        optimizer, scheduler = make_optimizer(self.student, o.lr, o.weight_decay, o.betas, o.schedule,
+        # student + the loss terms' projectors; the teacher is not a submodule, so never included
+        optimizer, scheduler = make_optimizer(self, o.lr, o.weight_decay, o.betas, o.schedule,
                                               self.total_steps, o.warmup_steps, o.decay_fraction, o.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

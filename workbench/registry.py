@@ -106,20 +106,71 @@ LOSSES = Registry("loss")
 DATASETS = Registry("dataset")
 
 
+# loss type -> (term builder, the LossTermConfig fields it reads besides type and weight)
+_TERM_FIELDS = {
+    "ce": (),
+    "divergence": ("temperature", "mask", "beta"),
+    "mdist": ("temperature",),
+    "rdist": ("student", "teacher", "layers"),
+    "feature": ("student", "teacher", "layers", "projector", "mask"),
+    "hidden_relation": ("student", "teacher", "layers", "mask", "scale"),
+    "rkd": ("student", "teacher", "layers", "mask"),
+    "attention_kl": ("student", "teacher", "layers", "heads", "mask", "kind"),
+    "qkv_relation": ("student", "teacher", "layers", "relation_heads", "mask", "kind"),
+}
+
+
+def _loss_builder(family: str, make: Callable[..., Any]) -> Callable[[Any], Any]:
+    """A LOSSES builder: checks that the term config sets only fields `family` reads, then calls
+    `make(**those fields)`, leaving unset (None) ones to the term's own defaults."""
+    fields = _TERM_FIELDS[family]
+
+    def build(term) -> Any:
+        from workbench.config import LossTermConfig
+
+        default = LossTermConfig(type=term.type)
+        unused = [f for f in vars(default) if f not in ("type", "weight", *fields)
+                  and getattr(term, f) != getattr(default, f)]
+        if unused:
+            raise WorkbenchError(f"loss type {term.type!r} does not read {unused[0]!r}; it reads "
+                                 f"{', '.join(fields) or 'only type and weight'}")
+        kwargs = {f: getattr(term, f) for f in fields if getattr(term, f) is not None}
+        try:
+            return make(**kwargs)
+        except ValueError as e:
+            raise WorkbenchError(f"loss type {term.type!r}: {e}") from None
+
+    return build
+
+
 def _register_builtins() -> None:
-    from losses.combine import CrossEntropyTerm, LogitDivergenceTerm
-    from students.vlm import tiny_llava
+    from losses.attention import AttentionKLTerm, QKVRelationTerm
+    from losses.combine import CrossEntropyTerm, LogitDivergenceTerm, MDistTerm
+    from losses.feature import FeatureTerm
+    from losses.relation import HiddenRelationTerm, RDistTapTerm, RDistTerm, RKDTerm
+    from students.vlm import llava_from_parts, tiny_llava
     from teachers.hf_vlm import HFVLMTeacher
     from workbench.data import llava_splits, windtunnel_splits
 
     STUDENTS.register("tiny_llava", tiny_llava)
+    STUDENTS.register("llava_from_parts", llava_from_parts)
     TEACHERS.register("hf_vlm", HFVLMTeacher)
     DATASETS.register("llava", llava_splits)
     DATASETS.register("windtunnel", windtunnel_splits)
-    LOSSES.register("ce", lambda term: CrossEntropyTerm())
+    LOSSES.register("ce", _loss_builder("ce", CrossEntropyTerm))
     for divergence in ("forward_kl", "reverse_kl", "jsd", "tvd"):
-        LOSSES.register(divergence, lambda term, _d=divergence: LogitDivergenceTerm(
-            _d, temperature=term.temperature, mask=term.mask, beta=term.beta))
+        LOSSES.register(divergence, _loss_builder(
+            "divergence", lambda _d=divergence, **kw: LogitDivergenceTerm(_d, **kw)))
+    LOSSES.register("mdist", _loss_builder("mdist", MDistTerm))
+    LOSSES.register("rdist", _loss_builder(
+        "rdist", lambda student="logits", **kw: RDistTerm() if student == "logits" else RDistTapTerm(student, **kw)))
+    for kind in ("mse", "cosine"):
+        LOSSES.register(f"feature_{kind}", _loss_builder("feature", lambda _k=kind, **kw: FeatureTerm(_k, **kw)))
+    LOSSES.register("hidden_relation", _loss_builder("hidden_relation", HiddenRelationTerm))
+    for kind in ("distance", "angle"):
+        LOSSES.register(f"rkd_{kind}", _loss_builder("rkd", lambda _k=kind, **kw: RKDTerm(_k, **kw)))
+    LOSSES.register("attention_kl", _loss_builder("attention_kl", AttentionKLTerm))
+    LOSSES.register("qkv_relation", _loss_builder("qkv_relation", QKVRelationTerm))
 
 
 _register_builtins()

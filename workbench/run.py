@@ -189,7 +189,8 @@ def train(cfg: RunConfig, built: Built, run_dir: Path, resume: bool = False) -> 
     summary: dict[str, Any] = {"name": cfg.name, "run_id": run_dir.name, "status": "running",
                                "params": {"student": count_params(built.student),
                                           "student_trainable": count_params(built.student, trainable=True),
-                                          "teacher": count_params(built.teacher)},
+                                          "teacher": count_params(built.teacher),
+                                          "projectors": count_params(built.loss, trainable=True)},
                                **built.notes}
     earlier_metrics = run_dir / "metrics.before-resume.csv"
     if is_main:
@@ -201,11 +202,13 @@ def train(cfg: RunConfig, built: Built, run_dir: Path, resume: bool = False) -> 
         _write_json(run_dir / "summary.json", summary)
     print(f"[workbench] {run_dir}: training {summary['params']['student_trainable']:,} of "
           f"{summary['params']['student']:,} student parameters"
+          + (f" (+{summary['params']['projectors']:,} in projectors, not exported)" if summary['params']['projectors'] else "")
           + (f", resuming from step {resumed_step}" if ckpt else ""))
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     tags = sorted({t for rec in (built.splits.val.records if built.splits.val else []) for t in rec.get("qtypes", [])})
-    module = DistillModule(built.student, built.loss, cfg.optim, cfg.trainer.max_steps, built.teacher, tuple(tags))
+    module = DistillModule(built.student, built.loss, cfg.optim, cfg.trainer.max_steps, built.teacher, tuple(tags),
+                           fused_logits=cfg.trainer.fused_logits)
     trainer = make_trainer(cfg, run_dir, [SamplerState(sampler, cfg.trainer.accumulate_grad_batches),
                                           *built.callbacks])
     fit_start = time.time()

@@ -126,6 +126,14 @@ def attach_teacher(cfg, built):
     if cfg.data.labeled_fraction < 1:
         built.notes["data"] = {"labeled": len(split.labeled), "unlabeled": len(split.unlabeled), "unlabeled_use": mode}
     use_cache = has_teacher and (cfg.teacher.cache is not None or (mode == "pseudo" and split.unlabeled))
+    dense = built.loss.dense_teacher_terms()
+    if use_cache and dense:
+        why = "teacher.cache is set" if cfg.teacher.cache is not None else "unlabeled records get cached pseudo-labels"
+        raise WorkbenchError(
+            f"loss terms {', '.join(dense)} need the teacher loaded (its features, or logits outside answer "
+            f"tokens), but {why} and a teacher cache holds answer-token top-k logits only; unset teacher.cache "
+            "(and use data.unlabeled=drop) or drop those terms"
+        )
     if not use_cache:
         if has_teacher:
             built.teacher = build_teacher(cfg)

@@ -1,0 +1,97 @@
+"""Feature distillation: match tapped hidden states or vision features, through a projector
+when widths differ (FitNets-style hints).
+
+`feature_mse` and `feature_cosine` are the pure functions; `FeatureTerm` reads one or more
+tapped (student, teacher) pairs from `LossInputs` (see `losses/combine.py` TappedTerm).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from losses.combine import FEATURE_MASKS, LossInputs, TappedTerm, _check_choice
+
+FEATURE_KINDS = ("mse", "cosine")
+
+
+def _rows(student: Tensor, teacher: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    if student.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(f"student features {tuple(student.shape)} and teacher features {tuple(teacher.shape)} "
+                         "must agree on every dim but the last")
+    if student.shape[-1] != teacher.shape[-1]:
+        raise ValueError(f"student width {student.shape[-1]} != teacher width {teacher.shape[-1]}; "
+                         "project the student first")
+    if mask is None:
+        return student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+    if mask.shape != student.shape[:-1]:
+        raise ValueError(f"mask {tuple(mask.shape)} does not match the features' leading dims {tuple(student.shape[:-1])}")
+    return student[mask], teacher[mask]
+
+
+def feature_mse(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error over kept rows and channels (`F.mse_loss` on the kept rows).
+
+    Args:
+        student: (..., D) student features (already projected to the teacher's width).
+        teacher: (..., D) teacher features (detached here).
+        mask: (...) bool, True = row counts; None = every row.
+    Returns:
+        Scalar mean over kept rows x D; 0 (attached) when no row is kept.
+    """
+    s, t = _rows(student, teacher, mask)
+    if s.shape[0] == 0:
+        return s.sum()
+    return F.mse_loss(s.float(), t.detach().float())
+
+
+def feature_cosine(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
+    """1 - cosine similarity per row, averaged over kept rows; invariant to each row's scale.
+
+    Args:
+        student: (..., D) student features (already projected to the teacher's width).
+        teacher: (..., D) teacher features (detached here).
+        mask: (...) bool, True = row counts; None = every row.
+    Returns:
+        Scalar in [0, 2]; 0 (attached) when no row is kept.
+    """
+    s, t = _rows(student, teacher, mask)
+    if s.shape[0] == 0:
+        return s.sum()
+    return (1 - F.cosine_similarity(s.float(), t.detach().float(), dim=-1)).mean()
+
+
+class FeatureTerm(TappedTerm):
+    """Match student features to the teacher's at tapped modules, pair by pair.
+
+    Args:
+        kind: "mse" or "cosine" (1 - cos per row).
+        student, teacher, layers, projector: see `TappedTerm`.
+        mask: which rows count when the tapped tensor is (B, L, D) over the token sequence:
+            answer | image | all | answer+image (see `LossInputs.position_mask`), or "none"
+            for every row (e.g. vision-tower tokens, which are not sequence positions).
+    """
+
+    uses_projector = True
+
+    def __init__(self, kind: str, student: str | None = None, teacher: str | None = None, layers=None,
+                 projector: str = "auto", mask: str = "none") -> None:
+        super().__init__(student, teacher, layers, projector)
+        _check_choice("feature loss", kind, FEATURE_KINDS)
+        _check_choice("mask", mask, FEATURE_MASKS)
+        self.kind = kind
+        self.mask = mask
+
+    def compare(self, index: int, student: Tensor, teacher: Tensor, inputs: LossInputs) -> Tensor:
+        mask = None
+        if self.mask != "none":
+            mask = inputs.position_mask(self.mask)  # (B, L)
+            if student.shape[:2] != mask.shape:
+                raise ValueError(f"feature tap {self.pairs[index][0]} gives {tuple(student.shape)}, which is not "
+                                 f"over the {tuple(mask.shape)} token sequence; use mask: none")
+        fn = feature_mse if self.kind == "mse" else feature_cosine
+        return fn(self.project(index, student), teacher, mask)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, pairs={self.pairs}, mask={self.mask!r}"

@@ -7,7 +7,6 @@ tapped (student, teacher) pairs from `LossInputs` (see `losses/combine.py` Tappe
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -1,15 +1,15 @@
 """A frozen Hugging Face VLM teacher: any `AutoModelForImageTextToText` checkpoint.
 
 `workbench/build.py` creates an `HFVLMTeacher` from `teacher.*` config keys; `DistillModule`
-calls it under no_grad and hands its `TeacherOutput` (logits plus the feature taps the loss
-terms asked for) to the losses. Optional 8-bit / NF4 loading goes through bitsandbytes and
-quantizes only the text decoder.
+calls it under no_grad and hands its `TeacherOutput` (logits) to the losses; feature taps
+(`workbench/taps.py`) read what loss terms need from inside `HFVLMTeacher.model`. Optional
+8-bit / NF4 loading goes through bitsandbytes and quantizes only the text decoder.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,18 +33,12 @@ class TeacherOutput:
     """What a teacher forward returns.
 
     Attributes:
-        logits: (B, L, V) float32 next-token logits.
-        hidden_states: requested layer index -> (B, L, D) hidden state; keys are the indices
-            as requested (negative ones count from the end; 0 = token embeddings).
-        attentions: per decoder layer (B, H, L, L) attention probabilities, or None.
-        vision_features: the image features fed to the language model, or None (see
-            `HFVLMTeacher.forward`).
+        logits: (B, L, V) float32 next-token logits. Features inside the teacher (hidden
+            states, attention queries/keys, vision features) are read by feature taps on
+            `HFVLMTeacher.model` (`workbench/taps.py`), not returned here.
     """
 
     logits: Tensor
-    hidden_states: dict[int, Tensor] = field(default_factory=dict)
-    attentions: tuple[Tensor, ...] | None = None
-    vision_features: Tensor | None = None
 
 
 class HFVLMTeacher(nn.Module):
@@ -129,92 +123,25 @@ class HFVLMTeacher(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         pixel_values: Tensor | None = None,
-        *,
-        hidden_layers: tuple[int, ...] = (),
-        attentions: bool = False,
-        vision_features: bool = False,
         **extra,
     ) -> TeacherOutput:
-        """Run the teacher once and collect the requested feature taps.
+        """Run the teacher once.
 
         Args:
             input_ids: (B, L) token ids with image placeholders already expanded.
             attention_mask: (B, L) 1 for real tokens.
             pixel_values: images as the processor made them, e.g. (B, 3, H, W).
-            hidden_layers: indices into the model's hidden states (0 = token embeddings,
-                i = output of decoder layer i, negatives count from the end).
-            attentions: return attention probabilities. They only exist with eager
-                attention, so the first such call switches the model to eager attention
-                for good (slower and more memory than SDPA).
-            vision_features: return the image features fed to the language model,
-                (B, n_image_tokens, D): the model's `image_hidden_states` when it returns
-                them (LLaVA, Idefics3, PaliGemma, ...), else the language model's input
-                embeddings at image-token positions (Qwen2-VL). Every sample must hold the
-                same number of image tokens.
             **extra: other model inputs (e.g. `image_grid_thw`, `mm_token_type_ids`); keys
                 that are not inputs of the model's forward (and `labels`) are ignored.
 
         Returns:
-            TeacherOutput with (B, L, V) float32 logits and the requested taps.
+            TeacherOutput with (B, L, V) float32 logits.
         """
-        if attentions and self.model.config._attn_implementation != "eager":
-            self.model.set_attn_implementation("eager")
         inputs = {k: v for k, v in extra.items() if k in self._input_names}
         if pixel_values is not None:
             inputs["pixel_values"] = pixel_values
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            output_hidden_states=bool(hidden_layers) or vision_features,
-            output_attentions=attentions,
-            use_cache=False,
-            return_dict=True,
-            **inputs,
-        )
-        return TeacherOutput(
-            logits=out.logits.float(),  # (B, L, V)
-            hidden_states={i: _layer(out.hidden_states, i) for i in hidden_layers},
-            attentions=out.attentions if attentions else None,
-            vision_features=self._vision_features(out, input_ids) if vision_features else None,
-        )
-
-    def _vision_features(self, out, input_ids: Tensor) -> Tensor:
-        if self.image_token_id is None:
-            raise WorkbenchError(f"teacher {self.path}: its config names no image token; vision features need one")
-        image_mask = input_ids == self.image_token_id  # (B, L)
-        features = getattr(out, "image_hidden_states", None)
-        if features is None:
-            features = out.hidden_states[0][image_mask]  # (N, D), what the LM reads at image tokens
-        return image_features_per_sample(features.reshape(-1, features.shape[-1]), image_mask)
-
-
-def image_features_per_sample(features: Tensor, image_mask: Tensor) -> Tensor:
-    """Split image features, concatenated over the batch, back into samples.
-
-    Args:
-        features: (N, D) features in the order of the image tokens (batch, then sequence).
-        image_mask: (B, L) True at image tokens; N = image_mask.sum().
-
-    Returns:
-        (B, n, D) with n image tokens per sample.
-    """
-    counts = image_mask.sum(1)  # (B,)
-    if (counts != counts[0]).any():
-        raise WorkbenchError(
-            f"vision features need the same number of image tokens in every sample, got {counts.tolist()}; "
-            "give every sample one image of the same size"
-        )
-    return features.view(image_mask.shape[0], int(counts[0]), features.shape[-1])  # (B, n, D)
-
-
-def _layer(hidden_states: tuple[Tensor, ...], index: int) -> Tensor:
-    n = len(hidden_states)
-    if not -n <= index < n:
-        raise WorkbenchError(
-            f"teacher hidden layer {index} is out of range: the teacher has {n} hidden states "
-            f"(0 = embeddings .. {n - 1}, or -{n} .. -1)"
-        )
-    return hidden_states[index]
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True, **inputs)
+        return TeacherOutput(logits=out.logits.float())  # (B, L, V)
 
 
 # ---- loading -------------------------------------------------------------------------------

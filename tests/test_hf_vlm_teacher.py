@@ -2,7 +2,6 @@
 taps, 8-bit / NF4 loading through bitsandbytes on CPU, and the user-facing load errors."""
 
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -58,7 +57,6 @@ def test_logits_match_transformers(teacher, hf_model, batch, inputs):
     assert isinstance(out, TeacherOutput)
     assert out.logits.dtype == torch.float32 and out.logits.shape == (*batch["input_ids"].shape, teacher.vocab_size)
     torch.testing.assert_close(out.logits, hf_forward(hf_model, inputs).logits)
-    assert out.hidden_states == {} and out.attentions is None and out.vision_features is None
 
 
 def test_frozen_and_no_graph(teacher, inputs):
@@ -76,39 +74,15 @@ def test_properties(teacher, hf_model, processor):
     assert teacher.image_token_id == processor.image_token_id
 
 
-def test_hidden_states_match_transformers(teacher, hf_model, inputs):
-    out = teacher(**inputs, hidden_layers=(0, 1, -1))
+def test_taps_on_the_wrapped_model_read_its_hidden_states(teacher, hf_model, inputs):
+    from workbench.taps import FeatureTaps, TapPoint
+
+    points = [TapPoint("model.language_model.layers.0"), TapPoint("model.language_model.layers.1")]
+    with FeatureTaps(teacher.model, points, "teacher").capture() as found:
+        teacher(**inputs)
     ref = hf_forward(hf_model, inputs, output_hidden_states=True).hidden_states  # 0 = embeddings
-    assert sorted(out.hidden_states) == [-1, 0, 1]
-    for i in (0, 1, -1):
-        torch.testing.assert_close(out.hidden_states[i], ref[i])
-    with pytest.raises(WorkbenchError, match="hidden layer 7"):
-        teacher(**inputs, hidden_layers=(7,))
-
-
-def test_attentions_switch_to_eager(tiny_vlm_dir, hf_model, inputs):
-    teacher = HFVLMTeacher(str(tiny_vlm_dir))  # its own copy: the switch to eager sticks
-    out = teacher(**inputs, attentions=True)
-    B, L = inputs["input_ids"].shape
-    text = hf_model.config.text_config
-    assert teacher.model.config._attn_implementation == "eager"
-    assert len(out.attentions) == text.num_hidden_layers
-    for attn in out.attentions:
-        assert attn.shape == (B, text.num_attention_heads, L, L)
-        torch.testing.assert_close(attn.sum(-1), torch.ones(B, text.num_attention_heads, L))
-    torch.testing.assert_close(out.logits, hf_forward(hf_model, inputs).logits, atol=1e-5, rtol=1e-4)
-
-
-def test_vision_features_are_what_the_lm_reads(teacher, hf_model, batch, inputs):
-    out = teacher(**inputs, vision_features=True)
-    image_mask = batch["image_mask"]
-    n_image = int(image_mask[0].sum())
-    assert out.vision_features.shape == (len(image_mask), n_image, hf_model.config.text_config.hidden_size)
-    embeddings = hf_forward(hf_model, inputs, output_hidden_states=True).hidden_states[0]  # (B, L, D)
-    torch.testing.assert_close(out.vision_features.flatten(0, 1), embeddings[image_mask])
-    # models without `image_hidden_states` (Qwen2-VL) fall back to those embeddings
-    fallback = teacher._vision_features(SimpleNamespace(hidden_states=(embeddings,)), inputs["input_ids"])
-    torch.testing.assert_close(fallback, out.vision_features)
+    torch.testing.assert_close(found[points[0]], ref[1])
+    assert found[points[1]].grad_fn is None  # captured under the teacher's no_grad
 
 
 def test_default_skip_list_keeps_vision_side_unquantized(teacher):

@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_STUDENT
 from test_run import tiny
 from workbench.cli import main
 

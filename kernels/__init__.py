@@ -7,6 +7,7 @@ forces a path. `backend()` tells which path is active; `workbench doctor` prints
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 
 BACKENDS = ("auto", "ref", "triton")
@@ -29,3 +30,28 @@ def backend() -> str:
 
     has_triton = importlib.util.find_spec("triton") is not None
     return "triton" if torch.cuda.is_available() and has_triton else "ref"
+
+
+_log = logging.getLogger("kernels")
+_announced: set[tuple[str, str]] = set()
+
+
+def use_triton(op: str, tensor) -> bool:
+    """Whether `op` runs its Triton path on tensors like `tensor`; the choice is logged once per op.
+
+    Triton when `backend()` says so and the tensor is on CUDA. With CUDA present but CPU
+    tensors, "auto" falls back to torch; a forced `WB_KERNELS=triton` on CPU tensors runs in
+    Triton's interpreter, which must be on (`TRITON_INTERPRET=1` before triton is imported),
+    else it is an error rather than a crash inside the Triton runtime.
+    """
+    triton = backend() == "triton" and (tensor.is_cuda or requested_backend() == "triton")
+    if triton and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"{op}: WB_KERNELS=triton with CPU tensors needs TRITON_INTERPRET=1 (set before triton is "
+            "imported); use WB_KERNELS=ref or auto for the torch path, or move the tensors to CUDA"
+        )
+    path = "triton" if triton else "torch (ref)"
+    if (op, path) not in _announced:
+        _announced.add((op, path))
+        _log.info("%s: using the %s path", op, path)
+    return triton

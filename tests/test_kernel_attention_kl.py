@@ -9,6 +9,7 @@ import pytest
 import torch
 from kernel_utils import assert_close_verbose
 
+import kernels
 import kernels.attention_kl as akl_pkg
 import kernels.attention_kl.triton as akl_triton
 from kernels.attention_kl import attention_kl
@@ -230,7 +231,7 @@ def spies(monkeypatch):
 
     monkeypatch.setattr(akl_pkg, "attention_kl_ref", spy("ref", attention_kl_ref))
     monkeypatch.setattr(akl_triton, "attention_kl_triton", spy("triton", attention_kl_triton))
-    monkeypatch.setattr(akl_pkg, "_logged", set())
+    monkeypatch.setattr(kernels, "_announced", set())
     return calls
 
 

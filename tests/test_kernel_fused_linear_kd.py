@@ -13,7 +13,7 @@ import pytest
 import torch
 from kernel_utils import assert_close_verbose
 
-import kernels.fused_linear_kd as dispatch
+import kernels
 from kernels.fused_linear_kd import fused_linear_kd
 from kernels.fused_linear_kd.ref import fused_linear_kd_naive, fused_linear_kd_ref
 from kernels.fused_linear_kd.triton import fused_linear_kd_triton
@@ -287,12 +287,12 @@ def test_default_chunk_size_is_one_chunk_for_a_small_vocabulary():
 
 @pytest.fixture
 def fresh_announcements(monkeypatch, caplog):
-    monkeypatch.setattr(dispatch, "_announced", set())
+    monkeypatch.setattr(kernels, "_announced", set())
     caplog.set_level(logging.INFO, logger="kernels")
     return caplog
 
 
-@pytest.mark.parametrize(("setting", "path"), [("ref", "ref"), ("auto", "ref"), ("triton", "triton")])
+@pytest.mark.parametrize(("setting", "path"), [("ref", "torch (ref)"), ("auto", "torch (ref)"), ("triton", "triton")])
 def test_dispatch_follows_wb_kernels(monkeypatch, fresh_announcements, setting, path):
     monkeypatch.setenv("WB_KERNELS", setting)
     leaves, kwargs = make_case(torch.float32)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from kernel_utils import assert_close_verbose
 
+import kernels
 import kernels.relation_loss as relation_pkg
 import kernels.relation_loss.triton as relation_triton
 from kernels.relation_loss import relation_loss
@@ -162,7 +163,7 @@ def spies(monkeypatch):
 
     monkeypatch.setattr(relation_pkg, "relation_loss_ref", spy("ref", relation_loss_ref))
     monkeypatch.setattr(relation_triton, "relation_loss_triton", spy("triton", relation_loss_triton))
-    monkeypatch.setattr(relation_pkg, "_logged", set())
+    monkeypatch.setattr(kernels, "_announced", set())
     return calls
 
 

@@ -73,8 +73,8 @@ def _kd_temperature(cfg) -> float:
         raise WorkbenchError(
             f"a teacher cache holds one temperature, but the loss terms use {sorted(temps)}; use one value"
         )
-    masks = {t.mask for t in cfg.loss.values() if t.type != "ce" and t.weight}
-    if masks - {"answer"}:
+    masks = {t.mask for t in cfg.loss.values() if t.type in ("forward_kl", "reverse_kl", "jsd", "tvd") and t.weight}
+    if masks - {None, "answer"}:  # None: the divergences' default, answer
         raise WorkbenchError("a teacher cache holds answer positions only; set the divergence terms' mask to answer")
     return temps.pop() if temps else 1.0
 

@@ -7,9 +7,6 @@ Dispatch: `kernels.backend()` == "triton" -> `triton.py`, else the torch path in
 
 from __future__ import annotations
 
-import logging
-import os
-
 from torch import Tensor
 
 import kernels
@@ -17,25 +14,6 @@ import kernels
 from .ref import attention_kl_naive, attention_kl_ref
 
 __all__ = ["attention_kl", "attention_kl_naive", "attention_kl_ref"]
-
-logger = logging.getLogger("kernels")
-_logged: set[str] = set()
-
-
-def _log_once(path: str) -> None:
-    if path not in _logged:
-        _logged.add(path)
-        logger.info("attention_kl: using the %s path", path)
-
-
-def _check_triton_device(*tensors: Tensor) -> None:
-    # Triton launches on CPU tensors crash deep inside the runtime unless the interpreter is on.
-    on_cpu = any(not t.is_cuda for t in tensors)
-    if on_cpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError(
-            "attention_kl: WB_KERNELS=triton with CPU tensors needs TRITON_INTERPRET=1 (set before "
-            "triton is imported); use WB_KERNELS=ref or auto for the torch path"
-        )
 
 
 def attention_kl(
@@ -71,11 +49,8 @@ def attention_kl(
         RuntimeError: WB_KERNELS=triton with CPU tensors and TRITON_INTERPRET unset.
     """
     options = dict(scale_s=scale_s, scale_t=scale_t, causal=causal, key_mask=key_mask, query_mask=query_mask, kind=kind)
-    if kernels.backend() == "triton":
-        _check_triton_device(q_s, k_s, q_t, k_t)
+    if kernels.use_triton("attention_kl", q_s):
         from .triton import attention_kl_triton
 
-        _log_once("triton")
         return attention_kl_triton(q_s, k_s, q_t, k_t, **options)
-    _log_once("torch (ref)")
     return attention_kl_ref(q_s, k_s, q_t, k_t, **options)

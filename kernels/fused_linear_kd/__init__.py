@@ -6,41 +6,12 @@
 
 from __future__ import annotations
 
-import logging
-import os
-
 from torch import Tensor
 
 import kernels
 from kernels.fused_linear_kd.ref import fused_linear_kd_naive, fused_linear_kd_ref
 
 __all__ = ["fused_linear_kd", "fused_linear_kd_naive", "fused_linear_kd_ref"]
-
-log = logging.getLogger("kernels")
-_announced: set[str] = set()
-
-
-def _announce(path: str) -> None:
-    if path not in _announced:
-        _announced.add(path)
-        log.info("fused_linear_kd: using the %s path", path)
-
-
-def _use_triton(hidden: Tensor) -> bool:
-    """Triton when the backend says so and it can run here; a forced Triton on CPU needs the interpreter."""
-    if kernels.backend() != "triton":
-        return False
-    if hidden.device.type != "cpu":
-        return True
-    if kernels.requested_backend() == "auto":
-        return False  # CUDA is present but these tensors live on the CPU
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            "WB_KERNELS=triton forces the Triton path, but the tensors are on the CPU and "
-            "TRITON_INTERPRET=1 is not set (it must be set before triton is imported); "
-            "use WB_KERNELS=ref or auto on CPU, or move the tensors to CUDA"
-        )
-    return True
 
 
 def fused_linear_kd(
@@ -96,10 +67,8 @@ def fused_linear_kd(
         ignore_index=ignore_index, kind=kind, temperature=temperature, beta=beta, reduction=reduction,
         chunk_size=chunk_size,
     )
-    if _use_triton(hidden):
+    if kernels.use_triton("fused_linear_kd", hidden):
         from kernels.fused_linear_kd.triton import fused_linear_kd_triton
 
-        _announce("triton")
         return fused_linear_kd_triton(hidden, weight, teacher_logits, **kwargs)
-    _announce("ref")
     return fused_linear_kd_ref(hidden, weight, teacher_logits, **kwargs)

@@ -7,39 +7,12 @@ Neither path materialises the N x N Gram matrices.
 
 from __future__ import annotations
 
-import logging
-import os
-
 from torch import Tensor
 
-from kernels import backend, requested_backend
+import kernels
 from kernels.relation_loss.ref import relation_loss_naive, relation_loss_ref
 
 __all__ = ["relation_loss", "relation_loss_naive", "relation_loss_ref"]
-
-_log = logging.getLogger("kernels")
-_logged: set[str] = set()
-
-
-def _use_triton(x_s: Tensor) -> bool:
-    """Whether to run the Triton path for tensors like x_s (raises if forced where it cannot run)."""
-    if backend() != "triton":
-        return False
-    if x_s.is_cuda:
-        return True
-    if requested_backend() == "triton":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("relation_loss: WB_KERNELS=triton but the tensors are on the CPU; set "
-                               "TRITON_INTERPRET=1 before triton is imported to run the kernels in Triton's "
-                               "interpreter, or WB_KERNELS=ref for the torch path")
-        return True
-    return False  # "auto" on a CUDA machine, CPU tensors: the torch path
-
-
-def _log_once(path: str) -> None:
-    if path not in _logged:
-        _logged.add(path)
-        _log.info("relation_loss: using the %s path", path)
 
 
 def relation_loss(x_s: Tensor, x_t: Tensor, *, kind: str = "cosine", mask: Tensor | None = None) -> Tensor:
@@ -63,10 +36,8 @@ def relation_loss(x_s: Tensor, x_t: Tensor, *, kind: str = "cosine", mask: Tenso
     Raises:
         ValueError: shapes, dtypes or devices that do not fit, naming the tensors.
     """
-    if _use_triton(x_s):
+    if kernels.use_triton("relation_loss", x_s):
         from kernels.relation_loss.triton import relation_loss_triton
 
-        _log_once("triton")
         return relation_loss_triton(x_s, x_t, kind=kind, mask=mask)
-    _log_once("torch (tiled ref)")
     return relation_loss_ref(x_s, x_t, kind=kind, mask=mask)

@@ -279,7 +279,17 @@ def _check_sparse_target(student_logits: Tensor, topk_ids: Tensor, topk_logp: Te
     k = topk_ids.shape[1]
     if not 0 < k <= vocab:
         raise ValueError(f"top-k size K = {k} must be in [1, V = {vocab}]")
-    if n == 0:
+    check_topk_ids(topk_ids, vocab)
+
+
+def check_topk_ids(topk_ids: Tensor, vocab: int) -> None:
+    """Every id lies in [0, V) and the K ids of a row are distinct.
+
+    Args:
+        topk_ids: (N, K) integer ids (only the rows that are used).
+        vocab: V.
+    """
+    if topk_ids.numel() == 0:
         return
     low, high = topk_ids.min().item(), topk_ids.max().item()
     if low < 0 or high >= vocab:

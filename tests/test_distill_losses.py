@@ -234,3 +234,42 @@ def test_fused_sparse_cache_path_equals_materialised_logits():
     fused = LossInputs(student_logits=None, student_hidden=hidden, student_head=head, labels=dense.labels,
                        attention_mask=dense.attention_mask, image_mask=dense.image_mask, teacher_topk=dense.teacher_topk)
     torch.testing.assert_close(term(fused), expected, rtol=1e-5, atol=1e-6)
+
+
+# ---- tapped terms: how they read the features ------------------------------------------------
+
+
+def test_qkv_term_splits_a_fused_projection_or_reads_three_taps():
+    from losses.attention import QKVRelationTerm
+
+    q, k, v = (torch.randn(2, 9, 6) for _ in range(3))
+    qt, kt, vt = (torch.randn(2, 9, 4) for _ in range(3))
+    expected = qkv_relation((q, k, v), (qt, kt, vt), relation_heads=2)
+    fused = QKVRelationTerm(student="blocks.{i}.attn.qkv", relation_heads=2)
+    fused.bind([("blocks.0.attn.qkv", "blocks.3.attn.qkv")], [None])
+    inputs, _, _ = fake_inputs(student_features={"blocks.0.attn.qkv": torch.cat([q, k, v], -1)},
+                               teacher_features={"blocks.3.attn.qkv": torch.cat([qt, kt, vt], -1)})
+    torch.testing.assert_close(fused(inputs), expected)
+    split = QKVRelationTerm(student="layers.{i}.{p}_proj", relation_heads=2)
+    split.bind([("layers.1.{p}_proj", "layers.1.{p}_proj")], [None])
+    assert split.expand("layers.1.{p}_proj") == ["layers.1.q_proj", "layers.1.k_proj", "layers.1.v_proj"]
+    inputs.student_features = dict(zip(split.expand("layers.1.{p}_proj"), (q, k, v)))
+    inputs.teacher_features = dict(zip(split.expand("layers.1.{p}_proj"), (qt, kt, vt)))
+    torch.testing.assert_close(split(inputs), expected)
+
+
+def test_sequence_taps_are_split_into_images_and_masked():
+    from losses.relation import HiddenRelationTerm, RDistTapTerm
+
+    inputs, _, _ = fake_inputs()  # image tokens at positions 1..3 of both samples, L = 9
+    h_s, h_t = torch.randn(2, 9, 5), torch.randn(2, 9, 7)
+    term = RDistTapTerm(student="proj")
+    term.bind([("proj", "proj")], [None])
+    inputs.student_features, inputs.teacher_features = {"proj": h_s}, {"proj": h_t}
+    torch.testing.assert_close(term(inputs), rdist(h_s[:, 1:4], h_t[:, 1:4]))
+    hidden = HiddenRelationTerm(student="proj", mask="answer", scale=49.0)
+    hidden.bind([("proj", "proj")], [None])
+    answer = inputs.position_mask("answer")
+    expected = torch.stack([hidden_relation(h_s[b:b + 1, answer[b]], h_t[b:b + 1, answer[b]], scale=49.0)
+                            for b in range(2)]).mean()
+    torch.testing.assert_close(hidden(inputs), expected)

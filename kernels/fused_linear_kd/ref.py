@@ -15,7 +15,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from losses.logit import SPARSE_DIVERGENCES, _compute_dtype, forward_kl, jsd, reverse_kl, sparse_divergence, tvd
+from losses.logit import (
+    SPARSE_DIVERGENCES,
+    _compute_dtype,
+    check_topk_ids,
+    forward_kl,
+    jsd,
+    reverse_kl,
+    sparse_divergence,
+    tvd,
+)
 
 REDUCTIONS = ("mean", "sum")
 # Default chunk: rows whose float32 logits take about this many bytes.
@@ -140,23 +149,6 @@ def _check_teacher(
         raise ValueError(f"top-k size K = {topk_ids.shape[1]} (topk_ids {_shape(topk_ids)}) must be in [1, V = {vocab}]")
     if rest_logp is not None and _shape(rest_logp) != (n,):
         raise ValueError(f"rest_logp must be (N,) = ({n},), got rest_logp {_shape(rest_logp)}")
-
-
-def check_topk_ids(topk_ids: Tensor, vocab: int) -> None:
-    """Ids of the kept rows lie in [0, V) and are distinct within a row (ignored rows are not checked).
-
-    Args:
-        topk_ids: (M, K) ids of the kept rows only.
-        vocab: V.
-    """
-    if topk_ids.numel() == 0:
-        return
-    low, high = topk_ids.min().item(), topk_ids.max().item()
-    if low < 0 or high >= vocab:
-        raise ValueError(f"topk_ids must lie in [0, {vocab}) on kept rows, got values in [{low}, {high}]")
-    ids = topk_ids.sort(dim=-1).values  # (M, K)
-    if (ids[:, 1:] == ids[:, :-1]).any():
-        raise ValueError("topk_ids repeat an id within a kept row; a top-k target must list K distinct ids")
 
 
 def _dense_mean(logits: Tensor, teacher: Tensor, mask: Tensor | None, options: KDOptions) -> Tensor:

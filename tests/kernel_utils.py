@@ -66,3 +66,26 @@ def assert_close_verbose(
         f"{name}: {int(bad.sum())} / {bad.numel()} mismatches (atol={atol:g}, rtol={rtol:g}); "
         f"max abs error {max_abs:.3g}, max rel error {max_rel:.3g}; first: {examples}"
     )
+
+
+def spy_dispatch(monkeypatch, op: str) -> list[str]:
+    """Record which path `kernels.<op>.<op>` takes ("ref" or "triton"); the real functions still
+    run. Also forgets which paths were already announced, so the log line shows again."""
+    import importlib
+
+    import kernels
+
+    package = importlib.import_module(f"kernels.{op}")
+    triton_module = importlib.import_module(f"kernels.{op}.triton")
+    calls: list[str] = []
+
+    def spy(label, real):
+        def wrapped(*args, **kwargs):
+            calls.append(label)
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(package, f"{op}_ref", spy("ref", getattr(package, f"{op}_ref")))
+    monkeypatch.setattr(triton_module, f"{op}_triton", spy("triton", getattr(triton_module, f"{op}_triton")))
+    monkeypatch.setattr(kernels, "_announced", set())
+    return calls

@@ -7,11 +7,8 @@ import logging
 
 import pytest
 import torch
-from kernel_utils import assert_close_verbose
+from kernel_utils import assert_close_verbose, spy_dispatch
 
-import kernels
-import kernels.attention_kl as akl_pkg
-import kernels.attention_kl.triton as akl_triton
 from kernels.attention_kl import attention_kl
 from kernels.attention_kl.ref import attention_kl_naive, attention_kl_ref
 from kernels.attention_kl.triton import attention_kl_triton
@@ -221,18 +218,7 @@ def test_explicit_scales_and_teacher_gets_no_gradient(path):
 @pytest.fixture
 def spies(monkeypatch):
     """Record which path the public function takes (the real functions still run)."""
-    calls = []
-
-    def spy(name, real):
-        def wrapped(*args, **kwargs):
-            calls.append(name)
-            return real(*args, **kwargs)
-        return wrapped
-
-    monkeypatch.setattr(akl_pkg, "attention_kl_ref", spy("ref", attention_kl_ref))
-    monkeypatch.setattr(akl_triton, "attention_kl_triton", spy("triton", attention_kl_triton))
-    monkeypatch.setattr(kernels, "_announced", set())
-    return calls
+    return spy_dispatch(monkeypatch, "attention_kl")
 
 
 @pytest.mark.parametrize("setting, path", [("ref", "ref"), ("triton", "triton"), ("auto", "ref")])

@@ -6,11 +6,8 @@ import logging
 
 import pytest
 import torch
-from kernel_utils import assert_close_verbose
+from kernel_utils import assert_close_verbose, spy_dispatch
 
-import kernels
-import kernels.relation_loss as relation_pkg
-import kernels.relation_loss.triton as relation_triton
 from kernels.relation_loss import relation_loss
 from kernels.relation_loss.ref import relation_loss_naive, relation_loss_ref
 from kernels.relation_loss.triton import relation_loss_triton
@@ -153,18 +150,7 @@ def test_teacher_gets_no_gradient(path):
 @pytest.fixture
 def spies(monkeypatch):
     """Record which path the public function takes (the real functions still run)."""
-    calls = []
-
-    def spy(name, real):
-        def wrapped(*args, **kwargs):
-            calls.append(name)
-            return real(*args, **kwargs)
-        return wrapped
-
-    monkeypatch.setattr(relation_pkg, "relation_loss_ref", spy("ref", relation_loss_ref))
-    monkeypatch.setattr(relation_triton, "relation_loss_triton", spy("triton", relation_loss_triton))
-    monkeypatch.setattr(kernels, "_announced", set())
-    return calls
+    return spy_dispatch(monkeypatch, "relation_loss")
 
 
 @pytest.mark.parametrize("setting, path", [("ref", "ref"), ("triton", "triton"), ("auto", "ref")])

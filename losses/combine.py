@@ -39,7 +39,8 @@ class LossInputs:
         labels: (B, L) token ids on answer tokens, IGNORE_INDEX elsewhere.
         attention_mask: (B, L) 1 on real tokens, 0 on padding.
         image_mask: (B, L) bool, True on image-token positions.
-        teacher_logits: (B, L, V) teacher logits, or None when no term needs them.
+        teacher_logits: (B, L, V) teacher logits, or None when no term needs them; with
+            `teacher_keep`, only the rows at its True positions: (N_keep, V), row-major.
         teacher_topk: a cached sparse teacher instead of `teacher_logits`: (ids (M, K) integer,
             logp (M, K) float[, rest_logp (M,) float: log of the mass outside the top-k, when
             the cache stores it]) with one row per label, M = (labels != IGNORE_INDEX).sum(), in
@@ -52,6 +53,8 @@ class LossInputs:
         student_head: the student's LM head (an `nn.Linear`), with `student_hidden`.
         student_features, teacher_features: tap string (see `workbench/taps.py`) -> what the
             tap captured in this forward pass, for the feature, relation and attention terms.
+        teacher_keep: (B, L) bool, the positions whose teacher logits `teacher_logits` holds
+            (fused mode asks the teacher for those rows only), or None for all positions.
     """
 
     student_logits: Tensor | None
@@ -64,6 +67,7 @@ class LossInputs:
     student_head: nn.Module | None = None
     student_features: dict[str, Any] = field(default_factory=dict)
     teacher_features: dict[str, Any] = field(default_factory=dict)
+    teacher_keep: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.student_logits is None and (self.student_hidden is None or self.student_head is None):
@@ -128,7 +132,20 @@ class LossInputs:
     @property
     def shifted_teacher_logits(self) -> Tensor | None:
         """(B, L-1, V) teacher logits at prediction positions, or None."""
+        if self.teacher_keep is not None:
+            raise ValueError("the teacher logits hold selected rows only (teacher_keep); use teacher_logits_at")
         return None if self.teacher_logits is None else self.teacher_logits[:, :-1]
+
+    def teacher_logits_at(self, positions: Tensor) -> Tensor:
+        """(N, V) teacher logits at the True positions of a (B, L) mask, row-major."""
+        if self.teacher_logits is None:
+            raise ValueError("this term needs dense teacher logits, but LossInputs has none")
+        if self.teacher_keep is None:
+            return self.teacher_logits[positions]
+        if (positions & ~self.teacher_keep).any():
+            raise ValueError("a term reads teacher logits at positions the teacher was not asked for")
+        row = self.teacher_keep.flatten().long().cumsum(0) - 1  # (B * L,) row of each kept position
+        return self.teacher_logits[row[positions.flatten()]]
 
     @property
     def shifted_labels(self) -> Tensor:
@@ -233,19 +250,24 @@ class LogitDivergenceTerm(nn.Module):
 
     def forward(self, inputs: LossInputs) -> Tensor:
         """Returns the scalar per-token mean divergence over the positions of `self.mask`."""
-        teacher = inputs.shifted_teacher_logits
-        if teacher is None and inputs.teacher_topk is not None:
+        if inputs.teacher_logits is None and inputs.teacher_topk is not None:
             return self._sparse(inputs)
-        if teacher is None:
+        if inputs.teacher_logits is None:
             raise ValueError(
                 f"{self.divergence} term needs teacher_logits or teacher_topk, but LossInputs has neither"
             )
-        mask = inputs.token_mask(self.mask)  # (B, L-1)
         if inputs.fused:
-            return _fused(inputs.student_hidden[:, :-1][mask], inputs.student_head, teacher_logits=teacher[mask],
+            positions = inputs.position_mask(self.mask)  # (B, L): the prediction positions, unshifted
+            return _fused(inputs.student_hidden[positions], inputs.student_head,
+                          teacher_logits=inputs.teacher_logits_at(positions),
                           kind=self.divergence, temperature=self.temperature, beta=self.beta)
         extra = {"beta": self.beta} if self.divergence == "jsd" else {}
-        return DIVERGENCES[self.divergence](inputs.shifted_student_logits, teacher, mask, self.temperature, **extra)
+        return DIVERGENCES[self.divergence](inputs.shifted_student_logits, inputs.shifted_teacher_logits,
+                                            inputs.token_mask(self.mask), self.temperature, **extra)
+
+    def teacher_positions(self, inputs: LossInputs) -> Tensor:
+        """(B, L) bool: where this term reads teacher logits."""
+        return inputs.position_mask(self.mask)
 
     def _sparse(self, inputs: LossInputs) -> Tensor:
         if self.mask != "answer":
@@ -288,6 +310,9 @@ class MDistTerm(nn.Module):
         super().__init__()
         self.response = LogitDivergenceTerm(divergence, temperature, mask="answer")
         self.visual = LogitDivergenceTerm(divergence, temperature, mask="image")
+
+    def teacher_positions(self, inputs: LossInputs) -> Tensor:
+        return self.response.teacher_positions(inputs) | self.visual.teacher_positions(inputs)
 
     def forward(self, inputs: LossInputs) -> Tensor:
         return self.response(inputs) + self.visual(inputs)
@@ -370,6 +395,15 @@ class WeightedLoss(nn.Module):
     def needs_teacher(self) -> bool:
         """Whether any active term reads teacher logits (so the trainer must run the teacher)."""
         return any(term.needs_teacher for term in self.terms.values())
+
+    def teacher_logit_positions(self, inputs: LossInputs) -> Tensor:
+        """(B, L) bool: every position whose teacher logits an active term reads (fused mode
+        asks the teacher for these rows only)."""
+        keep = torch.zeros_like(inputs.image_mask, dtype=torch.bool)
+        for term in self.terms.values():
+            if hasattr(term, "teacher_positions"):
+                keep |= term.teacher_positions(inputs)
+        return keep
 
     def dense_teacher_terms(self) -> list[str]:
         """Active terms that need the teacher itself, not a top-k logit cache."""

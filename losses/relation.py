@@ -152,12 +152,15 @@ class RDistTerm(nn.Module):
     needs_teacher = True
     needs_dense_teacher = True  # image positions are not in a top-k cache
 
+    def teacher_positions(self, inputs: LossInputs) -> Tensor:
+        return inputs.image_mask.bool()
+
     def forward(self, inputs: LossInputs) -> Tensor:
         if inputs.teacher_logits is None:
             raise ValueError("rdist on logits needs dense teacher logits (a top-k cache has no image-position logits)")
         positions = inputs.image_mask.bool()  # (B, L)
         x_s, mask = image_groups(inputs.student_logits_at(positions), positions)  # (G, n, V)
-        x_t, _ = image_groups(inputs.teacher_logits[positions], positions)  # (G, n, V)
+        x_t, _ = image_groups(inputs.teacher_logits_at(positions), positions)  # (G, n, V)
         return rdist(x_s, x_t, mask)
 
 

@@ -218,6 +218,26 @@ def test_fused_path_equals_materialised_logits(make_term):
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
     for got, want in zip(torch.autograd.grad(value, [hidden, head.weight, head.bias]), grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    if not hasattr(term, "teacher_positions"):
+        return
+    # the teacher asked for the rows this term reads, and nothing else
+    keep = term.teacher_positions(dense)
+    assert 0 < int(keep.sum()) < keep.numel()
+    fused.teacher_logits, fused.teacher_keep = dense.teacher_logits[keep], keep
+    torch.testing.assert_close(term(fused), expected, rtol=1e-5, atol=1e-6)
+    fused.teacher_logits, fused.teacher_keep = dense.teacher_logits[keep & ~dense.image_mask], keep & ~dense.image_mask
+    with pytest.raises(ValueError, match="not asked for"):
+        term(fused)
+
+
+def test_teacher_rows_are_the_union_of_what_the_terms_read():
+    from losses.combine import WeightedLoss
+
+    dense, _, _ = fake_inputs()
+    loss = WeightedLoss({"ce": (1.0, CrossEntropyTerm()), "kd": (1.0, LogitDivergenceTerm("forward_kl")),
+                         "rdist": (1.0, RDistTerm())})
+    expected = dense.position_mask("answer") | dense.image_mask
+    assert torch.equal(loss.teacher_logit_positions(dense), expected)
 
 
 def test_fused_sparse_cache_path_equals_materialised_logits():

@@ -71,8 +71,9 @@ class DistillModule(pl.LightningModule):
     def _loss_inputs(self, batch: dict[str, Any], fused: bool = False) -> LossInputs:
         """Run student (and teacher) on a batch with the feature taps the loss reads.
 
-        With `fused`, the student computes no logits (`logits_to_keep` keeps none) and the logit
-        terms work from its final hidden states through `kernels.fused_linear_kd`.
+        With `fused`, the student computes no logits (`logits_to_keep` keeps none), the logit
+        terms work from its final hidden states through `kernels.fused_linear_kd`, and the
+        teacher returns logits only at the positions those terms read.
         """
         inputs = model_inputs(batch)
         extra = {"logits_to_keep": torch.zeros_like(batch["attention_mask"], dtype=torch.bool)} if fused else {}
@@ -80,18 +81,24 @@ class DistillModule(pl.LightningModule):
             student_logits = self.student(**inputs, **extra).logits
         student_features = {str(p): v for p, v in found.items()}
         hidden = student_features.pop(str(self._decoder_tap)) if self._decoder_tap is not None else None
-        teacher_logits, teacher_features = None, {}
+        loss_inputs = LossInputs(student_logits=None if fused else student_logits, labels=batch["labels"],
+                                 attention_mask=batch["attention_mask"], image_mask=batch["image_mask"],
+                                 teacher_topk=batch.get("teacher_topk"), student_hidden=hidden if fused else None,
+                                 student_head=self.student.get_output_embeddings() if fused else None,
+                                 student_features=student_features)
         if self.teacher is not None and self.loss.needs_teacher:
+            # fused: the teacher too computes logits only where a term reads them
+            keep = self.loss.teacher_logit_positions(loss_inputs) if fused else None
             with torch.no_grad(), contextlib.ExitStack() as stack:
                 found_t = stack.enter_context(self._teacher_taps.capture()) if self._teacher_taps else {}
-                teacher_logits = self.teacher(**inputs).logits
-            teacher_features = {str(p): v for p, v in found_t.items()}
-        return LossInputs(student_logits=None if fused else student_logits, labels=batch["labels"],
-                          attention_mask=batch["attention_mask"], image_mask=batch["image_mask"],
-                          teacher_logits=teacher_logits, teacher_topk=batch.get("teacher_topk"),
-                          student_hidden=hidden if fused else None,
-                          student_head=self.student.get_output_embeddings() if fused else None,
-                          student_features=student_features, teacher_features=teacher_features)
+                teacher_logits = self.teacher(**inputs, **({} if keep is None else {"logits_to_keep": keep})).logits
+            if keep is not None and teacher_logits.shape[0] != int(keep.sum()):
+                raise RuntimeError(f"the teacher returned logits of shape {tuple(teacher_logits.shape)} for "
+                                   f"{int(keep.sum())} kept positions: its forward ignores `logits_to_keep`; "
+                                   "set trainer.fused_logits=false")
+            loss_inputs.teacher_logits, loss_inputs.teacher_keep = teacher_logits, keep
+            loss_inputs.teacher_features = {str(p): v for p, v in found_t.items()}
+        return loss_inputs
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         total, terms = self.loss(self._loss_inputs(batch, fused=self.fused_logits))

@@ -344,13 +344,18 @@ class TappedTerm(nn.Module):
         super().__init__()
         if not student:
             raise ValueError(f"{type(self).__name__} needs a 'student' tap (a module path)")
-        self.student_template = student if ":" in student else f"{student}:{self.site}" if self.site != "output" else student
-        teacher = teacher or student
-        self.teacher_template = teacher if ":" in teacher else f"{teacher}:{self.site}" if self.site != "output" else teacher
+        self.student_template = self._with_site(student)
+        self.teacher_template = self._with_site(teacher or student)
         self.layers = layers
         self.projector_mode = projector
         self.pairs: list[tuple[str, str]] = []
         self.projectors = nn.ModuleList()
+
+    def _with_site(self, template: str) -> str:
+        """The template with this term's default site appended when it names none."""
+        if ":" in template or self.site == "output":
+            return template
+        return f"{template}:{self.site}"
 
     def bind(self, pairs: list[tuple[str, str]], projectors: list[nn.Module | None]) -> None:
         """Fix the (student tap, teacher tap) pairs and their projectors (None = identity)."""

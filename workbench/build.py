@@ -201,9 +201,9 @@ def _bound_pairs(name: str, term, student: nn.Module, teacher: nn.Module) -> lis
         if term.layers is not None:
             raise WorkbenchError(f"loss.{name}.layers is set but the tap templates have no {LAYER}")
         return [(s_tpl, t_tpl)]
-    path = lambda tpl: tpl.split(":")[0]  # noqa: E731
-    pairs = layer_pairs(num_layers(student, path(s_tpl), "student"), num_layers(teacher, path(t_tpl), "teacher"),
-                        term.layers if term.layers is not None else "uniform")
+    n_student = num_layers(student, TapPoint.parse(s_tpl).path, "student")
+    n_teacher = num_layers(teacher, TapPoint.parse(t_tpl).path, "teacher")
+    pairs = layer_pairs(n_student, n_teacher, term.layers if term.layers is not None else "uniform")
     return [(s_tpl.replace(LAYER, str(i)), t_tpl.replace(LAYER, str(j))) for i, j in pairs]
 
 

@@ -13,7 +13,7 @@ import itertools
 
 from torch import Tensor
 
-from losses.combine import FEATURE_MASKS, LossInputs, TappedTerm, _check_choice
+from losses.combine import FEATURE_MASKS, LossInputs, TappedTerm, _check_choice, align_tokens
 
 QKV = "{p}"  # placeholder for q / k / v in a Q/K/V relation tap template
 ATTENTION_KINDS = ("kl", "ce")
@@ -135,7 +135,7 @@ class AttentionKLTerm(TappedTerm):
 
     def compare(self, index: int, student, teacher, inputs: LossInputs) -> Tensor:
         key_mask = query_mask = None
-        if student.query.shape[2] == inputs.attention_mask.shape[1]:  # over the token sequence
+        if inputs.attention_mask is not None and student.query.shape[2] == inputs.attention_mask.shape[1]:
             key_mask = inputs.attention_mask.bool()
             query_mask = inputs.position_mask(self.mask) if self.mask != "none" else None
         return attention_map_kl(student.query, student.key, teacher.query, teacher.key,
@@ -150,7 +150,9 @@ class QKVRelationTerm(TappedTerm):
     Args:
         student, teacher: either a template with "{p}" for the three projections, e.g.
             "model.language_model.layers.{i}.self_attn.{p}_proj", or a fused qkv Linear whose
-            output is split in three along the width, e.g. timm's "blocks.{i}.attn.qkv".
+            output is split in three along the width, e.g. timm's "blocks.{i}.attn.qkv" (or a
+            Swin's "layers.*.blocks.{i}.attn.qkv", per window). Off the token sequence, a
+            teacher's extra leading (class) tokens are dropped (`align_tokens`).
         layers: layer mapping.
         relation_heads: A_r.
         mask: rows and keys that count on the token sequence; "none" = all.
@@ -183,8 +185,11 @@ class QKVRelationTerm(TappedTerm):
         values = []
         for s, t in self.pairs:
             qkv_s, qkv_t = self._qkv(s, inputs.student_features), self._qkv(t, inputs.teacher_features)
+            if not inputs.on_sequence(qkv_s[0]):
+                aligned = [align_tokens(a, b) for a, b in zip(qkv_s, qkv_t)]
+                qkv_s, qkv_t = tuple(a for a, _ in aligned), tuple(b for _, b in aligned)
             mask = None
-            if self.mask != "none" and qkv_s[0].shape[:2] == inputs.image_mask.shape:
+            if self.mask != "none" and inputs.on_sequence(qkv_s[0]):
                 mask = inputs.position_mask(self.mask)
             values.append(qkv_relation(qkv_s, qkv_t, relation_heads=self.relation_heads, mask=mask, kind=self.kind))
         return sum(values) / len(values)

@@ -1,6 +1,7 @@
-"""Named loss terms over one VLM batch, and their weighted sum.
+"""Named loss terms over one batch, and their weighted sum.
 
-`LossInputs` holds a batch's logits and masks and owns the next-token shift; each term turns
+`LossInputs` holds a batch's logits and masks and owns the next-token shift (or, for image
+classification, one row of class logits per sample); each term turns
 it into a scalar; `WeightedLoss` adds active terms and returns every value for logging.
 Divergences come from `losses/logit.py` by name, against dense teacher logits or a cached
 top-k teacher (`teachers/cache.py`).
@@ -14,13 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from losses.logit import cross_entropy, forward_kl, jsd, reverse_kl, sparse_divergence, tvd
+from losses.logit import cross_entropy, forward_kl, jsd, reverse_kl, soft_cross_entropy, sparse_divergence, tvd
 
 IGNORE_INDEX = -100
 
 TOKEN_MASKS = ("answer", "image", "all", "answer+image")
 FEATURE_MASKS = (*TOKEN_MASKS, "none")  # "none": every row of a tapped tensor (e.g. vision-tower tokens)
-DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "tvd": tvd}
+DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "tvd": tvd, "soft_ce": soft_cross_entropy}
+FUSED_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")  # also the ones a top-k cache serves
 
 
 def _check_choice(kind: str, value: str, valid: tuple[str, ...] | list[str]) -> None:
@@ -31,6 +33,9 @@ def _check_choice(kind: str, value: str, valid: tuple[str, ...] | list[str]) -> 
 @dataclass
 class LossInputs:
     """One batch as the loss terms see it; position t of the logits predicts token t + 1.
+
+    For image classification there is no token sequence: `student_logits` is (B, C),
+    `labels` is (B,) and `attention_mask` / `image_mask` are None (`classification` is True).
 
     Attributes:
         student_logits: (B, L, V) student logits, or None in fused mode, where the logit terms
@@ -59,8 +64,8 @@ class LossInputs:
 
     student_logits: Tensor | None
     labels: Tensor
-    attention_mask: Tensor
-    image_mask: Tensor
+    attention_mask: Tensor | None = None
+    image_mask: Tensor | None = None
     teacher_logits: Tensor | None = None
     teacher_topk: tuple[Tensor, ...] | None = None
     student_hidden: Tensor | None = None
@@ -70,6 +75,9 @@ class LossInputs:
     teacher_keep: Tensor | None = None
 
     def __post_init__(self) -> None:
+        if self.classification:
+            self._check_classification()
+            return
         if self.student_logits is None and (self.student_hidden is None or self.student_head is None):
             raise ValueError("LossInputs needs student_logits, or student_hidden and student_head (fused mode)")
         source = self.student_logits if self.student_logits is not None else self.student_hidden
@@ -83,6 +91,29 @@ class LossInputs:
                 )
         if self.teacher_topk is not None:
             self._check_teacher_topk()
+
+    @property
+    def classification(self) -> bool:
+        """One label per sample (image classification) instead of a token sequence."""
+        return self.image_mask is None
+
+    def _check_classification(self) -> None:
+        if self.student_logits is None or self.student_logits.dim() != 2:
+            raise ValueError("classification LossInputs need (B, C) student_logits (no fused mode)")
+        if self.labels.shape != self.student_logits.shape[:1]:
+            raise ValueError(f"labels have shape {tuple(self.labels.shape)}; expected ({self.student_logits.shape[0]},), "
+                             "one class per sample")
+        if self.attention_mask is not None or self.teacher_topk is not None:
+            raise ValueError("classification LossInputs take no attention_mask and no teacher_topk")
+
+    def on_sequence(self, x: Tensor) -> bool:
+        """Whether a tapped tensor is laid out over the batch's token sequence, (B, L, ...)."""
+        return self.image_mask is not None and tuple(x.shape[:2]) == tuple(self.image_mask.shape)
+
+    def _sequence(self) -> None:
+        if self.classification:
+            raise ValueError("token and position masks need a token sequence; an image-classification batch has "
+                             "none (use mask: none)")
 
     @property
     def fused(self) -> bool:
@@ -124,6 +155,7 @@ class LossInputs:
         set), as in `token_mask`; "image" when it holds an image token.
         """
         _check_choice("mask", which, FEATURE_MASKS)
+        self._sequence()
         if which == "none":
             return torch.ones_like(self.image_mask, dtype=torch.bool)
         mask = self.token_mask(which)  # (B, L-1)
@@ -181,6 +213,7 @@ class LossInputs:
             (B, L-1) bool mask over prediction positions.
         """
         _check_choice("token mask", which, TOKEN_MASKS)
+        self._sequence()
         answer = self.shifted_labels != IGNORE_INDEX  # (B, L-1)
         image = self.image_mask[:, :-1].bool()  # (B, L-1)
         if which == "answer":
@@ -200,13 +233,27 @@ def _fused(hidden_rows: Tensor, head: nn.Module, **target) -> Tensor:
 
 
 class CrossEntropyTerm(nn.Module):
-    """Next-token cross-entropy on answer tokens: the hard-label term."""
+    """Next-token cross-entropy on answer tokens (or on the class of each image): the hard-label term.
+
+    Args:
+        label_smoothing: epsilon of label smoothing (DeiT / MiniViT train with 0.1).
+    """
 
     needs_teacher = False
     needs_dense_teacher = False
 
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+
     def forward(self, inputs: LossInputs) -> Tensor:
-        """Returns the scalar per-answer-token mean cross-entropy."""
+        """Returns the scalar per-answer-token (per-image) mean cross-entropy."""
+        if inputs.classification:
+            return cross_entropy(inputs.student_logits, inputs.labels, label_smoothing=self.label_smoothing)
+        if self.label_smoothing and inputs.fused:
+            raise ValueError("label smoothing is not supported with trainer.fused_logits")
         mask = inputs.token_mask("answer")  # (B, L-1)
         if inputs.fused:
             # CE is the forward KL to a one-hot teacher: top-1 = the label, log p = 0, no rest mass
@@ -214,7 +261,8 @@ class CrossEntropyTerm(nn.Module):
             zeros = torch.zeros(targets.shape[0], 1, device=targets.device)
             return _fused(inputs.student_hidden[:, :-1][mask], inputs.student_head, topk_ids=targets[:, None],
                           topk_logp=zeros, rest_logp=torch.full_like(zeros[:, 0], float("-inf")))
-        return cross_entropy(inputs.shifted_student_logits, inputs.shifted_labels, mask)
+        return cross_entropy(inputs.shifted_student_logits, inputs.shifted_labels, mask,
+                             label_smoothing=self.label_smoothing)
 
 
 class LogitDivergenceTerm(nn.Module):
@@ -225,8 +273,11 @@ class LogitDivergenceTerm(nn.Module):
     In fused mode the same value comes from `kernels.fused_linear_kd`, which never holds
     more than a chunk of student logits.
 
+    On an image-classification batch every sample counts (one row of class logits each).
+
     Args:
-        divergence: "forward_kl", "reverse_kl", "jsd" or "tvd".
+        divergence: "forward_kl", "reverse_kl", "jsd", "tvd", or "soft_ce" (MiniViT's
+            prediction-logit loss: -sum p_T log p_S, no tau**2; dense teacher logits, unfused only).
         temperature: softmax temperature tau > 0 (the loss carries the tau**2 factor).
         mask: which prediction positions count; see `LossInputs.token_mask`.
         beta: teacher weight of the JSD mixture, in [0, 1]; used by "jsd" only.
@@ -246,7 +297,7 @@ class LogitDivergenceTerm(nn.Module):
         self.temperature = temperature
         self.mask = mask
         self.beta = beta
-        self.needs_dense_teacher = mask != "answer"  # a top-k cache covers answer tokens only
+        self.needs_dense_teacher = mask != "answer" or divergence not in FUSED_DIVERGENCES  # a top-k cache: answers only
 
     def forward(self, inputs: LossInputs) -> Tensor:
         """Returns the scalar per-token mean divergence over the positions of `self.mask`."""
@@ -256,12 +307,17 @@ class LogitDivergenceTerm(nn.Module):
             raise ValueError(
                 f"{self.divergence} term needs teacher_logits or teacher_topk, but LossInputs has neither"
             )
+        extra = {"beta": self.beta} if self.divergence == "jsd" else {}
+        if inputs.classification:
+            return DIVERGENCES[self.divergence](inputs.student_logits, inputs.teacher_logits, None, self.temperature,
+                                                **extra)
+        if inputs.fused and self.divergence not in FUSED_DIVERGENCES:
+            raise ValueError(f"{self.divergence} has no fused kernel; set trainer.fused_logits=false")
         if inputs.fused:
             positions = inputs.position_mask(self.mask)  # (B, L): the prediction positions, unshifted
             return _fused(inputs.student_hidden[positions], inputs.student_head,
                           teacher_logits=inputs.teacher_logits_at(positions),
                           kind=self.divergence, temperature=self.temperature, beta=self.beta)
-        extra = {"beta": self.beta} if self.divergence == "jsd" else {}
         return DIVERGENCES[self.divergence](inputs.shifted_student_logits, inputs.shifted_teacher_logits,
                                             inputs.token_mask(self.mask), self.temperature, **extra)
 
@@ -270,6 +326,8 @@ class LogitDivergenceTerm(nn.Module):
         return inputs.position_mask(self.mask)
 
     def _sparse(self, inputs: LossInputs) -> Tensor:
+        if self.divergence not in FUSED_DIVERGENCES:
+            raise ValueError(f"{self.divergence} needs dense teacher logits; a top-k teacher cache cannot serve it")
         if self.mask != "answer":
             raise ValueError(
                 f"{self.divergence} term with mask={self.mask!r} needs dense teacher_logits; a cached top-k "
@@ -316,6 +374,17 @@ class MDistTerm(nn.Module):
 
     def forward(self, inputs: LossInputs) -> Tensor:
         return self.response(inputs) + self.visual(inputs)
+
+
+def align_tokens(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, N, ...) taps of different token counts -> the shorter count, dropping the longer's
+    leading tokens: the class / register tokens timm ViTs put before the patches (a DeiT
+    teacher has 1 + N tokens, a Mini-DeiT student N)."""
+    n_s, n_t = student.shape[1], teacher.shape[1]
+    if n_s == n_t or student.dim() < 3:
+        return student, teacher
+    n = min(n_s, n_t)
+    return student[:, n_s - n:], teacher[:, n_t - n:]
 
 
 class TappedTerm(nn.Module):
@@ -404,6 +473,7 @@ class WeightedLoss(nn.Module):
     def teacher_logit_positions(self, inputs: LossInputs) -> Tensor:
         """(B, L) bool: every position whose teacher logits an active term reads (fused mode
         asks the teacher for these rows only)."""
+        inputs._sequence()
         keep = torch.zeros_like(inputs.image_mask, dtype=torch.bool)
         for term in self.terms.values():
             if hasattr(term, "teacher_positions"):

@@ -228,7 +228,8 @@ def tvd(
     return _divergence_loss(_tvd_rows, student_logits, teacher_logits, mask, temperature)
 
 
-def cross_entropy(student_logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
+def cross_entropy(student_logits: Tensor, targets: Tensor, mask: Tensor | None = None,
+                  label_smoothing: float = 0.0) -> Tensor:
     """Token cross-entropy against integer targets, averaged over kept tokens (no temperature).
 
     Positions to skip must be removed with `mask`: every kept target must be a valid class id
@@ -238,6 +239,8 @@ def cross_entropy(student_logits: Tensor, targets: Tensor, mask: Tensor | None =
         student_logits: (..., V) student logits; any leading dims.
         targets: (...) integer class ids.
         mask: (...) bool, True = token counts; None = all tokens.
+        label_smoothing: epsilon; the target is (1 - eps) one-hot + eps uniform, as in
+            `F.cross_entropy(label_smoothing=eps)`.
     Returns:
         Scalar per-token mean over kept tokens (0 when none is kept).
     """
@@ -255,7 +258,31 @@ def cross_entropy(student_logits: Tensor, targets: Tensor, mask: Tensor | None =
     # Written out rather than F.cross_entropy, which would silently zero a kept -100 target
     # while still counting it in the denominator; gather() instead fails on it.
     target_logit = logits.gather(-1, kept_targets.long()[:, None]).squeeze(-1)  # (N,)
-    return (torch.logsumexp(logits, dim=-1) - target_logit).mean()
+    lse = torch.logsumexp(logits, dim=-1)  # (N,)
+    nll = lse - target_logit
+    if label_smoothing:
+        nll = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(-1))
+    return nll.mean()
+
+
+def soft_cross_entropy(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0
+) -> Tensor:
+    """Soft-target cross-entropy -sum_v p_T log p_S at temperature tau, *without* tau**2.
+
+    MiniViT's (Mini-Swin) prediction-logit loss. It equals forward KL / tau**2 plus the
+    teacher's entropy, so its gradient is the forward KL's divided by tau**2.
+
+    Args:
+        student_logits, teacher_logits: (..., V); mask: (...) bool or None; temperature: tau.
+    Returns:
+        Scalar mean over kept rows (0 when none is kept).
+    """
+    def rows(log_p_s: Tensor, log_p_t: Tensor) -> Tensor:
+        p_t = log_p_t.exp()
+        return -torch.where(p_t > 0, p_t * log_p_s, torch.zeros_like(p_t)).sum(-1)  # 0 * log 0 = 0
+
+    return _divergence_loss(rows, student_logits, teacher_logits, mask, temperature) / temperature**2
 
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from losses.combine import FEATURE_MASKS, LossInputs, TappedTerm, _check_choice
+from losses.combine import FEATURE_MASKS, LossInputs, TappedTerm, _check_choice, align_tokens
 
 _PDIST_EPS = 1e-12
 
@@ -176,8 +176,8 @@ class RDistTapTerm(TappedTerm):
         super().__init__(student, teacher, layers, projector="none")
 
     def compare(self, index: int, student: Tensor, teacher: Tensor, inputs: LossInputs) -> Tensor:
-        positions = inputs.image_mask.bool()  # (B, L)
-        if student.shape[:2] == positions.shape:
+        if inputs.on_sequence(student):
+            positions = inputs.image_mask.bool()  # (B, L)
             x_s, mask = image_groups(student[positions], positions)
             x_t, _ = image_groups(teacher[positions], positions)
             return rdist(x_s, x_t, mask)
@@ -190,7 +190,7 @@ def _pool(x: Tensor, inputs: LossInputs, mask: str) -> Tensor:
         return x
     if x.dim() != 3:
         raise ValueError(f"rkd needs (B, D) or (B, N, D) features, got {tuple(x.shape)}")
-    if mask != "none" and x.shape[:2] == inputs.image_mask.shape:
+    if mask != "none" and inputs.on_sequence(x):
         keep = inputs.position_mask(mask).to(x.dtype)[..., None]  # (B, L, 1)
         return (x * keep).sum(1) / keep.sum(1).clamp(min=1)
     return x.mean(1)
@@ -237,6 +237,10 @@ class HiddenRelationTerm(TappedTerm):
 
     def compare(self, index: int, student: Tensor, teacher: Tensor, inputs: LossInputs) -> Tensor:
         mask = None
-        if self.mask != "none" and student.shape[:2] == inputs.image_mask.shape:
+        if self.mask != "none" and inputs.on_sequence(student):
             mask = inputs.position_mask(self.mask)
+        if student.dim() == 4:  # (B, H, W, C) maps, e.g. timm Swin blocks: all H * W tokens
+            student, teacher = student.flatten(1, 2), teacher.flatten(1, 2)
+        if mask is None:
+            student, teacher = align_tokens(student, teacher)  # e.g. a DeiT teacher's class token
         return hidden_relation(student, teacher, mask, self.scale)

@@ -73,15 +73,38 @@ def get_module(root: nn.Module, path: str, who: str = "model") -> nn.Module:
     return module
 
 
-def num_layers(root: nn.Module, template: str, who: str = "model") -> int:
-    """How many layers a template's `{i}` ranges over: the length of the container before it."""
+def layer_taps(root: nn.Module, template: str, who: str = "model") -> list[str]:
+    """The taps a template's `{i}` ranges over, in order: one per layer.
+
+    The path before `{i}` names a ModuleList / Sequential of layers; a `*` part before it
+    ranges over every child there, so nested stages flatten into one layer index
+    ("layers.*.blocks.{i}" numbers a Swin's blocks 0..23 across its four stages, as
+    MiniViT's layer lists do).
+    """
     if LAYER not in template:
         raise WorkbenchError(f"tap template {template!r} has no {LAYER} placeholder")
-    container = get_module(root, template.split(LAYER)[0].rstrip("."), who)
-    if not isinstance(container, (nn.ModuleList, nn.Sequential)):
-        raise WorkbenchError(f"tap template {template!r}: the module before {LAYER} is a "
-                             f"{type(container).__name__}, not a ModuleList of layers")
-    return len(container)
+    head, tail = template.split(LAYER, 1)
+    if "*" in tail:
+        raise WorkbenchError(f"tap template {template!r}: '*' may only come before {LAYER}")
+    prefixes = [""]
+    for part in filter(None, head.rstrip(".").split(".")):
+        if part == "*":
+            prefixes = [f"{p}{name}." for p in prefixes for name, _ in get_module(root, p.rstrip("."), who).named_children()]
+        else:
+            prefixes = [f"{p}{part}." for p in prefixes]
+    taps = []
+    for prefix in prefixes:
+        container = get_module(root, prefix.rstrip("."), who)
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+            raise WorkbenchError(f"tap template {template!r}: {prefix.rstrip('.') or 'the root'} is a "
+                                 f"{type(container).__name__}, not a ModuleList of layers")
+        taps += [f"{prefix}{name}{tail}" for name, _ in container.named_children()]
+    return taps
+
+
+def num_layers(root: nn.Module, template: str, who: str = "model") -> int:
+    """How many layers a template's `{i}` ranges over (see `layer_taps`)."""
+    return len(layer_taps(root, template, who))
 
 
 def layer_pairs(n_student: int, n_teacher: int, mapping: Any) -> list[tuple[int, int]]:

@@ -8,7 +8,8 @@ directory is created.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+import inspect
+from dataclasses import dataclass, field, fields
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -17,21 +18,22 @@ import torch
 from torch import nn
 
 from losses.combine import WeightedLoss
-from workbench.config import RunConfig
+from workbench.config import RunConfig, TeacherConfig
 from workbench.data import Splits, VLMCollator
+from workbench.data.vision import ImageCollator, ImageSplits
 from workbench.teacher_data import attach_teacher
 from workbench.errors import WorkbenchError
-from workbench.registry import DATASETS, LOSSES, STUDENTS, TEACHERS
-from workbench.taps import LAYER, TapPoint, layer_pairs, make_projector, num_layers, probe
+from workbench.registry import DATASETS, LOSSES, STUDENTS, TEACHERS, closest
+from workbench.taps import LAYER, TapPoint, layer_pairs, layer_taps, make_projector, probe
 
 
 @dataclass
 class Built:
     """Everything a run needs, built and cross-checked."""
 
-    splits: Splits
-    processor: Any
-    collator: VLMCollator
+    splits: Splits | ImageSplits
+    processor: Any  # None for image classification
+    collator: VLMCollator | ImageCollator
     student: nn.Module
     loss: WeightedLoss
     teacher: nn.Module | None = None
@@ -40,14 +42,34 @@ class Built:
     notes: dict[str, Any] = field(default_factory=dict)  # extra summary.json entries (data split, cache)
     eval_collator: Any = None  # held-out batches (default: `collator`; it differs when training reads a cache)
 
+    @property
+    def classification(self) -> bool:
+        """Image classification (timm models, class logits) rather than a VLM on conversations."""
+        return isinstance(self.splits, ImageSplits)
+
+
+_TEACHER_DATA_KEYS = ("type", "cache", "top_k")  # read by the workbench, not passed to the builder
+
 
 def build_teacher(cfg: RunConfig) -> nn.Module | None:
+    """The teacher `teacher.type` names, given the `teacher.*` keys its builder takes; a key
+    set to a non-default value that this type does not read is an error."""
     t = cfg.teacher
     if t is None:
         return None
     builder = TEACHERS.get(t.type, "teacher.type")
-    return builder(path=t.path, revision=t.revision, dtype=t.dtype, quantize=t.quantize,
-                   skip_modules=t.skip_modules, trust_remote_code=t.trust_remote_code)
+    takes = inspect.signature(builder).parameters
+    default = TeacherConfig(path=t.path)
+    args = {}
+    for f in fields(TeacherConfig):
+        value = getattr(t, f.name)
+        if f.name in _TEACHER_DATA_KEYS:
+            continue
+        if f.name in takes:
+            args[f.name] = value
+        elif value != getattr(default, f.name):
+            raise WorkbenchError(f"config key 'teacher.{f.name}' does not apply to teacher type {t.type!r}")
+    return builder(**args)
 
 
 def load_processor(path: str | Path, key: str):
@@ -201,10 +223,9 @@ def _bound_pairs(name: str, term, student: nn.Module, teacher: nn.Module) -> lis
         if term.layers is not None:
             raise WorkbenchError(f"loss.{name}.layers is set but the tap templates have no {LAYER}")
         return [(s_tpl, t_tpl)]
-    n_student = num_layers(student, TapPoint.parse(s_tpl).path, "student")
-    n_teacher = num_layers(teacher, TapPoint.parse(t_tpl).path, "teacher")
-    pairs = layer_pairs(n_student, n_teacher, term.layers if term.layers is not None else "uniform")
-    return [(s_tpl.replace(LAYER, str(i)), t_tpl.replace(LAYER, str(j))) for i, j in pairs]
+    s_taps, t_taps = layer_taps(student, s_tpl, "student"), layer_taps(teacher, t_tpl, "teacher")
+    pairs = layer_pairs(len(s_taps), len(t_taps), term.layers if term.layers is not None else "uniform")
+    return [(s_taps[i], t_taps[j]) for i, j in pairs]
 
 
 def bind_taps(built: Built) -> None:
@@ -243,10 +264,73 @@ def bind_taps(built: Built) -> None:
     built.notes["taps"] = {name: [list(p) for p in term.pairs] for name, term in terms.items()}
 
 
+def build_vision_student(cfg: RunConfig, splits: ImageSplits) -> nn.Module:
+    """A timm classifier for the data: `student.type` is any timm model name (the MiniViT
+    ones included), sized for the data's classes, channels and image side."""
+    import timm
+
+    import students
+
+    s = cfg.student
+    if s.path:
+        if s.kwargs:
+            raise WorkbenchError("config keys 'student.kwargs' and 'student.path' exclude each other")
+        return students.load(s.path)
+    import students.minivit  # noqa: F401 - registers the MiniViT models
+
+    if not timm.is_model(s.type):
+        raise WorkbenchError(f"config key 'student.type': {s.type!r} is not a timm model; image classification "
+                             f"students are timm names.{closest(s.type, timm.list_models())}")
+    try:
+        return students.create_vision_student(s.type, splits.num_classes, splits.image_size, splits.in_chans,
+                                              **s.kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise WorkbenchError(f"config key 'student.kwargs': cannot build {s.type}: {e}".splitlines()[0]) from None
+
+
+def build_vision(cfg: RunConfig, splits: ImageSplits) -> Built:
+    """Image classification: a timm student, an optional frozen timm teacher, class-logit and
+    tapped (Q/K/V relation, hidden relation, feature) terms."""
+    from students.minivit import init_from_dense
+
+    if cfg.trainer.fused_logits:
+        raise WorkbenchError("config key 'trainer.fused_logits' is for VLM vocabularies; class logits are small, "
+                             "set it to false")
+    if cfg.teacher is not None and cfg.teacher.cache is not None:
+        raise WorkbenchError("config key 'teacher.cache': teacher caches hold VLM answer tokens; unset it for "
+                             "image classification")
+    loss = build_loss(cfg, cfg.teacher is not None)
+    student = build_vision_student(cfg, splits)
+    teacher = build_teacher(cfg)
+    notes: dict[str, Any] = dict(splits.notes)
+    if teacher is not None and teacher.num_classes != splits.num_classes:
+        raise WorkbenchError(f"the teacher has {teacher.num_classes} classes but the data has {splits.num_classes}")
+    if cfg.init_from == "teacher":
+        if teacher is None:
+            raise WorkbenchError("config key 'init_from' is 'teacher' but 'teacher' is null")
+        try:
+            notes["init_from"] = {"path": str(cfg.teacher.path), **init_from_dense(student, teacher.model.state_dict())}
+        except ValueError as e:
+            raise WorkbenchError(f"config key 'init_from': {e}") from None
+    elif cfg.init_from:
+        notes["init_from"] = {"path": str(cfg.init_from), **init_student(student, cfg.init_from)}
+    if cfg.trainable:
+        apply_trainable(student, cfg.trainable)
+    built = Built(splits, None, ImageCollator(), student, loss, teacher, notes=notes)
+    if loss.tapped_terms():
+        bind_taps(built)
+    if len(splits.train) < cfg.data.batch_size:
+        raise WorkbenchError(f"data.batch_size={cfg.data.batch_size} is larger than the training set "
+                             f"({len(splits.train)} samples)")
+    return built
+
+
 def build(cfg: RunConfig) -> Built:
     """Config -> data, teacher, student, loss; raises `WorkbenchError` on any bad input."""
     torch.manual_seed(cfg.seed)
     splits = DATASETS.get(cfg.data.type, "data.type")(cfg.data)
+    if isinstance(splits, ImageSplits):
+        return build_vision(cfg, splits)
     processor = resolve_processor(cfg, splits)
     loss = build_loss(cfg, cfg.teacher is not None)
     student = build_student(cfg, processor)

@@ -144,7 +144,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--n-train", type=int, default=8000, help="training images")
     w.add_argument("--n-val", type=int, default=500, help="held-out images")
     w.add_argument("--seed", type=int, default=0)
-    w.add_argument("--n-classification", type=int, default=0, help="images per split of the classification set")
+    w.add_argument("--n-classification", type=int, default=0, help="training images of the classification set (val gets a fifth)")
     w.add_argument("--grid", type=int, default=3, choices=(2, 3), help="cells per side")
     w.add_argument("--questions-per-image", type=int, default=6, help="questions (turns) per image, at most 6")
     w.add_argument("--question-first", action="store_true", help="put the first question before the image")

@@ -22,10 +22,12 @@ from workbench.errors import WorkbenchError
 
 @dataclass
 class TeacherConfig:
-    """A frozen Hugging Face VLM (`AutoModelForImageTextToText`) loaded from a folder or hub id."""
+    """A frozen teacher: a Hugging Face VLM (`hf_vlm`) or a timm image classifier (`timm`)."""
 
-    type: str = "hf_vlm"  # registry key (workbench/registry.py TEACHERS)
-    path: str = MISSING
+    type: str = "hf_vlm"  # registry key (workbench/registry.py TEACHERS): hf_vlm | timm
+    path: str = MISSING  # folder or hub id; timm: also a checkpoint file (with `model`) or a timm model name
+    model: str | None = None  # timm: the architecture of a checkpoint file, e.g. deit_base_patch16_224
+    kwargs: dict[str, Any] = field(default_factory=dict)  # timm: create_model arguments (num_classes, ...)
     revision: str | None = None
     dtype: str = "float32"  # float32 | bfloat16 | float16
     quantize: str = "none"  # none | int8 | nf4 (bitsandbytes; vision tower, projector, lm_head kept)
@@ -63,6 +65,7 @@ class LossTermConfig:
     relation_heads: int = 1  # qkv_relation: A_r, heads the projections are re-split into
     kind: str | None = None  # attention_kl / qkv_relation: kl | ce
     scale: float = 1.0  # hidden_relation: factor on the mean squared Gram difference (MiniViT: 49)
+    label_smoothing: float = 0.0  # ce: epsilon of label smoothing
 
 
 @dataclass
@@ -76,14 +79,15 @@ class WindTunnelConfig:
     questions_per_image: int = 6  # one of each question type, in random order
     question_first: bool = False
     question_types: list[str] | None = None  # subset of count, color, shape, presence, position, cell (default all)
+    n_classification: int = 0  # training images of the classification set (windtunnel_classification)
 
 
 @dataclass
 class DataConfig:
     """Training and held-out conversations in LLaVA format."""
 
-    type: str = "llava"  # registry key: llava (files below) | windtunnel (generated under `root`)
-    train: str | None = None  # LLaVA-format JSON
+    type: str = "llava"  # registry key: llava | windtunnel | image_folder | digits | windtunnel_classification
+    train: str | None = None  # LLaVA-format JSON (image_folder: a folder of <class>/<image>)
     val: str | None = None
     image_folder: str | None = None  # image paths are relative to this (default: the JSON's folder)
     root: str = "data"  # where the wind tunnel is generated (one sub-folder per world)
@@ -99,6 +103,11 @@ class DataConfig:
     unlabeled: str = "auto"  # the other records: pseudo (teacher answers) | drop | auto (pseudo if a teacher)
     disagreement_only: bool = False  # pseudo-labelled records: train only where the student disagrees
     max_new_tokens: int = 32  # longest teacher answer when pseudo-labelling
+    # image classification (image_folder | digits | windtunnel_classification)
+    image_size: int | None = None  # side the images are resized to (default: 224 for folders, else native)
+    augment: bool = False  # timm's training transform (RandomResizedCrop + flip) on training images
+    auto_augment: str | None = None  # with augment: a timm policy, e.g. rand-m9-mstd0.5-inc1
+    val_fraction: float = 0.2  # digits: share held out (stratified by split_seed)
 
 
 @dataclass
@@ -352,6 +361,8 @@ def validate(cfg: RunConfig) -> None:
                              "(one question per type)")
     if cfg.optim.lr <= 0:
         raise WorkbenchError("config key 'optim.lr' must be > 0")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise WorkbenchError("config key 'data.val_fraction' must be in (0, 1)")
     if not 0.0 <= cfg.data.labeled_fraction <= 1.0:
         raise WorkbenchError("config key 'data.labeled_fraction' must be in [0, 1]")
     _choice("data.unlabeled", cfg.data.unlabeled)

@@ -54,6 +54,21 @@ def score_batch(logits: torch.Tensor, labels: torch.Tensor, tags: list[list[str]
     return out
 
 
+def score_classes(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """(correct, total) top-1 predictions of (B, C) class logits against (B,) labels, key "all"."""
+    return {"all": (int((logits.argmax(-1) == labels).sum()), int(labels.numel()))}
+
+
+def score_outputs(output, batch: dict) -> dict[str, tuple[int, int]]:
+    """Scores of one model output on its batch: answer accuracy for a VLM (`.logits` over the
+    sequence), top-1 accuracy for a classifier (a (B, C) tensor, or `.logits`)."""
+    logits = output if torch.is_tensor(output) else output.logits
+    labels = batch["labels"].to(logits.device)
+    if labels.dim() == 1:
+        return score_classes(logits, labels)
+    return score_batch(logits, labels, batch.get("qtypes"))
+
+
 def merge_scores(total: dict[str, tuple[int, int]], new: dict[str, tuple[int, int]]) -> None:
     for key, (c, n) in new.items():
         c0, n0 = total.get(key, (0, 0))

@@ -16,7 +16,7 @@ from torch import nn
 
 from losses.combine import LossInputs, WeightedLoss
 from workbench.config import OptimConfig
-from workbench.metrics import accuracies, merge_scores, score_batch
+from workbench.metrics import accuracies, merge_scores, score_outputs
 from workbench.optim import make_optimizer
 from workbench.taps import FeatureTaps, TapPoint
 
@@ -24,7 +24,10 @@ NON_MODEL_KEYS = ("labels", "image_mask", "ids", "qtypes", "teacher_topk")
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The keys of a collated batch that the model's forward takes."""
+    """The keys of a collated batch that the model's forward takes (timm classifiers take
+    the images as `x`)."""
+    if "input_ids" not in batch and "pixel_values" in batch:
+        return {"x": batch["pixel_values"]}
     return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
 
 
@@ -76,16 +79,7 @@ class DistillModule(pl.LightningModule):
         teacher returns logits only at the positions those terms read.
         """
         inputs = model_inputs(batch)
-        extra = {"logits_to_keep": torch.zeros_like(batch["attention_mask"], dtype=torch.bool)} if fused else {}
-        with self._student_taps.capture() as found:
-            student_logits = self.student(**inputs, **extra).logits
-        student_features = {str(p): v for p, v in found.items()}
-        hidden = student_features.pop(str(self._decoder_tap)) if self._decoder_tap is not None else None
-        loss_inputs = LossInputs(student_logits=None if fused else student_logits, labels=batch["labels"],
-                                 attention_mask=batch["attention_mask"], image_mask=batch["image_mask"],
-                                 teacher_topk=batch.get("teacher_topk"), student_hidden=hidden if fused else None,
-                                 student_head=self.student.get_output_embeddings() if fused else None,
-                                 student_features=student_features)
+        loss_inputs = self._student_pass(batch, inputs, fused)
         if self.teacher is not None and self.loss.needs_teacher:
             # fused: the teacher too computes logits only where a term reads them
             keep = self.loss.teacher_logit_positions(loss_inputs) if fused else None
@@ -100,9 +94,22 @@ class DistillModule(pl.LightningModule):
             loss_inputs.teacher_features = {str(p): v for p, v in found_t.items()}
         return loss_inputs
 
+    def _student_pass(self, batch: dict[str, Any], inputs: dict[str, Any], fused: bool) -> LossInputs:
+        """The student's forward with its taps, as `LossInputs` (no teacher yet)."""
+        extra = {"logits_to_keep": torch.zeros_like(batch["attention_mask"], dtype=torch.bool)} if fused else {}
+        with self._student_taps.capture() as found:
+            student_logits = self.student(**inputs, **extra).logits
+        student_features = {str(p): v for p, v in found.items()}
+        hidden = student_features.pop(str(self._decoder_tap)) if self._decoder_tap is not None else None
+        return LossInputs(student_logits=None if fused else student_logits, labels=batch["labels"],
+                          attention_mask=batch["attention_mask"], image_mask=batch["image_mask"],
+                          teacher_topk=batch.get("teacher_topk"), student_hidden=hidden if fused else None,
+                          student_head=self.student.get_output_embeddings() if fused else None,
+                          student_features=student_features)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         total, terms = self.loss(self._loss_inputs(batch, fused=self.fused_logits))
-        n = batch["input_ids"].shape[0]
+        n = batch["labels"].shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=n)
         for name, value in terms.items():
             self.log(f"train/{name}", value, batch_size=n)
@@ -113,9 +120,9 @@ class DistillModule(pl.LightningModule):
         inputs = self._loss_inputs(batch)
         if inputs.teacher_logits is not None or inputs.teacher_topk is not None or not self.loss.needs_teacher:
             total, _ = self.loss(inputs)
-            self.log("val/loss", total, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+            self.log("val/loss", total, batch_size=batch["labels"].shape[0], sync_dist=True)
         # else: the teacher signal comes from a training-set cache; held-out batches have none
-        merge_scores(self._val_scores, score_batch(inputs.student_logits, batch["labels"], batch["qtypes"]))
+        merge_scores(self._val_scores, score_outputs(inputs.student_logits, batch))
 
     def on_validation_epoch_end(self) -> None:
         keys = self.val_keys
@@ -151,3 +158,14 @@ class DistillModule(pl.LightningModule):
         optimizer, scheduler = make_optimizer(self, o.lr, o.weight_decay, o.betas, o.schedule,
                                               self.total_steps, o.warmup_steps, o.decay_fraction, o.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class VisionDistillModule(DistillModule):
+    """`DistillModule` for image classification: a timm student on `pixel_values`, class
+    logits (B, C) for the logit terms, top-1 accuracy as `val/acc`."""
+
+    def _student_pass(self, batch: dict[str, Any], inputs: dict[str, Any], fused: bool) -> LossInputs:
+        with self._student_taps.capture() as found:
+            logits = self.student(**inputs)  # (B, C)
+        return LossInputs(student_logits=logits, labels=batch["labels"],
+                          student_features={str(p): v for p, v in found.items()})

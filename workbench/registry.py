@@ -108,7 +108,7 @@ DATASETS = Registry("dataset")
 
 # loss type -> (term builder, the LossTermConfig fields it reads besides type and weight)
 _TERM_FIELDS = {
-    "ce": (),
+    "ce": ("label_smoothing",),
     "divergence": ("temperature", "mask", "beta"),
     "mdist": ("temperature",),
     "rdist": ("student", "teacher", "layers"),
@@ -150,15 +150,21 @@ def _register_builtins() -> None:
     from losses.relation import HiddenRelationTerm, RDistTapTerm, RDistTerm, RKDTerm
     from students.vlm import llava_from_parts, tiny_llava
     from teachers.hf_vlm import HFVLMTeacher
+    from teachers.timm_vit import TimmTeacher
     from workbench.data import llava_splits, windtunnel_splits
+    from workbench.data.vision import digits_splits, image_folder_splits, windtunnel_classification_splits
 
     STUDENTS.register("tiny_llava", tiny_llava)
     STUDENTS.register("llava_from_parts", llava_from_parts)
     TEACHERS.register("hf_vlm", HFVLMTeacher)
+    TEACHERS.register("timm", TimmTeacher)
     DATASETS.register("llava", llava_splits)
     DATASETS.register("windtunnel", windtunnel_splits)
+    DATASETS.register("image_folder", image_folder_splits)
+    DATASETS.register("digits", digits_splits)
+    DATASETS.register("windtunnel_classification", windtunnel_classification_splits)
     LOSSES.register("ce", _loss_builder("ce", CrossEntropyTerm))
-    for divergence in ("forward_kl", "reverse_kl", "jsd", "tvd"):
+    for divergence in ("forward_kl", "reverse_kl", "jsd", "tvd", "soft_ce"):
         LOSSES.register(divergence, _loss_builder(
             "divergence", lambda _d=divergence, **kw: LogitDivergenceTerm(_d, **kw)))
     LOSSES.register("mdist", _loss_builder("mdist", MDistTerm))

@@ -30,8 +30,8 @@ from workbench.data.sampler import SamplerState, StepBatchSampler
 from workbench.config import STAGE_REF, RunConfig, load_config, stage_configs, to_yaml
 from workbench.device import environment
 from workbench.errors import WorkbenchError
-from workbench.metrics import accuracies, merge_scores, score_batch
-from workbench.module import DistillModule, model_inputs
+from workbench.metrics import accuracies, merge_scores, score_outputs
+from workbench.module import DistillModule, VisionDistillModule, model_inputs
 
 # Our run directory is always new; CSVLogger's warning about a non-empty folder is noise.
 warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
@@ -78,15 +78,15 @@ def loaders(cfg: RunConfig, built: Built) -> tuple[DataLoader, DataLoader | None
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
-    """Answer accuracy (overall and per question type) of any VLM on a held-out loader."""
+    """Answer accuracy (overall and per question type) of any VLM, or top-1 accuracy of an
+    image classifier, on a held-out loader."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     scores: dict[str, tuple[int, int]] = {}
     for batch in loader:
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
-        logits = model(**inputs).logits
-        merge_scores(scores, score_batch(logits.cpu(), batch["labels"], batch["qtypes"]))
+        merge_scores(scores, score_outputs(model(**inputs), batch))
     model.train(was_training)
     return accuracies(scores)
 
@@ -124,7 +124,13 @@ def make_trainer(cfg: RunConfig, run_dir: Path, callbacks: list[pl.Callback]) ->
 
 
 def export_student(built: Built, out: Path) -> None:
-    """save_pretrained of the student and the shared processor: a standalone HF folder."""
+    """A standalone folder `students.load` reads: save_pretrained of the student and the shared
+    processor, or a timm classifier in timm's hub format with the class names."""
+    if built.classification:
+        import students
+
+        students.export_timm(built.student, out, built.splits.classes, built.splits.preprocess)
+        return
     built.student.save_pretrained(out)
     built.processor.save_pretrained(out)
 
@@ -206,8 +212,8 @@ def train(cfg: RunConfig, built: Built, run_dir: Path, resume: bool = False) -> 
           + (f", resuming from step {resumed_step}" if ckpt else ""))
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    tags = sorted({t for rec in (built.splits.val.records if built.splits.val else []) for t in rec.get("qtypes", [])})
-    module = DistillModule(built.student, built.loss, cfg.optim, cfg.trainer.max_steps, built.teacher, tuple(tags),
+    tags = sorted({t for rec in getattr(built.splits.val, "records", []) for t in rec.get("qtypes", [])})
+    module = (VisionDistillModule if built.classification else DistillModule)(built.student, built.loss, cfg.optim, cfg.trainer.max_steps, built.teacher, tuple(tags),
                            fused_logits=cfg.trainer.fused_logits)
     trainer = make_trainer(cfg, run_dir, [SamplerState(sampler, cfg.trainer.accumulate_grad_batches),
                                           *built.callbacks])

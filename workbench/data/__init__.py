@@ -2,7 +2,8 @@
 
 `llava` reads LLaVA-format files from any path; `windtunnel` generates the world once per
 parameter set under `data.root` (atomically, so an interrupted generation is never reused)
-and then reads it through the same LLaVA loader.
+and then reads it through the same LLaVA loader. The image-classification datasets
+(`image_folder`, `digits`, `windtunnel_classification`) live in `workbench/data/vision.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from workbench.data.llava import LlavaDataset, VLMCollator
 from workbench.data.windtunnel import WORLD_VERSION, WorldConfig, write_windtunnel
 from workbench.errors import WorkbenchError
 
-__all__ = ["LlavaDataset", "VLMCollator", "Splits", "llava_splits", "windtunnel_splits", "write_windtunnel"]
+__all__ = ["LlavaDataset", "VLMCollator", "Splits", "generate_windtunnel", "llava_splits", "windtunnel_splits",
+           "write_windtunnel"]
 
 
 @dataclass
@@ -40,13 +42,15 @@ def llava_splits(cfg) -> Splits:
 
 def windtunnel_dir(cfg) -> Path:
     """The folder of the world `cfg.windtunnel` describes: one per parameter set."""
-    params = {"version": WORLD_VERSION, **{k: v for k, v in asdict(cfg.windtunnel).items() if v is not None}}
+    # n_classification = 0 is left out so that worlds made before it existed keep their folder
+    params = {"version": WORLD_VERSION, **{k: v for k, v in asdict(cfg.windtunnel).items()
+                                           if v is not None and not (k == "n_classification" and v == 0)}}
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
     return Path(cfg.root) / f"windtunnel-{digest}"
 
 
-def windtunnel_splits(cfg) -> Splits:
-    """Generate (once) and read the wind tunnel described by `data.windtunnel`."""
+def generate_windtunnel(cfg) -> Path:
+    """The folder of the world `data.windtunnel` describes, generated first if needed."""
     wt = cfg.windtunnel
     out = windtunnel_dir(cfg)
     if not (out / "world.json").is_file():
@@ -56,12 +60,19 @@ def windtunnel_splits(cfg) -> Splits:
             world = WorldConfig(grid=wt.grid, questions_per_image=wt.questions_per_image,
                                 question_first=wt.question_first,
                                 **({"question_types": tuple(wt.question_types)} if wt.question_types else {}))
-            write_windtunnel(tmp / "w", n_train=wt.n_train, n_val=wt.n_val, seed=wt.seed, world=world)
+            write_windtunnel(tmp / "w", n_train=wt.n_train, n_val=wt.n_val, seed=wt.seed, world=world,
+                             n_classification=wt.n_classification)
             if not (out / "world.json").is_file():  # another process may have finished first
                 shutil.rmtree(out, ignore_errors=True)
                 os.replace(tmp / "w", out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def windtunnel_splits(cfg) -> Splits:
+    """Generate (once) and read the wind tunnel described by `data.windtunnel`."""
+    out = generate_windtunnel(cfg)
     train = LlavaDataset(out / "train.json", limit=cfg.limit_train)
     val = LlavaDataset(out / "val.json", limit=cfg.limit_val)
     return Splits(train, val, processor_path=out / "processor")

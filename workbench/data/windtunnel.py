@@ -211,8 +211,9 @@ def _records(split: str, n_images: int, world: WorldConfig, seed: int, image_dir
 
 def _classification(root: Path, split: str, n: int, world: WorldConfig, seed: int) -> None:
     rng = random.Random(f"{seed}-cls-{split}")
+    classes = [(c, s) for c in COLOURS for s in SHAPES]
     for i in range(n):
-        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        colour, shape = classes[i % len(classes)]  # balanced: every class once per 18 images
         cell = rng.randrange(world.grid * world.grid)
         obj = {"colour": colour, "shape": shape, "row": cell // world.grid, "col": cell % world.grid}
         folder = root / split / f"{colour}_{shape}"
@@ -261,8 +262,9 @@ def write_windtunnel(
         n_train, n_val: number of training / held-out *images* (each carries
             `world.questions_per_image` conversations, as separate records).
         seed: fixes every image and question; train and val use disjoint streams.
-        n_classification: images per split of the image-folder classification set
-            (`classification/{train,val}/<colour>_<shape>/`); 0 skips it.
+        n_classification: training images of the image-folder classification set
+            (`classification/{train,val}/<colour>_<shape>/`, 18 classes in turn, one shape
+            in a random cell; val gets a fifth as many); 0 skips it.
     Returns:
         The folder, with a `world.json` manifest of these arguments.
     """

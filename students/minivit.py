@@ -20,7 +20,6 @@ registered presets this gives Mini-DeiT-B 44.06 M (DeiT-B 86.57 M) and Mini-Swin
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
 import torch

@@ -61,7 +61,8 @@ def _print_summary(run_dir, summary: dict) -> None:
     table = Table(title=f"{summary['name']} — {run_dir}")
     table.add_column("model")
     table.add_column("params", justify="right")
-    table.add_column("answer acc", justify="right")
+    per_type = any(k.startswith("acc/") for who in ("teacher", "student") for k in (summary.get(who) or {}))
+    table.add_column("answer acc" if per_type else "accuracy", justify="right")
     for who in ("teacher", "student"):
         metrics = summary.get(who)
         if metrics is None:

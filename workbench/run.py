@@ -345,7 +345,7 @@ def stage_results(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 def results_markdown(title: str, rows: list[dict[str, Any]]) -> str:
     types = sorted({k for r in rows for k in r if k.startswith("acc/")})
-    head = ["model", "params", "answer acc", *[t.removeprefix("acc/") for t in types]]
+    head = ["model", "params", "answer acc" if types else "accuracy", *[t.removeprefix("acc/") for t in types]]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], f"{r['params']:,}", _fmt(r["acc"]), *[_fmt(r.get(t)) for t in types]]

@@ -40,11 +40,58 @@ def load(path: str | Path) -> nn.Module:
             import students.minivit  # noqa: F401 - registers the MiniViT models with timm
 
             return timm.create_model(f"local-dir:{path.resolve()}", pretrained=True)
-        from transformers import AutoModelForImageTextToText
-
-        return AutoModelForImageTextToText.from_pretrained(path)
+        return _load_hf(path)
     except Exception as e:  # noqa: BLE001 - safetensors, JSON and OS errors all mean "unreadable"
         raise WorkbenchError(f"cannot load the student from {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+
+
+def _load_hf(path: Path) -> nn.Module:
+    """A Hugging Face VLM or causal LM folder; MatFormer folders come back nested (a universal
+    model, `matformer_granularities` in its text config) or with per-layer MLP widths (an
+    extracted Mix'n'Match submodel, `matformer_widths`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in config.architectures or []) \
+        else AutoModelForImageTextToText
+    text = config.get_text_config()
+    widths = getattr(text, "matformer_widths", None)
+    if widths:
+        from safetensors.torch import load_file
+
+        from students.matformer import NestedMLP
+
+        model = auto.from_config(config)
+        for (name, mlp), width in zip(_mlps(model), widths):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, NestedMLP(mlp).static(width))
+        state = {}
+        for file in sorted(path.glob("*.safetensors")):
+            state.update(load_file(str(file)))
+        result = model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if getattr(text, "tie_word_embeddings", False) else set()
+        missing = sorted(set(result.missing_keys) - tied)
+        if missing or result.unexpected_keys:
+            raise ValueError(f"weights do not fit the per-layer widths: missing {missing[:3]}, "
+                             f"unexpected {result.unexpected_keys[:3]}")
+        if tied:
+            model.tie_weights()
+    else:
+        model = auto.from_pretrained(path)
+    granularities = getattr(text, "matformer_granularities", None)
+    if granularities:
+        from students.matformer import matformerize
+
+        matformerize(model if auto is AutoModelForCausalLM else model.get_decoder(), granularities)
+        object.__setattr__(model, "matformer_granularities", tuple(granularities))
+    return model
+
+
+def _mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The decoder's per-layer MLPs, in order."""
+    decoder = model.get_decoder()
+    prefix = next(n for n, m in model.named_modules() if m is decoder)
+    return [(f"{prefix}.layers.{i}.mlp", layer.mlp) for i, layer in enumerate(decoder.layers)]
 
 
 def export_timm(model: nn.Module, out: str | Path, class_names: list[str] | None = None,

@@ -39,7 +39,7 @@ def load(path: str | Path) -> nn.Module:
 
             import students.minivit  # noqa: F401 - registers the MiniViT models with timm
 
-            return timm.create_model(f"local-dir:{path.resolve()}", pretrained=True)
+            return _load_timm(path)
         return _load_hf(path)
     except Exception as e:  # noqa: BLE001 - safetensors, JSON and OS errors all mean "unreadable"
         raise WorkbenchError(f"cannot load the student from {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
@@ -94,8 +94,34 @@ def _mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(f"{prefix}.layers.{i}.mlp", layer.mlp) for i, layer in enumerate(decoder.layers)]
 
 
+def _load_timm(path: Path) -> nn.Module:
+    """A timm folder; MatFormer ones come back nested (`matformer_granularities`) or as the
+    extracted submodel they hold (`matformer_spec`: per-layer widths of the universal model
+    its `model_args` describe, and skipped layers)."""
+    import timm
+
+    config = json.loads((path / "config.json").read_text())
+    spec = config.get("matformer_spec")
+    if spec is None:
+        model = timm.create_model(f"local-dir:{path.resolve()}", pretrained=True)
+    else:
+        from safetensors.torch import load_file
+
+        from students.matformer import MatSpec, extract, matformerize
+
+        universal = timm.create_model(f"local-dir:{path.resolve()}", pretrained=False)
+        matformerize(universal)
+        model = extract(universal, MatSpec(spec["widths"], tuple(spec["skip"])))
+        model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    if config.get("matformer_granularities"):
+        from students.matformer import matformerize
+
+        matformerize(model, config["matformer_granularities"])
+    return model
+
+
 def export_timm(model: nn.Module, out: str | Path, class_names: list[str] | None = None,
-                preprocess: dict[str, Any] | None = None) -> None:
+                preprocess: dict[str, Any] | None = None, matformer_spec: Any = None) -> None:
     """Save a timm model as config.json (architecture, constructor arguments, preprocessing,
     class names) + model.safetensors; `load(out)` and `timm.create_model("local-dir:" + out,
     pretrained=True)` rebuild it.
@@ -103,11 +129,17 @@ def export_timm(model: nn.Module, out: str | Path, class_names: list[str] | None
     Args:
         preprocess: the normalisation the training images had ({"mean", "std", "crop_pct"}),
             recorded in the folder's `pretrained_cfg` for whoever runs the model next.
+        matformer_spec: for a submodel `students.matformer.extract` made, its `MatSpec`
+            (timm's constructor arguments still describe the universal model).
     """
     from timm.models import save_for_hf
 
-    save_for_hf(model, str(out), safe_serialization=True,
-                model_config={"label_names": list(class_names)} if class_names else None,
+    extra: dict[str, Any] = {"label_names": list(class_names)} if class_names else {}
+    if getattr(model, "matformer_granularities", None):
+        extra["matformer_granularities"] = list(model.matformer_granularities)
+    if matformer_spec is not None:
+        extra["matformer_spec"] = {"widths": list(matformer_spec.widths), "skip": list(matformer_spec.skip)}
+    save_for_hf(model, str(out), safe_serialization=True, model_config=extra or None,
                 data_config=dict(preprocess) if preprocess else None)
 
 

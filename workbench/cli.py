@@ -1,5 +1,5 @@
-"""`workbench` command line: run (single, multi-stage, sweeps, resume), cache-teacher, compare, data, bench,
-doctor.
+"""`workbench` command line: run (single, multi-stage, sweeps, resume), cache-teacher, compare, extract,
+data, bench, doctor.
 
 Bad input of any kind exits with code 2 and a short message (no traceback; `--debug` shows
 it). Anything else that fails is a bug and keeps its traceback.
@@ -52,6 +52,18 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> None:
         overrides.append(f"teacher.cache={args.out}")
     directory, stats = cache_teacher(load_config(args.config, overrides), stage=args.stage)
     print(f"teacher cache {directory}: {stats}")
+
+
+def _cmd_extract(args: argparse.Namespace) -> None:
+    from workbench.elastic import extract_to
+
+    report = extract_to(args.source, args.spec, args.out, args.skip)
+    widths, skip = report["widths"], report["skip"]
+    kept = [w for i, w in enumerate(widths) if i not in set(skip)]
+    print(f"spec: widths {kept}" + (f", skipped layers {skip}" if skip else "") + f" ({len(kept)} of {len(widths)} layers)")
+    before, after = report["params_before"], report["params_after"]
+    print(f"parameters: {before:,} -> {after:,} ({after / before:.1%})")
+    print(f"written to {report['out']}")
 
 
 def _print_summary(run_dir, summary: dict) -> None:
@@ -158,6 +170,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=("md", "csv", "json"), default="md")
     c.add_argument("--per-run", action="store_true", help="one row per run instead of averaging over seeds")
     c.set_defaults(func=_cmd_compare)
+
+    x = sub.add_parser("extract", help="cut a Mix'n'Match submodel out of a MatFormer model into its own folder")
+    x.add_argument("source", help="a run directory (its exported student; last stage for multi-stage) or a model folder")
+    x.add_argument("--spec", required=True,
+                   help="uniform:<fraction> | widths:<w1,w2,...> (hidden units or fractions, one per layer) | "
+                        "budget:<params, e.g. 1.5B> (largest submodel that fits, widths non-decreasing with depth)")
+    x.add_argument("--skip", help="layers to drop, e.g. 20-24 or 3,7")
+    x.add_argument("--out", required=True, help="new folder for the submodel")
+    x.set_defaults(func=_cmd_extract)
 
     b = sub.add_parser("bench", help="benchmarks: peak memory and time against baselines, as a table and JSON")
     bsub = b.add_subparsers(dest="benchmark", required=True)

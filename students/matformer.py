@@ -224,6 +224,11 @@ def _identity_output(module: nn.Module, args: tuple, kwargs: dict, output):
     return hidden
 
 
+def set_uniform(model: nn.Module, fraction: float) -> None:
+    """`set_active` with every layer at `fraction` of its width and no layer skipped."""
+    set_active(model, MatSpec([_width(fraction, h) for h in full_widths(model)]))
+
+
 def active_config(model: nn.Module) -> MatSpec:
     """The spec the model runs now."""
     skips = tuple(sorted(model.__dict__.get("_matformer_skip_hooks", {})))

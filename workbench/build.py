@@ -153,6 +153,34 @@ def init_student(student: nn.Module, source: str, key: str = "init_from") -> dic
     return {"copied": len(shared), "kept": len(own) - len(shared)}
 
 
+def apply_matformer(cfg: RunConfig, student: nn.Module, notes: dict[str, Any]) -> None:
+    """Nest the student's FFNs (`matformer:`): a VLM's language model, or `matformer.target`."""
+    if cfg.matformer is None:
+        return
+    from students.matformer import matformerize, nested_mlps
+    from workbench.taps import get_module
+
+    m = cfg.matformer
+    try:
+        already = nested_mlps(student)  # e.g. a universal model loaded from student.path
+    except ValueError:
+        already = None
+    if already:
+        object.__setattr__(student, "matformer_granularities", tuple(sorted(m.granularities, reverse=True)))
+        notes["matformer"] = {"nested_mlps": len(already), "granularities": sorted(m.granularities, reverse=True)}
+        return
+    if m.target is not None:
+        target = get_module(student, m.target, "student")
+    else:
+        target = student.get_decoder() if hasattr(student, "get_decoder") else student
+    try:
+        paths = matformerize(target, m.granularities)
+    except ValueError as e:
+        raise WorkbenchError(f"config key 'matformer': {e}") from None
+    object.__setattr__(student, "matformer_granularities", tuple(sorted(m.granularities, reverse=True)))
+    notes["matformer"] = {"nested_mlps": len(paths), "granularities": sorted(m.granularities, reverse=True)}
+
+
 def apply_trainable(student: nn.Module, patterns: list[str]) -> None:
     """Freeze every parameter whose name matches none of the glob `patterns`."""
     names = [n for n, _ in student.named_parameters()]
@@ -301,8 +329,9 @@ def build_vision(cfg: RunConfig, splits: ImageSplits) -> Built:
                              "image classification")
     loss = build_loss(cfg, cfg.teacher is not None)
     student = build_vision_student(cfg, splits)
-    teacher = build_teacher(cfg)
     notes: dict[str, Any] = dict(splits.notes)
+    apply_matformer(cfg, student, notes)  # before the teacher loads: a bad target fails fast
+    teacher = build_teacher(cfg)
     if teacher is not None and teacher.num_classes != splits.num_classes:
         raise WorkbenchError(f"the teacher has {teacher.num_classes} classes but the data has {splits.num_classes}")
     if cfg.init_from == "teacher":
@@ -340,6 +369,7 @@ def build(cfg: RunConfig) -> Built:
             raise WorkbenchError("config key 'init_from' is 'teacher' but 'teacher' is null")
         source = cfg.teacher.path if cfg.init_from == "teacher" else cfg.init_from
         notes["init_from"] = {"path": str(source), **init_student(student, source)}
+    apply_matformer(cfg, student, notes)
     if cfg.trainable:
         apply_trainable(student, cfg.trainable)
     check_vocabularies(student, processor)

@@ -143,6 +143,17 @@ class TrainerConfig:
 
 
 @dataclass
+class MatFormerConfig:
+    """Nested FFNs trained jointly (students/matformer.py, METHODS.md §2)."""
+
+    granularities: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125])  # fractions of each FFN
+    sample: int | None = None  # per step: the full width + this many sampled smaller ones (null: all, MatFormer-OLMo)
+    self_distill: float = 0.0  # weight of KL(full-width student || smaller) added for every smaller granularity
+    temperature: float = 1.0  # of that self-distillation
+    target: str | None = None  # module path to nest (default: a VLM's language model, a timm model whole)
+
+
+@dataclass
 class RunConfig:
     """One experiment: who teaches whom, on what, with which objective."""
 
@@ -162,6 +173,7 @@ class RunConfig:
     stages: dict[str, Any] = field(default_factory=dict)  # name -> overlay of this config, run in order
     sweep: dict[str, list[Any]] = field(default_factory=dict)  # key -> values: `workbench run` runs the grid
     vars: dict[str, Any] = field(default_factory=dict)  # your own values, used elsewhere as ${vars.name} (and swept)
+    matformer: MatFormerConfig | None = None  # nest the student's FFNs and train every granularity each step
 
 
 CHOICES = {
@@ -361,6 +373,14 @@ def validate(cfg: RunConfig) -> None:
                              "(one question per type)")
     if cfg.optim.lr <= 0:
         raise WorkbenchError("config key 'optim.lr' must be > 0")
+    if cfg.matformer is not None:
+        m = cfg.matformer
+        if not m.granularities or max(m.granularities) != 1.0 or min(m.granularities) <= 0:
+            raise WorkbenchError("config key 'matformer.granularities' must be fractions in (0, 1] including 1.0")
+        if m.sample is not None and not 1 <= m.sample < len(m.granularities):
+            raise WorkbenchError(f"config key 'matformer.sample' must be in 1..{len(m.granularities) - 1} (or null: all)")
+        if m.self_distill and cfg.trainer.fused_logits:
+            raise WorkbenchError("config key 'matformer.self_distill' needs the student's logits; set trainer.fused_logits=false")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise WorkbenchError("config key 'data.val_fraction' must be in (0, 1)")
     if not 0.0 <= cfg.data.labeled_fraction <= 1.0:

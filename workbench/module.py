@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from losses.combine import LossInputs, WeightedLoss
-from workbench.config import OptimConfig
+from workbench.config import MatFormerConfig, OptimConfig
 from workbench.metrics import accuracies, merge_scores, score_outputs
 from workbench.optim import make_optimizer
 from workbench.taps import FeatureTaps, TapPoint
@@ -45,8 +45,10 @@ class DistillModule(pl.LightningModule):
     """
 
     def __init__(self, student: nn.Module, loss: WeightedLoss, optim: OptimConfig, total_steps: int,
-                 teacher: nn.Module | None = None, val_tags: tuple[str, ...] = (), fused_logits: bool = False):
+                 teacher: nn.Module | None = None, val_tags: tuple[str, ...] = (), fused_logits: bool = False,
+                 matformer: MatFormerConfig | None = None):
         super().__init__()
+        self.matformer = matformer
         self.student = student
         self.loss = loss  # a submodule: projectors of feature terms train with the student
         self.optim = optim
@@ -108,13 +110,52 @@ class DistillModule(pl.LightningModule):
                           student_features=student_features)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        total, terms = self.loss(self._loss_inputs(batch, fused=self.fused_logits))
         n = batch["labels"].shape[0]
+        if self.matformer is not None:
+            total = self._matformer_step(batch, n)
+        else:
+            total, terms = self.loss(self._loss_inputs(batch, fused=self.fused_logits))
+            for name, value in terms.items():
+                self.log(f"train/{name}", value, batch_size=n)
         self.log("train/loss", total, prog_bar=True, batch_size=n)
-        for name, value in terms.items():
-            self.log(f"train/{name}", value, batch_size=n)
         self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return total
+
+    def _matformer_step(self, batch: dict[str, Any], n: int) -> torch.Tensor:
+        """MatFormer joint training: the loss of every granularity on the same batch (or of the
+        full width + `sample` others), summed; smaller ones may also distil from the full width.
+        Logs `train/g<fraction>/<term>` per granularity. All graphs live until the backward."""
+        import random
+
+        from students.matformer import set_uniform
+
+        m = self.matformer
+        grans = sorted(m.granularities, reverse=True)
+        if m.sample is not None:  # reproducible per step, so a resumed run draws the same ones
+            grans = [grans[0], *sorted(random.Random(f"{self.global_step}").sample(grans[1:], m.sample), reverse=True)]
+        total, full_logits = 0.0, None
+        for g in grans:
+            set_uniform(self.student, g)
+            inputs = self._loss_inputs(batch, fused=self.fused_logits)
+            loss, terms = self.loss(inputs)
+            if g == 1.0:
+                full_logits = None if inputs.fused else inputs.student_logits.detach()
+            elif m.self_distill and full_logits is not None:
+                sd = self._self_distill(inputs, full_logits)
+                loss, terms = loss + m.self_distill * sd, {**terms, "self_distill": sd.detach()}
+            for name, value in {"loss": loss.detach(), **terms}.items():
+                self.log(f"train/g{g:g}/{name}", value, batch_size=n)
+            total = total + loss
+        set_uniform(self.student, 1.0)
+        return total
+
+    def _self_distill(self, inputs: LossInputs, full_logits: torch.Tensor) -> torch.Tensor:
+        from dataclasses import replace
+
+        from losses.combine import LogitDivergenceTerm
+
+        term = LogitDivergenceTerm("forward_kl", temperature=self.matformer.temperature)
+        return term(replace(inputs, teacher_logits=full_logits, teacher_topk=None, teacher_keep=None))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         inputs = self._loss_inputs(batch)

@@ -214,7 +214,7 @@ def train(cfg: RunConfig, built: Built, run_dir: Path, resume: bool = False) -> 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     tags = sorted({t for rec in getattr(built.splits.val, "records", []) for t in rec.get("qtypes", [])})
     module = (VisionDistillModule if built.classification else DistillModule)(built.student, built.loss, cfg.optim, cfg.trainer.max_steps, built.teacher, tuple(tags),
-                           fused_logits=cfg.trainer.fused_logits)
+                           fused_logits=cfg.trainer.fused_logits, matformer=cfg.matformer)
     trainer = make_trainer(cfg, run_dir, [SamplerState(sampler, cfg.trainer.accumulate_grad_batches),
                                           *built.callbacks])
     fit_start = time.time()
@@ -246,6 +246,15 @@ def train(cfg: RunConfig, built: Built, run_dir: Path, resume: bool = False) -> 
         summary["distributed"] = module.distributed_check
     if val_loader is not None:
         summary["student"] = evaluate(built.student, val_loader)
+        if cfg.matformer is not None:  # every uniform granularity of the universal model
+            from students.matformer import active_config, set_uniform, submodel_params
+
+            summary["granularities"] = {}
+            for g in sorted(cfg.matformer.granularities, reverse=True):
+                set_uniform(built.student, g)
+                params = submodel_params(built.student, active_config(built.student))
+                summary["granularities"][f"{g:g}"] = {"params": params, **evaluate(built.student, val_loader)}
+            set_uniform(built.student, 1.0)
     summary["wall_time_s"] = round(time.time() - start, 2)
     _write_json(run_dir / "summary.json", summary)
     return summary

@@ -129,3 +129,21 @@ def test_vlm_language_model_trains_nested(tmp_path):
     model = students.load(run_dir / "student")
     assert len(nested_mlps(model)) == 2  # the language model's two layers; the vision tower stays plain
     assert not any("vision_tower" in n for n, _ in nested_mlps(model))
+
+
+def test_bench_elastic_on_the_trained_run(matvit_run, tmp_path, capsys):
+    from workbench.bench.elastic import bench_elastic
+
+    result = bench_elastic(str(matvit_run), repeats=1)
+    rows = {r["spec"]: r for r in result["rows"]}
+    grans = json.loads((matvit_run / "stages" / "matvit" / "summary.json").read_text())["granularities"]
+    for g in ("1", "0.5", "0.25", "0.125"):
+        assert rows[f"uniform:{g}"]["params"] == grans[g]["params"]
+        assert rows[f"uniform:{g}"]["acc"] == pytest.approx(grans[g]["acc"])
+    assert len([s for s in rows if s.startswith("budget:")]) == 3  # halfway between neighbouring granularities
+    flops = [rows[f"uniform:{g}"]["flops_per_image"] for g in ("1", "0.5", "0.25", "0.125")]
+    assert flops == sorted(flops, reverse=True) and rows["uniform:1"]["flop_ratio"] == 1.0
+    assert main(["bench", "elastic", str(matvit_run), "--spec", "uniform:0.5", "--spec", "widths:64,16",
+                 "--repeats", "1", "--json", str(tmp_path / "e.json"), "--plot", str(tmp_path / "e.png")]) == 0
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert [r["spec"] for r in saved["rows"]] == ["uniform:0.5", "widths:64,16"] and (tmp_path / "e.png").stat().st_size

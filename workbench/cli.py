@@ -111,6 +111,12 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> None:
     bench_kernels_command(args.ops, quick=args.quick, repeats=args.repeats, json_out=args.json, timeout=args.timeout)
 
 
+def _cmd_bench_elastic(args: argparse.Namespace) -> None:
+    from workbench.bench.elastic import bench_elastic_command
+
+    bench_elastic_command(args.source, args.spec, args.batch, args.repeats, args.skip, args.json, args.plot)
+
+
 def _cmd_doctor(args: argparse.Namespace) -> None:
     from workbench.device import environment
 
@@ -190,6 +196,18 @@ def parser() -> argparse.ArgumentParser:
     bk.add_argument("--json", metavar="OUT", help="also write the rows and the machine to this JSON file")
     bk.add_argument("--timeout", type=float, default=3600, help="seconds allowed per measurement")
     bk.set_defaults(func=_cmd_bench_kernels)
+
+    be = bsub.add_parser("elastic", help="MatFormer submodels: parameters, FLOPs, CPU latency, accuracy")
+    be.add_argument("source", help="a run directory (accuracy on its held-out split), a model folder, or timm:<name> "
+                                   "(nested on the fly; latency only)")
+    be.add_argument("--spec", action="append", help="a spec to measure (repeatable; default: every uniform "
+                                                     "granularity + budget specs between them)")
+    be.add_argument("--skip", help="layers every --spec drops, e.g. 20-24")
+    be.add_argument("--batch", type=int, default=8, help="batch size of the latency measurement")
+    be.add_argument("--repeats", type=int, default=5, help="timed forward passes per spec (median)")
+    be.add_argument("--json", metavar="OUT", help="also write the rows and the machine to this JSON file")
+    be.add_argument("--plot", metavar="PNG", help="accuracy (or latency) against parameters")
+    be.set_defaults(func=_cmd_bench_elastic)
 
     doc = sub.add_parser("doctor", help="versions, CUDA / Triton / mamba-ssm / bitsandbytes, kernel paths")
     doc.add_argument("--json", action="store_true")

@@ -22,7 +22,8 @@ RECIPE = "experiments/windtunnel/matformer_vit.yaml"
 TINY = ["trainer.max_steps=8", "trainer.val_every_n_steps=4", "trainer.log_every_n_steps=1", "trainer.progress_bar=false",
         "optim.warmup_steps=2", "data.limit_train=128", "data.limit_val=64", "data.batch_size=32",
         "stages.teacher.trainer.max_steps=8", "stages.teacher.student.kwargs.embed_dim=32",
-        "stages.teacher.student.kwargs.depth=2", "stages.matvit.student.kwargs.depth=2"]
+        "stages.teacher.student.kwargs.depth=2", "stages.matvit.student.kwargs.depth=2",
+        "stages.ind_1=null", "stages.ind_1_2=null", "stages.ind_1_4=null", "stages.ind_1_8=null"]
 
 
 def module(**matformer):

@@ -139,6 +139,25 @@ def test_language_model_inside_a_vlm_is_nested_alone():
     assert static.config.text_config.num_hidden_layers == 2
 
 
+def test_uniform_vlm_export_loads_with_the_vlm_auto_class(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from students.vlm import tiny_llava
+
+    vlm = tiny_llava(vocab_size=40, image_token_id=39, pad_token_id=0, bos_token_id=1, eos_token_id=2, image_size=32,
+                     patch_size=16, vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=3,
+                     text_heads=2).eval()
+    matformerize(vlm.model.language_model)
+    spec = parse_spec("uniform:0.25", full_widths(vlm), "2")
+    set_active(vlm, spec)
+    extract(vlm, spec).save_pretrained(tmp_path / "q")
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "q").eval()
+    assert loaded.config.text_config.intermediate_size == full_widths(vlm)[0] // 4
+    ids = torch.tensor([[1, 39, 39, 39, 39, 5, 6, 7]])
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32), attention_mask=torch.ones_like(ids))
+    torch.testing.assert_close(loaded(**inputs).logits, vlm(**inputs).logits, atol=1e-5, rtol=0)
+
+
 def test_parse_spec_and_its_errors():
     full = [64, 64, 64, 64]
     assert parse_spec("uniform:0.5", full).widths == [32] * 4

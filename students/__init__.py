@@ -35,8 +35,6 @@ def load(path: str | Path) -> nn.Module:
         raise WorkbenchError(f"student folder {path} has no config.json (not an exported model)")
     try:
         if is_timm_folder(path):
-            import timm
-
             import students.minivit  # noqa: F401 - registers the MiniViT models with timm
 
             return _load_timm(path)

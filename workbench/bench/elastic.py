@@ -46,7 +46,6 @@ def _batches(model, model_dir: Path | None, cfg, batch: int):
     """(a held-out loader or None, one input batch of `batch` samples)."""
     from torch.utils.data import DataLoader
 
-    from workbench.module import model_inputs
     from workbench.registry import DATASETS
 
     if cfg is None:

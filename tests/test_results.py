@@ -88,6 +88,8 @@ def test_load_runs_accepts_globs_parents_and_repeats(sweep, runs):
     assert set(load_runs(str(sweep / "*"))["run"]) == as_sweep  # glob also matches `latest` and sweep.json
     assert set(load_runs(sweep.parent)["run"]) == as_sweep  # a folder holding a sweep folder
     assert set(load_runs(str(sweep.parent / "sweep-*"))["run"]) == as_sweep
+    latest = load_runs(sweep / "latest")  # named alone, `latest` is the run it points to
+    assert len(latest) == 1 and (sweep / "latest").resolve() == Path(latest["run"][0]).resolve()
     twice = load_runs(sweep, sweep / "optim.lr=0.001,seed=0")
     assert len(twice) == 4
     assert workbench.load_runs(sweep)["run"].tolist() == runs["run"].tolist()  # in sweep.json order

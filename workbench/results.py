@@ -77,7 +77,8 @@ def find_runs(*paths_or_globs: str | os.PathLike) -> list[Path]:
     for arg in paths_or_globs:
         text = str(arg)
         matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
-        found = [run for m in matches if Path(m).name != "latest" for run in _expand(Path(m))]
+        # a glob skips `latest` (a link to a run it also matches); `.../latest` named alone is that run
+        found = [run for m in matches if not (Path(m).name == "latest" and len(matches) > 1) for run in _expand(Path(m))]
         if not found:
             if not matches or not Path(matches[0]).exists():
                 raise WorkbenchError(f"{text} {'matches no files' if matches == [] else 'does not exist'}")

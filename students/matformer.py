@@ -130,7 +130,7 @@ def parse_spec(text: str, full: Sequence[int], skip: str | None = None) -> MatSp
         widths = [_width(v, h) if v <= 1 else int(v) for v, h in zip(items, full)]
     else:
         raise ValueError(f"spec {text!r}: use uniform:<fraction> or widths:<w1,w2,...>")
-    return MatSpec(widths, _parse_skip(skip or "", n))
+    return MatSpec(widths, parse_skip(skip or "", n))
 
 
 def _width(fraction: float, hidden: int) -> int:
@@ -139,7 +139,7 @@ def _width(fraction: float, hidden: int) -> int:
     return max(1, round(fraction * hidden))
 
 
-def _parse_skip(text: str, n: int) -> tuple[int, ...]:
+def parse_skip(text: str, n: int) -> tuple[int, ...]:
     out: set[int] = set()
     for part in filter(None, (p.strip() for p in text.split(","))):
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)

@@ -117,7 +117,6 @@ def test_swin_bias_table_and_mlp_shared_within_a_stage():
     owner = stage.blocks[0]
     for j in (1, 2, 3):
         block = stage.blocks[j]
-        assert block.attn._get_rel_pos_bias().data_ptr() != 0
         assert block.mlp.fc1.weight is owner.mlp.fc1.weight
         assert block.attn._bias_owner is owner.attn
         assert block.norm1.weight is not owner.norm1.weight  # per-application LayerNorms

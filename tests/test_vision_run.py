@@ -159,10 +159,9 @@ def test_exported_minivit_scores_what_the_summary_says(deit_run):
     config = json.loads((stage / "student" / "config.json").read_text())
     assert config["label_names"] == [str(i) for i in range(10)] and config["model_args"]["repeat"] == 2
     assert config["pretrained_cfg"]["mean"] == [0.5] and config["pretrained_cfg"]["input_size"] == [1, 8, 8]
-    cfg = load_config(stage.parents[1] / "config.yaml")
-    val = digits_splits(cfg.data)
     from dataclasses import replace
 
+    cfg = load_config(stage.parents[1] / "config.yaml")
     val = digits_splits(replace(cfg.data, limit_val=64)).val
     acc = evaluate(model, DataLoader(val, batch_size=32, collate_fn=ImageCollator()))["acc"]
     assert acc == pytest.approx(json.loads((stage / "summary.json").read_text())["student"]["acc"])

@@ -68,9 +68,9 @@ def spec_for(model, text: str, skip: str | None):
 
     try:
         if text.startswith("budget:"):
-            from students.matformer import _parse_skip
+            from students.matformer import parse_skip
 
-            skips = _parse_skip(skip or "", len(full_widths(model)))
+            skips = parse_skip(skip or "", len(full_widths(model)))
             return budget_spec(model, parse_budget(text.partition(":")[2]), skips)
         return parse_spec(text, full_widths(model), skip)
     except ValueError as e:

@@ -46,7 +46,8 @@ def load(path: str | Path) -> nn.Module:
 def _load_hf(path: Path) -> nn.Module:
     """A Hugging Face VLM or causal LM folder; MatFormer folders come back nested (a universal
     model, `matformer_granularities` in its text config) or with per-layer MLP widths (an
-    extracted Mix'n'Match submodel, `matformer_widths`)."""
+    extracted Mix'n'Match submodel, `matformer_widths`); attention->Mamba hybrids with their
+    Mamba layers (`hybrid`, see `students.hybrid`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(path)
@@ -54,15 +55,21 @@ def _load_hf(path: Path) -> nn.Module:
         else AutoModelForImageTextToText
     text = config.get_text_config()
     widths = getattr(text, "matformer_widths", None)
-    if widths:
+    hybrid = getattr(text, "hybrid", None)
+    if widths or hybrid:  # the structure differs from the architecture's: rebuild it, then load
         from safetensors.torch import load_file
 
-        from students.matformer import NestedMLP
-
         model = auto.from_config(config)
-        for (name, mlp), width in zip(_mlps(model), widths):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, NestedMLP(mlp).static(width))
+        if widths:
+            from students.matformer import NestedMLP
+
+            for (name, mlp), width in zip(_mlps(model), widths):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, NestedMLP(mlp).static(width))
+        if hybrid:
+            from students.hybrid import restore_structure
+
+            restore_structure(model)
         state = {}
         for file in sorted(path.glob("*.safetensors")):
             state.update(load_file(str(file)))
@@ -70,7 +77,7 @@ def _load_hf(path: Path) -> nn.Module:
         tied = {"lm_head.weight"} if getattr(text, "tie_word_embeddings", False) else set()
         missing = sorted(set(result.missing_keys) - tied)
         if missing or result.unexpected_keys:
-            raise ValueError(f"weights do not fit the per-layer widths: missing {missing[:3]}, "
+            raise ValueError(f"weights do not fit the recorded structure: missing {missing[:3]}, "
                              f"unexpected {result.unexpected_keys[:3]}")
         if tied:
             model.tie_weights()

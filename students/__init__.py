@@ -57,30 +57,7 @@ def _load_hf(path: Path) -> nn.Module:
     widths = getattr(text, "matformer_widths", None)
     hybrid = getattr(text, "hybrid", None)
     if widths or hybrid:  # the structure differs from the architecture's: rebuild it, then load
-        from safetensors.torch import load_file
-
-        model = auto.from_config(config)
-        if widths:
-            from students.matformer import NestedMLP
-
-            for (name, mlp), width in zip(_mlps(model), widths):
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, NestedMLP(mlp).static(width))
-        if hybrid:
-            from students.hybrid import restore_structure
-
-            restore_structure(model)
-        state = {}
-        for file in sorted(path.glob("*.safetensors")):
-            state.update(load_file(str(file)))
-        result = model.load_state_dict(state, strict=False)
-        tied = {"lm_head.weight"} if getattr(text, "tie_word_embeddings", False) else set()
-        missing = sorted(set(result.missing_keys) - tied)
-        if missing or result.unexpected_keys:
-            raise ValueError(f"weights do not fit the recorded structure: missing {missing[:3]}, "
-                             f"unexpected {result.unexpected_keys[:3]}")
-        if tied:
-            model.tie_weights()
+        model = _from_pretrained_restructured(auto, path, config, lambda m: _restructure(m, widths, hybrid))
     else:
         model = auto.from_pretrained(path)
     granularities = getattr(text, "matformer_granularities", None)
@@ -89,6 +66,38 @@ def _load_hf(path: Path) -> nn.Module:
 
         matformerize(model if auto is AutoModelForCausalLM else model.get_decoder(), granularities)
         object.__setattr__(model, "matformer_granularities", tuple(granularities))
+    return model
+
+
+def _restructure(model: nn.Module, widths: list[int] | None, hybrid: dict | None) -> None:
+    if widths:
+        from students.matformer import NestedMLP
+
+        for (name, mlp), width in zip(_mlps(model), widths):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, NestedMLP(mlp).static(width))
+    if hybrid:
+        from students.hybrid import restore_structure
+
+        restore_structure(model)
+
+
+def _from_pretrained_restructured(auto: Any, path: Path, config: Any, restructure) -> nn.Module:
+    """`from_pretrained` into the architecture changed by `restructure` (called right after
+    the model is built, before the weights load), so transformers' own loading - key
+    renames of older checkpoint layouts, shards, dtypes - applies; every weight must fit."""
+    base = auto._model_mapping[type(config)]
+
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        restructure(self)
+
+    cls = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
+    model, info = cls.from_pretrained(path, config=config, output_loading_info=True)
+    model.__class__ = base
+    if info["missing_keys"] or info["unexpected_keys"]:
+        raise ValueError(f"weights do not fit the recorded structure: missing {sorted(info['missing_keys'])[:3]}, "
+                         f"unexpected {sorted(info['unexpected_keys'])[:3]}")
     return model
 
 

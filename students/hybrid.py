@@ -153,7 +153,8 @@ class MambaAttention(nn.Module):
 
     def _alongside_attention(self, hidden_states: Tensor, attention_mask: Tensor | None,
                              past_key_values: Any, **kwargs: Any) -> tuple[Tensor, None]:
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+        entry = _cache_layer(past_key_values, self.layer_idx) if past_key_values is not None else None
+        if entry is not None and entry.seen:
             raise RuntimeError("a model converted with keep_attention=True is for layer-wise training and cannot "
                                "decode with a cache; convert again without keep_attention to generate")
         kwargs.pop("use_cache", None)
@@ -167,6 +168,8 @@ class MambaAttention(nn.Module):
             handle.remove()
         self.attn_out(seen[0])
         self.mamba(hidden_states, pre_out=True)  # read through the `mamba.norm` tap
+        if entry is not None:
+            entry.seen += hidden_states.shape[1]
         return out, None
 
 

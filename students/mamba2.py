@@ -257,16 +257,16 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, y: Tensor, z: Tensor | None = None) -> Tensor:
-        dtype = y.dtype
-        y = y.float()
+        dtype, f = y.dtype, _compute_dtype(y)
+        y = y.to(f)
         if z is not None and not self.norm_before_gate:
-            y = y * F.silu(z.float())
+            y = y * F.silu(z.to(f))
         shape = y.shape
         g = y.reshape(*shape[:-1], -1, self.group_size)
         g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        y = g.reshape(shape) * self.weight.float()
+        y = g.reshape(shape) * self.weight.to(f)
         if z is not None and self.norm_before_gate:
-            y = y * F.silu(z.float())
+            y = y * F.silu(z.to(f))
         return y.to(dtype)
 
     def extra_repr(self) -> str:
@@ -368,8 +368,9 @@ class Mamba2Mixer(nn.Module):
         x = x.reshape(b, length, c.n_x_heads, c.head_dim).repeat_interleave(h // c.n_x_heads, dim=2)
         bb = bb.reshape(b, length, c.n_b_groups, c.d_state).repeat_interleave(h // c.n_b_groups, dim=2)
         cc = cc.reshape(b, length, c.n_c_groups, c.d_state).repeat_interleave(h // c.n_c_groups, dim=2)
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, L, H)
-        A = -torch.exp(self.A_log.float())  # (H,)
+        f = _compute_dtype(u)  # float32 for half-precision models
+        dt = F.softplus(dt.to(f) + self.dt_bias.to(f))  # (B, L, H)
+        A = -torch.exp(self.A_log.to(f))  # (H,)
         initial = state.ssm if state is not None else None
         if length == 1 and initial is not None:
             y, ssm = ssd_step(initial, x[:, 0], dt[:, 0], A, bb[:, 0], cc[:, 0])

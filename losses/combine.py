@@ -22,6 +22,7 @@ IGNORE_INDEX = -100
 TOKEN_MASKS = ("answer", "image", "all", "answer+image")
 FEATURE_MASKS = (*TOKEN_MASKS, "none")  # "none": every row of a tapped tensor (e.g. vision-tower tokens)
 DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "tvd": tvd, "soft_ce": soft_cross_entropy}
+STUDENT_TARGET = "student:"  # a tapped term's target read inside the student itself
 FUSED_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")  # also the ones a top-k cache serves
 
 
@@ -281,12 +282,18 @@ class LogitDivergenceTerm(nn.Module):
         temperature: softmax temperature tau > 0 (the loss carries the tau**2 factor).
         mask: which prediction positions count; see `LossInputs.token_mask`.
         beta: teacher weight of the JSD mixture, in [0, 1]; used by "jsd" only.
+        reduction: "mean" (per kept token) or "batchmean" (summed over kept tokens, divided
+            by the batch size: PyTorch's KLDivLoss(reduction="batchmean") on (B, L, V) logits,
+            as MaTVLM and mmMamba compute it).
     """
 
     needs_teacher = True
 
-    def __init__(self, divergence: str, temperature: float = 1.0, mask: str = "answer", beta: float = 0.5) -> None:
+    def __init__(self, divergence: str, temperature: float = 1.0, mask: str = "answer", beta: float = 0.5,
+                 reduction: str = "mean") -> None:
         super().__init__()
+        _check_choice("reduction", reduction, ("mean", "batchmean"))
+        self.reduction = reduction
         _check_choice("divergence", divergence, list(DIVERGENCES))
         _check_choice("token mask", mask, TOKEN_MASKS)
         if not temperature > 0:
@@ -300,7 +307,15 @@ class LogitDivergenceTerm(nn.Module):
         self.needs_dense_teacher = mask != "answer" or divergence not in FUSED_DIVERGENCES  # a top-k cache: answers only
 
     def forward(self, inputs: LossInputs) -> Tensor:
-        """Returns the scalar per-token mean divergence over the positions of `self.mask`."""
+        """Returns the divergence over the positions of `self.mask`, averaged per token (or
+        summed per sample with `reduction="batchmean"`)."""
+        value = self._mean(inputs)
+        if self.reduction == "batchmean" and not inputs.classification:
+            mask = inputs.token_mask("answer" if inputs.teacher_logits is None else self.mask)
+            value = value * mask.sum() / mask.shape[0]
+        return value
+
+    def _mean(self, inputs: LossInputs) -> Tensor:
         if inputs.teacher_logits is None and inputs.teacher_topk is not None:
             return self._sparse(inputs)
         if inputs.teacher_logits is None:
@@ -346,7 +361,8 @@ class LogitDivergenceTerm(nn.Module):
 
     def extra_repr(self) -> str:
         beta = f", beta={self.beta}" if self.divergence == "jsd" else ""
-        return f"{self.divergence}, temperature={self.temperature}, mask={self.mask!r}{beta}"
+        reduction = f", reduction={self.reduction!r}" if self.reduction != "mean" else ""
+        return f"{self.divergence}, temperature={self.temperature}, mask={self.mask!r}{beta}{reduction}"
 
 
 class MDistTerm(nn.Module):
@@ -398,8 +414,12 @@ class TappedTerm(nn.Module):
     Args:
         student: tap template on the student, e.g. "model.language_model.layers.{i}" or
             "model.multi_modal_projector" (":input" / ":qk" select another site).
-        teacher: tap template on the teacher (default: the student's).
-        layers: layer mapping when the templates hold `{i}` (see `workbench.taps.layer_pairs`).
+        teacher: tap template on the teacher (default: the student's). Prefixed with
+            "student:", the target is another tap inside the student itself (mmMamba's
+            layer-wise stages compare each Mamba mixer with the attention kept beside it), and
+            the term needs no teacher.
+        layers: layer mapping when the templates hold `{i}` (see `workbench.taps.layer_pairs`),
+            or "mamba": the student's Mamba layers, each with the same index on the other side.
         projector: "auto" (a learned Linear when widths differ), "linear" or "none".
     """
 
@@ -413,8 +433,13 @@ class TappedTerm(nn.Module):
         super().__init__()
         if not student:
             raise ValueError(f"{type(self).__name__} needs a 'student' tap (a module path)")
+        target = teacher or student
+        self.target_on_student = target.startswith(STUDENT_TARGET)
+        if self.target_on_student:
+            target = target[len(STUDENT_TARGET):]
+            self.needs_teacher = self.needs_dense_teacher = False
         self.student_template = self._with_site(student)
-        self.teacher_template = self._with_site(teacher or student)
+        self.teacher_template = self._with_site(target)
         self.layers = layers
         self.projector_mode = projector
         self.pairs: list[tuple[str, str]] = []
@@ -441,7 +466,8 @@ class TappedTerm(nn.Module):
     def forward(self, inputs: LossInputs) -> Tensor:
         if not self.pairs:
             raise ValueError(f"{type(self).__name__} is not bound to taps; build it with workbench.build")
-        values = [self.compare(i, inputs.student_features[s], inputs.teacher_features[t], inputs)
+        targets = inputs.student_features if self.target_on_student else inputs.teacher_features
+        values = [self.compare(i, inputs.student_features[s], targets[t], inputs)
                   for i, (s, t) in enumerate(self.pairs)]
         return torch.stack(values).mean()
 
@@ -494,7 +520,7 @@ class WeightedLoss(nn.Module):
         for term in self.tapped_terms().values():
             for s, t in term.pairs:
                 student += term.expand(s)
-                teacher += term.expand(t)
+                (student if term.target_on_student else teacher).extend(term.expand(t))
         return list(dict.fromkeys(student)), list(dict.fromkeys(teacher))
 
     def forward(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:

@@ -7,8 +7,11 @@ tapped (student, teacher) pairs from `LossInputs` (see `losses/combine.py` Tappe
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from losses.combine import FEATURE_MASKS, LossInputs, TappedTerm, _check_choice
 
@@ -94,3 +97,65 @@ class FeatureTerm(TappedTerm):
 
     def extra_repr(self) -> str:
         return f"{self.kind}, pairs={self.pairs}, mask={self.mask!r}"
+
+
+REPLAY_KINDS = ("l2", "mse")
+
+
+class LayerReplayTerm(TappedTerm):
+    """MaTVLM's teacher-input layer loss: each chosen student layer runs again on the
+    teacher's input hidden state of its paired layer and is compared with that teacher
+    layer's output, so a converted layer learns to stand in for the attention layer it
+    replaced regardless of errors upstream.
+
+    Args:
+        student: template of the student's decoder layers, e.g. "model.language_model.layers.{i}".
+        teacher: the teacher's (default: the same paths).
+        layers: "mamba" (default: the student's Mamba layers, each with the same teacher
+            layer) or any mapping `workbench.taps.layer_pairs` takes. The layers run without
+            position embeddings or masks, so only Mamba layers may be replayed.
+        kind: "l2" - MaTVLM's ||layer(h_in) - h_out|| over the whole (B, L, D) tensor
+            (Frobenius, not squared, not averaged), summed over layers; or "mse" - the mean
+            squared error, averaged over layers.
+    """
+
+    def __init__(self, student: str | None = None, teacher: str | None = None, layers: Any = "mamba",
+                 kind: str = "l2") -> None:
+        super().__init__(student, teacher, layers, projector="none")
+        _check_choice("layer replay distance", kind, REPLAY_KINDS)
+        self.kind = kind
+        object.__setattr__(self, "_layers", [])  # the student's layer modules (not submodules of the loss)
+
+    def expand(self, tap: str) -> list[str]:
+        return [f"{tap}:input", tap]
+
+    def attach(self, student: nn.Module) -> None:
+        """Look up the student layers the bound pairs name (`workbench.build` calls this)."""
+        from students.hybrid import MambaAttention
+        from workbench.taps import get_module
+
+        layers = []
+        for s, _ in self.pairs:
+            module = get_module(student, s, "student")
+            if not isinstance(getattr(module, "self_attn", None), MambaAttention):
+                raise ValueError(f"layer_replay: student layer {s} is not a Mamba layer; replayed layers run "
+                                 "without position embeddings and masks (use layers: mamba)")
+            layers.append(module)
+        object.__setattr__(self, "_layers", layers)
+
+    def forward(self, inputs: LossInputs) -> Tensor:
+        if len(self._layers) != len(self.pairs) or not self.pairs:
+            raise ValueError("LayerReplayTerm is not bound to the student's layers; build it with workbench.build")
+        values = []
+        for layer, (_, t) in zip(self._layers, self.pairs):
+            h_in, h_out = inputs.teacher_features[f"{t}:input"], inputs.teacher_features[t]
+            weight = next(layer.parameters())
+            y = layer(h_in.detach().to(weight.dtype))
+            y = y[0] if isinstance(y, tuple) else y
+            diff = y.float() - h_out.detach().float()
+            values.append(torch.linalg.vector_norm(diff) if self.kind == "l2" else diff.pow(2).mean())
+        stacked = torch.stack(values)
+        return stacked.sum() if self.kind == "l2" else stacked.mean()
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, pairs={self.pairs}"

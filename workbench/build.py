@@ -181,6 +181,31 @@ def apply_matformer(cfg: RunConfig, student: nn.Module, notes: dict[str, Any]) -
     notes["matformer"] = {"nested_mlps": len(paths), "granularities": sorted(m.granularities, reverse=True)}
 
 
+def apply_hybrid(cfg: RunConfig, student: nn.Module, notes: dict[str, Any]) -> None:
+    """Convert attention layers of the student's language model to Mamba-2 (`hybrid:`). A
+    student that already has Mamba layers (loaded from a converted folder) keeps them; with
+    `keep_attention: false` it drops attention a layer-wise stage kept beside them."""
+    if cfg.hybrid is None:
+        return
+    from students.hybrid import convert, drop_attention, mamba_layers
+
+    h = cfg.hybrid
+    try:
+        already = mamba_layers(student)
+        if already:
+            if not h.keep_attention:
+                drop_attention(student)
+            layers = already
+        else:
+            layers = convert(student, h.layers, init=h.init, mimic=h.mimic, keep_attention=h.keep_attention,
+                             chunk_size=h.chunk_size, d_conv=h.d_conv)
+    except ValueError as e:
+        raise WorkbenchError(f"config key 'hybrid': {e}") from None
+    total = len(student.get_decoder().layers)
+    notes["hybrid"] = {"mamba_layers": layers, "attention_layers": total - len(layers), "init": h.init,
+                       "mimic": h.mimic, "keep_attention": h.keep_attention, "converted_before": bool(already)}
+
+
 def apply_trainable(student: nn.Module, patterns: list[str]) -> None:
     """Freeze every parameter whose name matches none of the glob `patterns`."""
     names = [n for n, _ in student.named_parameters()]
@@ -242,9 +267,12 @@ def build_loss(cfg: RunConfig, has_teacher: bool) -> WeightedLoss:
         raise WorkbenchError(f"config key 'loss': {e}") from None
 
 
-def _bound_pairs(name: str, term, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
-    """A term's (student tap, teacher tap) strings, with `{i}` filled in by its layer mapping."""
+def _bound_pairs(name: str, term, student: nn.Module, teacher: nn.Module | None) -> list[tuple[str, str]]:
+    """A term's (student tap, teacher tap) strings, with `{i}` filled in by its layer mapping
+    ("mamba": the student's Mamba layers, same index on the other side)."""
     s_tpl, t_tpl = term.student_template, term.teacher_template
+    if term.target_on_student:
+        teacher = student
     if (LAYER in s_tpl) != (LAYER in t_tpl):
         raise WorkbenchError(f"loss.{name}: both tap templates or neither must hold {LAYER}, got {s_tpl!r} and {t_tpl!r}")
     if LAYER not in s_tpl:
@@ -252,6 +280,19 @@ def _bound_pairs(name: str, term, student: nn.Module, teacher: nn.Module) -> lis
             raise WorkbenchError(f"loss.{name}.layers is set but the tap templates have no {LAYER}")
         return [(s_tpl, t_tpl)]
     s_taps, t_taps = layer_taps(student, s_tpl, "student"), layer_taps(teacher, t_tpl, "teacher")
+    if term.layers == "mamba":
+        from students.hybrid import mamba_layers
+
+        try:
+            mamba = mamba_layers(student)
+        except ValueError:
+            mamba = []
+        if not mamba:
+            raise WorkbenchError(f"loss.{name}.layers is 'mamba' but the student has no Mamba layers; set 'hybrid:'")
+        if max(mamba) >= min(len(s_taps), len(t_taps)):
+            raise WorkbenchError(f"loss.{name}: the templates {s_tpl!r} / {t_tpl!r} do not range over the decoder "
+                                 "layers the Mamba layers are numbered by")
+        return [(s_taps[i], t_taps[i]) for i in mamba]
     pairs = layer_pairs(len(s_taps), len(t_taps), term.layers if term.layers is not None else "uniform")
     return [(s_taps[i], t_taps[j]) for i, j in pairs]
 
@@ -261,9 +302,10 @@ def bind_taps(built: Built) -> None:
     run each once on one training sample (so a bad tap fails before a run starts), and give
     the terms that ask for them projectors sized from what the taps saw."""
     terms = built.loss.tapped_terms()
-    if built.teacher is None:
+    on_teacher = [name for name, term in terms.items() if not term.target_on_student]
+    if built.teacher is None and on_teacher:
         raise WorkbenchError(
-            f"loss terms {', '.join(terms)} read features inside the teacher, so they need it loaded: "
+            f"loss terms {', '.join(on_teacher)} read features inside the teacher, so they need it loaded: "
             "a teacher-logit cache (teacher.cache) holds logits only; unset teacher.cache"
         )
     teacher_root = getattr(built.teacher, "model", built.teacher)
@@ -275,15 +317,21 @@ def bind_taps(built: Built) -> None:
 
     inputs = model_inputs(batch)
     seen_s = probe(built.student, built.student, [TapPoint.parse(p) for p in student_points], inputs, "student")
-    seen_t = probe(built.teacher, teacher_root, [TapPoint.parse(p) for p in teacher_points], inputs, "teacher")
+    seen_t = probe(built.teacher, teacher_root, [TapPoint.parse(p) for p in teacher_points], inputs, "teacher") \
+        if teacher_points else {}
     seen_s, seen_t = {str(k): v for k, v in seen_s.items()}, {str(k): v for k, v in seen_t.items()}
     for name, term in terms.items():
+        if hasattr(term, "attach"):
+            try:
+                term.attach(built.student)
+            except ValueError as e:
+                raise WorkbenchError(f"loss.{name}: {e}") from None
         projectors = []
         for s, t in term.pairs:
             if not term.uses_projector:
                 projectors.append(None)
                 continue
-            d_s, d_t = seen_s[s].shape[-1], seen_t[t].shape[-1]
+            d_s, d_t = seen_s[s].shape[-1], (seen_s if term.target_on_student else seen_t)[t].shape[-1]
             try:
                 projectors.append(make_projector(term.projector_mode, d_s, d_t))
             except WorkbenchError as e:
@@ -324,6 +372,8 @@ def build_vision(cfg: RunConfig, splits: ImageSplits) -> Built:
     if cfg.trainer.fused_logits:
         raise WorkbenchError("config key 'trainer.fused_logits' is for VLM vocabularies; class logits are small, "
                              "set it to false")
+    if cfg.hybrid is not None:
+        raise WorkbenchError("config key 'hybrid' converts a language model's attention; image classifiers have none")
     if cfg.teacher is not None and cfg.teacher.cache is not None:
         raise WorkbenchError("config key 'teacher.cache': teacher caches hold VLM answer tokens; unset it for "
                              "image classification")
@@ -364,6 +414,7 @@ def build(cfg: RunConfig) -> Built:
     loss = build_loss(cfg, cfg.teacher is not None)
     student = build_student(cfg, processor)
     notes: dict[str, Any] = {}
+    apply_hybrid(cfg, student, notes)  # before init_from: a converted stage's weights load by name
     if cfg.init_from:
         if cfg.init_from == "teacher" and cfg.teacher is None:
             raise WorkbenchError("config key 'init_from' is 'teacher' but 'teacher' is null")

@@ -66,6 +66,7 @@ class LossTermConfig:
     kind: str | None = None  # attention_kl / qkv_relation: kl | ce
     scale: float = 1.0  # hidden_relation: factor on the mean squared Gram difference (MiniViT: 49)
     label_smoothing: float = 0.0  # ce: epsilon of label smoothing
+    reduction: str = "mean"  # divergences: mean (per kept token) | batchmean (sum over kept tokens / batch, MaTVLM/mmMamba)
 
 
 @dataclass
@@ -154,6 +155,19 @@ class MatFormerConfig:
 
 
 @dataclass
+class HybridConfig:
+    """Attention -> Mamba-2 conversion of the student's language model (students/hybrid.py,
+    METHODS.md §4-§5), applied after the student is built and before `init_from` loads."""
+
+    layers: Any = "ratio:0.25"  # all | every:K | ratio:R | [indices]; MaTVLM-0.25 = ratio:0.25 (0, 4, ..., 28 of 32)
+    init: str = "attention"  # attention (C<-W_Q, B<-W_K, x<-W_V, out<-W_O) | random
+    mimic: bool = False  # mmMamba's seeding: split projections, dt proj 0, A=-e, identity conv k=2, gate, no D
+    keep_attention: bool = False  # keep the attention beside each mixer, pass its output on (mmMamba stages 1-2)
+    chunk_size: int | None = None  # SSD chunk length (default 256, 128 with mimic)
+    d_conv: int | None = None  # causal conv width (default 4, 2 with mimic)
+
+
+@dataclass
 class RunConfig:
     """One experiment: who teaches whom, on what, with which objective."""
 
@@ -174,6 +188,7 @@ class RunConfig:
     sweep: dict[str, list[Any]] = field(default_factory=dict)  # key -> values: `workbench run` runs the grid
     vars: dict[str, Any] = field(default_factory=dict)  # your own values, used elsewhere as ${vars.name} (and swept)
     matformer: MatFormerConfig | None = None  # nest the student's FFNs and train every granularity each step
+    hybrid: HybridConfig | None = None  # replace attention layers of the student's language model with Mamba-2
 
 
 CHOICES = {
@@ -333,8 +348,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.stages:
         names = []
         for name, stage in stage_configs(cfg):  # merge_config validates each stage
-            for key in ("init_from", "teacher.path"):
-                value = stage.init_from if key == "init_from" else (stage.teacher.path if stage.teacher else None)
+            values = {"init_from": stage.init_from, "teacher.path": stage.teacher.path if stage.teacher else None,
+                      "student.path": stage.student.path}
+            for key, value in values.items():
                 stage_ref(value, names, f"stages.{name}.{key}")
             names.append(name)
         if not names:
@@ -355,6 +371,8 @@ def validate(cfg: RunConfig) -> None:
             raise WorkbenchError(f"config key 'loss.{name}.temperature' must be > 0")
         if not 0.0 <= term.beta <= 1.0:
             raise WorkbenchError(f"config key 'loss.{name}.beta' must be in [0, 1]")
+        if term.reduction not in ("mean", "batchmean"):
+            raise WorkbenchError(f"config key 'loss.{name}.reduction' must be mean or batchmean")
     for key in ("data.batch_size", "trainer.max_steps", "trainer.val_every_n_steps"):
         section, attr = key.split(".")
         if getattr(getattr(cfg, section), attr) <= 0:
@@ -381,6 +399,8 @@ def validate(cfg: RunConfig) -> None:
             raise WorkbenchError(f"config key 'matformer.sample' must be in 1..{len(m.granularities) - 1} (or null: all)")
         if m.self_distill and cfg.trainer.fused_logits:
             raise WorkbenchError("config key 'matformer.self_distill' needs the student's logits; set trainer.fused_logits=false")
+    if cfg.hybrid is not None and cfg.hybrid.init not in ("attention", "random"):
+        raise WorkbenchError(f"config key 'hybrid.init' must be attention or random, got {cfg.hybrid.init!r}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise WorkbenchError("config key 'data.val_fraction' must be in (0, 1)")
     if not 0.0 <= cfg.data.labeled_fraction <= 1.0:

@@ -109,7 +109,7 @@ DATASETS = Registry("dataset")
 # loss type -> (term builder, the LossTermConfig fields it reads besides type and weight)
 _TERM_FIELDS = {
     "ce": ("label_smoothing",),
-    "divergence": ("temperature", "mask", "beta"),
+    "divergence": ("temperature", "mask", "beta", "reduction"),
     "mdist": ("temperature",),
     "rdist": ("student", "teacher", "layers"),
     "feature": ("student", "teacher", "layers", "projector", "mask"),
@@ -117,6 +117,7 @@ _TERM_FIELDS = {
     "rkd": ("student", "teacher", "layers", "mask"),
     "attention_kl": ("student", "teacher", "layers", "heads", "mask", "kind"),
     "qkv_relation": ("student", "teacher", "layers", "relation_heads", "mask", "kind"),
+    "layer_replay": ("student", "teacher", "layers", "kind"),
 }
 
 
@@ -146,7 +147,7 @@ def _loss_builder(family: str, make: Callable[..., Any]) -> Callable[[Any], Any]
 def _register_builtins() -> None:
     from losses.attention import AttentionKLTerm, QKVRelationTerm
     from losses.combine import CrossEntropyTerm, LogitDivergenceTerm, MDistTerm
-    from losses.feature import FeatureTerm
+    from losses.feature import FeatureTerm, LayerReplayTerm
     from losses.relation import HiddenRelationTerm, RDistTapTerm, RDistTerm, RKDTerm
     from students.vlm import llava_from_parts, tiny_llava
     from teachers.hf_vlm import HFVLMTeacher
@@ -177,6 +178,7 @@ def _register_builtins() -> None:
         LOSSES.register(f"rkd_{kind}", _loss_builder("rkd", lambda _k=kind, **kw: RKDTerm(_k, **kw)))
     LOSSES.register("attention_kl", _loss_builder("attention_kl", AttentionKLTerm))
     LOSSES.register("qkv_relation", _loss_builder("qkv_relation", QKVRelationTerm))
+    LOSSES.register("layer_replay", _loss_builder("layer_replay", LayerReplayTerm))
 
 
 _register_builtins()

@@ -296,14 +296,15 @@ def resume(run_dir: str | Path) -> Path:
 
 
 def _stage_refs(cfg: RunConfig, run_dir: Path) -> RunConfig:
-    """`stage:<name>` in teacher.path / init_from -> that stage's exported student."""
+    """`stage:<name>` in teacher.path / student.path / init_from -> that stage's exported student."""
     def resolve(value: str | None) -> str | None:
         if value and value.startswith(STAGE_REF):
             return str(run_dir / "stages" / value[len(STAGE_REF):] / "student")
         return value
 
     teacher = replace(cfg.teacher, path=resolve(cfg.teacher.path)) if cfg.teacher else None
-    return replace(cfg, teacher=teacher, init_from=resolve(cfg.init_from))
+    return replace(cfg, teacher=teacher, init_from=resolve(cfg.init_from),
+                   student=replace(cfg.student, path=resolve(cfg.student.path)))
 
 
 def _run_stages(cfg: RunConfig, resume_dir: Path | None, new_dir: Path | None = None) -> Path:

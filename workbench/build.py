@@ -93,7 +93,8 @@ def resolve_processor(cfg: RunConfig, splits: Splits):
         return load_teacher_processor(t.path, t.revision, t.trust_remote_code)
     if cfg.student.processor:
         return load_processor(cfg.student.processor, "student.processor")
-    if cfg.student.path and (Path(cfg.student.path) / "preprocessor_config.json").is_file():
+    if cfg.student.path and any((Path(cfg.student.path) / f).is_file()
+                                for f in ("processor_config.json", "preprocessor_config.json")):
         return load_processor(cfg.student.path, "student.path")
     if splits.processor_path is not None:
         return load_processor(splits.processor_path, "data")

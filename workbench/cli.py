@@ -111,6 +111,13 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> None:
     bench_kernels_command(args.ops, quick=args.quick, repeats=args.repeats, json_out=args.json, timeout=args.timeout)
 
 
+def _cmd_bench_decode(args: argparse.Namespace) -> None:
+    from workbench.bench.decode import bench_decode_command
+
+    bench_decode_command(args.source, args.contexts, args.tokens, args.batch, args.hidden, args.layers, args.heads,
+                         args.ratio, args.device, args.dtype, args.json)
+
+
 def _cmd_bench_elastic(args: argparse.Namespace) -> None:
     from workbench.bench.elastic import bench_elastic_command
 
@@ -208,6 +215,22 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--json", metavar="OUT", help="also write the rows and the machine to this JSON file")
     be.add_argument("--plot", metavar="PNG", help="accuracy (or latency) against parameters")
     be.set_defaults(func=_cmd_bench_elastic)
+
+    bd = bsub.add_parser("decode", help="per-token decode latency and cache memory vs context: transformer, "
+                                        "25%% Mamba hybrid, all-Mamba")
+    bd.add_argument("source", nargs="?", help="a causal LM / VLM folder to convert (default: a random Llama "
+                                              "of --hidden/--layers/--heads)")
+    bd.add_argument("--contexts", default="1k,4k,16k", help="context lengths (default 1k,4k,16k)")
+    bd.add_argument("--tokens", type=int, default=16, help="decode steps timed per context (median)")
+    bd.add_argument("--batch", type=int, default=1)
+    bd.add_argument("--hidden", type=int, default=256)
+    bd.add_argument("--layers", type=int, default=8)
+    bd.add_argument("--heads", type=int, default=4)
+    bd.add_argument("--ratio", type=float, default=0.25, help="share of layers the hybrid converts (default 0.25)")
+    bd.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    bd.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    bd.add_argument("--json", metavar="OUT", help="also write the rows and the machine to this JSON file")
+    bd.set_defaults(func=_cmd_bench_decode)
 
     doc = sub.add_parser("doctor", help="versions, CUDA / Triton / mamba-ssm / bitsandbytes, kernel paths")
     doc.add_argument("--json", action="store_true")

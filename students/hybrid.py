@@ -189,17 +189,24 @@ def select_layers(spec: Any, n_layers: int) -> list[int]:
 
     `spec`: "all"; a list of indices (negative count from the end); "every:K" / {"every": K}
     (0, K, 2K, ...); "ratio:R" / {"ratio": R} (round(R * n) layers evenly spaced from 0 -
-    MaTVLM's 25 % of 32 layers is [0, 4, ..., 28]).
+    MaTVLM's 25 % of 32 layers is [0, 4, ..., 28]); "not:<spec>" every layer but those
+    (mmMamba-hybrid converts "not:every:4", keeping attention in layers 0, 4, ..., 28).
     """
     if isinstance(spec, dict) and len(spec) == 1:
         (key, value), = spec.items()
         spec = f"{key}:{value}"
+    if isinstance(spec, str) and spec.strip().startswith("not:"):
+        keep = set(select_layers(spec.strip()[4:], n_layers))
+        rest = [i for i in range(n_layers) if i not in keep]
+        if not rest:
+            raise ValueError(f"layers {spec!r} leaves no layer to convert")
+        return rest
     if isinstance(spec, str):
         if spec == "all":
             return list(range(n_layers))
         match = re.fullmatch(r"(every|ratio):([0-9.]+)", spec.strip())
         if not match:
-            raise ValueError(f"layers {spec!r}: use all, every:K, ratio:R or a list of indices")
+            raise ValueError(f"layers {spec!r}: use all, every:K, ratio:R, not:<spec> or a list of indices")
         kind, value = match.groups()
         if kind == "every":
             k = int(float(value))

@@ -42,7 +42,8 @@ def test_select_layers():
     assert select_layers({"every": 3}, 7) == [0, 3, 6]
     assert select_layers("all", 3) == [0, 1, 2]
     assert select_layers([3, -1, 0], 6) == [0, 3, 5]
-    for bad in ("every:0", "ratio:1.5", "some", [7], [1, -5], []):
+    assert select_layers("not:every:4", 32) == [i for i in range(32) if i % 4]  # mmMamba-hybrid
+    for bad in ("every:0", "ratio:1.5", "some", [7], [1, -5], [], "not:all"):
         with pytest.raises(ValueError):
             select_layers(bad, 6)
 

@@ -159,7 +159,7 @@ class HybridConfig:
     """Attention -> Mamba-2 conversion of the student's language model (students/hybrid.py,
     METHODS.md §4-§5), applied after the student is built and before `init_from` loads."""
 
-    layers: Any = "ratio:0.25"  # all | every:K | ratio:R | [indices]; MaTVLM-0.25 = ratio:0.25 (0, 4, ..., 28 of 32)
+    layers: Any = "ratio:0.25"  # all | every:K | ratio:R | not:<spec> | [indices]; MaTVLM-0.25 = ratio:0.25
     init: str = "attention"  # attention (C<-W_Q, B<-W_K, x<-W_V, out<-W_O) | random
     mimic: bool = False  # mmMamba's seeding: split projections, dt proj 0, A=-e, identity conv k=2, gate, no D
     keep_attention: bool = False  # keep the attention beside each mixer, pass its output on (mmMamba stages 1-2)

@@ -5,7 +5,8 @@ decoding against a full recompute, save / load, and the parameter arithmetic of 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PhiConfig, PhiForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 import students
 from students.hybrid import (MambaAttention, MambaCacheLayer, cache_nbytes, convert, drop_attention, mamba_layers,
@@ -13,14 +14,15 @@ from students.hybrid import (MambaAttention, MambaCacheLayer, cache_nbytes, conv
 from students.mamba2 import Mamba2Config, Mamba2Mixer
 
 ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-         "phi": (PhiConfig, PhiForCausalLM)}
+         "phi": (PhiConfig, PhiForCausalLM), "phi3": (Phi3Config, Phi3ForCausalLM)}
 
 
 def _model(arch="llama", layers=4, **kw):
     cfg_cls, model_cls = ARCHS[arch]
     torch.manual_seed(0)
     cfg = cfg_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=50, max_position_embeddings=128, **kw)
+                  num_key_value_heads=2, vocab_size=50, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2, **kw)
     model = model_cls(cfg).eval()
     model.generation_config.eos_token_id = None  # greedy runs its full length, like the recompute
     return model
@@ -48,7 +50,7 @@ def test_select_layers():
             select_layers(bad, 6)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi", "phi3"])
 @pytest.mark.parametrize("layers", ["every:2", "all"])
 def test_cached_greedy_decoding_equals_recompute(arch, layers, tmp_path):
     model = _model(arch)
@@ -74,6 +76,16 @@ def test_cached_greedy_decoding_equals_recompute(arch, layers, tmp_path):
     assert mamba_layers(again) == chosen
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_fused_qkv_projection_is_split_into_q_k_v():
+    model = _model("phi3")
+    attn = model.model.layers[0].self_attn
+    q, k, v = torch.split(attn.qkv_proj.weight, [64, 32, 32])
+    convert(model, [0])
+    mixer = model.model.layers[0].self_attn.mamba
+    for part, src in (("x", v), ("B", k), ("C", q)):
+        assert torch.equal(mixer.projection(part)[0], src)
 
 
 def test_norms_and_mlps_are_kept_and_attention_init_copies_qkvo():

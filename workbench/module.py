@@ -70,6 +70,9 @@ class DistillModule(pl.LightningModule):
                                              [TapPoint.parse(p) for p in teacher_points], "teacher")
 
     def on_fit_start(self) -> None:
+        # from_pretrained returns models in eval mode, and Lightning keeps each module's mode:
+        # without this a student loaded from a folder would train with dropout off
+        self.student.train()
         if self.teacher is not None:
             self.teacher.to(self.device)
 

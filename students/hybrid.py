@@ -130,6 +130,10 @@ class MambaAttention(nn.Module):
         layer_idx: the decoder layer's index (its cache slot).
         attention: the original attention, kept frozen for mmMamba's layer-wise stages (see
             the module docstring); its output is what the layer passes on.
+
+    The mixer reads no attention mask: right padding (training batches) cannot reach earlier
+    tokens through a causal scan, but in left-padded batched generation the pad tokens enter
+    the state of the shorter prompts (as in mamba-ssm's own generation without masking).
     """
 
     def __init__(self, mixer: Mamba2Mixer, layer_idx: int, attention: nn.Module | None = None):

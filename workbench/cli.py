@@ -221,7 +221,7 @@ def parser() -> argparse.ArgumentParser:
     bd.add_argument("source", nargs="?", help="a causal LM / VLM folder to convert (default: a random Llama "
                                               "of --hidden/--layers/--heads)")
     bd.add_argument("--contexts", default="1k,4k,16k", help="context lengths (default 1k,4k,16k)")
-    bd.add_argument("--tokens", type=int, default=16, help="decode steps timed per context (median)")
+    bd.add_argument("--tokens", type=int, default=32, help="decode steps timed per context (median)")
     bd.add_argument("--batch", type=int, default=1)
     bd.add_argument("--hidden", type=int, default=256)
     bd.add_argument("--layers", type=int, default=8)

@@ -2,11 +2,12 @@
 transformer (the teacher: every layer attention), the same model with 25 % of its layers
 converted to Mamba-2 (MaTVLM's ratio) and with every layer converted (mmMamba-linear).
 
-For each model and context length the context is prefilled once (random tokens), then
-`--tokens` single-token steps run on the cache and are timed one by one (median). Memory is
-what the cache holds after them - attention KV entries grow with the context, Mamba states do
-not - and, on CUDA, the peak allocated during the decode steps. All numbers are measured in
-one process and compared as ratios (16K vs 1K per model; teacher vs Mamba per context).
+For each model every context length is prefilled once (random tokens), then `--tokens`
+single-token steps run on each cache, the contexts taking turns, each step timed (median).
+Memory is what the cache holds after them - attention KV entries grow with the context,
+Mamba states do not - and, on CUDA, the peak allocated during the decode steps (with every
+context's cache alive). All numbers are measured in one process and compared as ratios
+(longest vs shortest context per model; teacher vs hybrid / Mamba per context).
 """
 
 from __future__ import annotations
@@ -55,38 +56,48 @@ def _variants(base, ratio: float) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def _measure(model, context: int, tokens: int, batch: int, device: torch.device, vocab: int) -> dict[str, Any]:
+def _measure(model, contexts: list[int], tokens: int, batch: int, device: torch.device, vocab: int
+             ) -> list[dict[str, Any]]:
+    """Prefill one cache per context, then decode `tokens` steps taking the contexts in turn
+    (so drift in the machine's speed hits every context alike); one row per context."""
     from transformers import DynamicCache
 
     from students.hybrid import cache_nbytes
 
-    g = torch.Generator().manual_seed(context)
-    ids = torch.randint(0, vocab, (batch, context), generator=g).to(device)
-    cache = DynamicCache()
-    start = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    _sync(device)
-    prefill_s = time.perf_counter() - start
-    nxt = out.logits[:, -1:].argmax(-1)
+    caches, nexts, prefill = {}, {}, {}
+    for context in contexts:
+        g = torch.Generator().manual_seed(context)
+        ids = torch.randint(0, vocab, (batch, context), generator=g).to(device)
+        caches[context] = DynamicCache()
+        start = time.perf_counter()
+        out = model(input_ids=ids, past_key_values=caches[context], use_cache=True, logits_to_keep=1)
+        _sync(device)
+        prefill[context] = time.perf_counter() - start
+        nexts[context] = out.logits[:, -1:].argmax(-1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    times = []
+    times: dict[int, list[float]] = {c: [] for c in contexts}
     for _ in range(tokens):
-        start = time.perf_counter()
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    held = cache_nbytes(cache)
-    row = {"context": context, "ms_per_token": 1e3 * statistics.median(times[1:] if len(times) > 2 else times),
-           "prefill_s": prefill_s, "kv_mib": held["kv"] / MIB, "state_mib": held["mamba"] / MIB,
-           "cache_mib": (held["kv"] + held["mamba"]) / MIB}
-    if device.type == "cuda":
-        row["decode_peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / MIB
-    del cache, out
+        for context in contexts:
+            start = time.perf_counter()
+            out = model(input_ids=nexts[context], past_key_values=caches[context], use_cache=True)
+            nexts[context] = out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            times[context].append(time.perf_counter() - start)
+    rows = []
+    for context in contexts:
+        held = cache_nbytes(caches[context])
+        rows.append({"context": context, "ms_per_token": 1e3 * statistics.median(times[context]),
+                     "prefill_s": prefill[context], "kv_mib": held["kv"] / MIB, "state_mib": held["mamba"] / MIB,
+                     "cache_mib": (held["kv"] + held["mamba"]) / MIB})
+    if device.type == "cuda":  # all contexts' caches are alive: the peak is of the decode steps over all of them
+        peak = (torch.cuda.max_memory_allocated(device) - base) / MIB
+        for row in rows:
+            row["decode_peak_mib"] = peak
+    del caches, out
     gc.collect()
-    return row
+    return rows
 
 
 def _sync(device: torch.device) -> None:
@@ -94,7 +105,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_decode(source: str | None = None, contexts: tuple[int, ...] = (1024, 4096, 16384), tokens: int = 16,
+def bench_decode(source: str | None = None, contexts: tuple[int, ...] = (1024, 4096, 16384), tokens: int = 32,
                  batch: int = 1, hidden: int = 256, layers: int = 8, heads: int = 4, vocab: int = 1024,
                  ratio: float = 0.25, device: str | None = None, dtype: str = "float32") -> dict[str, Any]:
     """Measure every (model, context) pair; returns rows, summary ratios and the machine."""
@@ -115,12 +126,11 @@ def bench_decode(source: str | None = None, contexts: tuple[int, ...] = (1024, 4
     for name, model in models.items():
         model.to(device=dev, dtype=torch_dtype)
         params = sum(p.numel() for p in model.parameters())
-        _measure(model, min(contexts), 3, batch, dev, vocab)  # warm-up: allocator, kernels, lazy inits
-        for context in sorted(contexts):
-            row = _measure(model, context, tokens, batch, dev, vocab)
+        _measure(model, [min(contexts)], 3, batch, dev, vocab)  # warm-up: allocator, kernels, lazy inits
+        for row in _measure(model, sorted(contexts), tokens, batch, dev, vocab):
             rows.append({"model": name, "params": params, **row})
-            print(f"  {name:>12} @ {context:>6}: {row['ms_per_token']:.2f} ms/token, cache {row['cache_mib']:.1f} MiB",
-                  flush=True)
+            print(f"  {name:>12} @ {row['context']:>6}: {row['ms_per_token']:.2f} ms/token, "
+                  f"cache {row['cache_mib']:.1f} MiB", flush=True)
         model.to("cpu")
     lo, hi = min(contexts), max(contexts)
 

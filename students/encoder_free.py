@@ -1,0 +1,115 @@
+"""Building blocks of encoder-free VLM students (EVE v1, METHODS.md §6): image patches go
+straight into the language model through a light patch tokenizer instead of a vision encoder.
+
+`EVEPatchTokenizer` follows EVE's `VisionTokenizer`: a bias-free patch convolution (kernel =
+stride = `patch_size`); local attention that pools each `pool` x `pool` cell (query = the
+cell's average, keys / values = its patches, pre-LN, multi-head, output = average + projection
+of the attention); a learnable CLS token refined by global attention over every cell token; a
+learnable split token appended after each row; and the `mlp2x_gelu` projector into the
+language model's width. The sequence is [CLS, row_1 + split, ..., row_h + split], so an image
+of any aspect ratio (sides multiples of patch_size * pool) gives 1 + h * (w + 1) tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def eve_token_count(height: int, width: int, patch_size: int, pool: int) -> int:
+    """Tokens an image of `height` x `width` pixels becomes: CLS + h rows of (w cells + split)."""
+    cell = patch_size * pool
+    if height % cell or width % cell:
+        raise ValueError(f"image sides {height}x{width} must be multiples of patch_size * pool = {cell}")
+    h, w = height // cell, width // cell
+    return 1 + h * (w + 1)
+
+
+class EVEPatchTokenizer(nn.Module):
+    """Patch conv -> local attention pooling -> CLS by global attention -> row split tokens -> projector.
+
+    Args:
+        width: the tokenizer's channels (EVE: 1024).
+        out_dim: the language model's hidden size (the projector's output).
+        patch_size: pixels per patch (kernel and stride of the convolution; EVE: 14).
+        pool: patches per cell side pooled by local attention (EVE: 2, i.e. 28 px per token).
+        heads: attention heads of the local and global attention (EVE: 8).
+        in_chans: image channels.
+    """
+
+    def __init__(self, width: int, out_dim: int, patch_size: int = 14, pool: int = 2, heads: int = 8,
+                 in_chans: int = 3):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not a multiple of heads {heads}")
+        self.patch_size, self.pool, self.heads = patch_size, pool, heads
+        self.patch_embed = nn.Conv2d(in_chans, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.local_norm = nn.LayerNorm(width)
+        self.local_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.global_norm = nn.LayerNorm(width)
+        self.global_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width) * width ** -0.5)
+        self.split_token = nn.Parameter(torch.randn(1, 1, width) * width ** -0.5)
+        self.projector = nn.Sequential(nn.Linear(width, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of cells for an image of this size."""
+        eve_token_count(height, width, self.patch_size, self.pool)  # checks the sides
+        cell = self.patch_size * self.pool
+        return height // cell, width // cell
+
+    def cells(self, pixel_values: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, h, w, width): each pool x pool cell of patches, pooled by local attention."""
+        b = pixel_values.shape[0]
+        h, w = self.grid(*pixel_values.shape[-2:])
+        p = self.pool
+        x = self.patch_embed(pixel_values)  # (B, width, h*p, w*p)
+        d = x.shape[1]
+        patches = x.reshape(b, d, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(b * h * w, p * p, d)
+        query = patches.mean(1, keepdim=True)  # (B*h*w, 1, width): the cell's average
+        kv = self.local_norm(patches)
+        attn, _ = self.local_attn(self.local_norm(query), kv, kv, need_weights=False)
+        return (query + attn).reshape(b, h, w, d)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        """(B, C, H, W) images of one size -> (B, 1 + h * (w + 1), out_dim) tokens for the LLM."""
+        cells = self.cells(pixel_values)  # (B, h, w, width)
+        b, h, w, d = cells.shape
+        flat = cells.reshape(b, h * w, d)
+        cls = self.cls_token.expand(b, -1, -1)
+        keys = self.global_norm(flat)
+        refined, _ = self.global_attn(self.global_norm(cls), keys, keys, need_weights=False)
+        cls = cls + refined  # (B, 1, width)
+        rows = torch.cat([cells, self.split_token.expand(b, h, 1, d)], dim=2)  # (B, h, w + 1, width)
+        tokens = torch.cat([cls, rows.reshape(b, h * (w + 1), d)], dim=1)
+        return self.projector(tokens)
+
+    def layout(self, height: int, width: int) -> dict[str, Tensor]:
+        """Which of an image's tokens are the CLS, the cells and the split tokens (bool masks
+        over its 1 + h * (w + 1) tokens) - what EVE's patch-aligning layer keeps (the cells)."""
+        h, w = self.grid(height, width)
+        kind = torch.ones(h, w + 1, dtype=torch.long)
+        kind[:, -1] = 2
+        kind = torch.cat([torch.zeros(1, dtype=torch.long), kind.flatten()])
+        return {"cls": kind == 0, "cells": kind == 1, "split": kind == 2}
+
+
+def eve_cells(tokens: Tensor, h: int, w: int) -> Tensor:
+    """The (B, h * w, D) cell tokens of a (B, 1 + h * (w + 1), D) EVE image sequence (CLS and
+    split tokens dropped), in row order - the positions EVE's alignment loss reads."""
+    b, n, d = tokens.shape
+    if n != 1 + h * (w + 1):
+        raise ValueError(f"{n} tokens are not an EVE sequence of a {h}x{w} grid ({1 + h * (w + 1)})")
+    return tokens[:, 1:].reshape(b, h, w + 1, d)[:, :, :w].reshape(b, h * w, d)
+
+
+def alignment_loss(predicted: Tensor, target: Tensor) -> Tensor:
+    """EVE / BREEN feature alignment: mean over images of (1 - mean cosine over patches).
+
+    Args:
+        predicted: (B, N, D) student features (after the aligning projection).
+        target: (B, N, D) frozen vision-encoder features (detached here).
+    """
+    cos = F.cosine_similarity(predicted.float(), target.detach().float(), dim=-1)  # (B, N)
+    return (1 - cos.mean(-1)).mean()

@@ -113,3 +113,47 @@ def alignment_loss(predicted: Tensor, target: Tensor) -> Tensor:
     """
     cos = F.cosine_similarity(predicted.float(), target.detach().float(), dim=-1)  # (B, N)
     return (1 - cos.mean(-1)).mean()
+
+
+class PatchAligningLayer(nn.Module):
+    """EVE's patch-aligning layer (`VisionCompressor`, training only): the language model's
+    hidden states at the image's cell positions, taken from several layers, are projected
+    per layer (LayerNorm + Linear to the vision width), fused per cell by cross-attention
+    (query: the last taken layer; keys / values: the others), and the output is
+    Linear(last layer's hidden state) + Linear(fused) - what `alignment_loss` compares with
+    the frozen encoder's features.
+
+    Args:
+        llm_dim: the language model's hidden size.
+        vision_dim: the vision encoder's feature width.
+        n_layers: how many hidden states are taken (EVE: layers L, L-4, ..., 0 -> 9 of 33).
+        heads: cross-attention heads (EVE: 8).
+    """
+
+    def __init__(self, llm_dim: int, vision_dim: int, n_layers: int, heads: int = 8):
+        super().__init__()
+        if n_layers < 2:
+            raise ValueError("the patch-aligning layer fuses at least two hidden states")
+        self.norms = nn.ModuleList([nn.LayerNorm(llm_dim) for _ in range(n_layers)])
+        self.projs = nn.ModuleList([nn.Linear(llm_dim, vision_dim) for _ in range(n_layers)])
+        self.fuse = nn.MultiheadAttention(vision_dim, heads, batch_first=True)
+        self.out_last = nn.Linear(llm_dim, vision_dim)
+        self.out_fused = nn.Linear(vision_dim, vision_dim)
+
+    def forward(self, hidden: list[Tensor]) -> Tensor:
+        """`hidden`: per taken layer, (B, N, llm_dim) states at the N cell positions, the
+        last (deepest) layer last. Returns (B, N, vision_dim)."""
+        if len(hidden) != len(self.projs):
+            raise ValueError(f"expected {len(self.projs)} hidden states, got {len(hidden)}")
+        b, n, _ = hidden[-1].shape
+        projected = [proj(norm(h)) for h, norm, proj in zip(hidden, self.norms, self.projs)]  # each (B, N, Dv)
+        query = projected[-1].reshape(b * n, 1, -1)
+        others = torch.stack(projected[:-1], dim=2).reshape(b * n, len(projected) - 1, -1)  # per cell
+        fused, _ = self.fuse(query, others, others, need_weights=False)
+        return self.out_last(hidden[-1]) + self.out_fused(fused.reshape(b, n, -1))
+
+
+def aligned_layers(n_hidden_states: int, every: int = 4) -> list[int]:
+    """Which hidden states EVE's aligning layer reads: the last, then every `every`-th one
+    down to 0, shallow to deep (33 states of a 32-layer LLM -> 0, 4, ..., 32)."""
+    return sorted(range(n_hidden_states - 1, -1, -every))

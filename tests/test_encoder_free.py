@@ -56,3 +56,24 @@ def test_alignment_loss_closed_form():
     y = torch.randn(3, 5, 8)
     expected = (1 - torch.nn.functional.cosine_similarity(x, y, dim=-1).mean(-1)).mean()
     torch.testing.assert_close(alignment_loss(x, y), expected)
+
+
+def test_patch_aligning_layer_fuses_per_cell():
+    from students.encoder_free import PatchAligningLayer, aligned_layers
+
+    assert aligned_layers(33) == list(range(0, 33, 4))  # 9 of a 32-layer LLM's 33 hidden states
+    assert aligned_layers(5, every=2) == [0, 2, 4]
+    torch.manual_seed(0)
+    pal = PatchAligningLayer(llm_dim=12, vision_dim=8, n_layers=3, heads=2)
+    hidden = [torch.randn(2, 6, 12, requires_grad=True) for _ in range(3)]
+    out = pal(hidden)
+    assert out.shape == (2, 6, 8)
+    # fusion is per cell: changing cell 4 in a shallow layer changes only cell 4's output
+    moved = [h.detach().clone() for h in hidden]
+    moved[0][:, 4] += torch.randn(12)  # (a constant shift would vanish in the LayerNorm)
+    differs = (pal(moved) - out).abs().amax(-1) > 1e-6
+    assert differs[:, 4].all() and differs.sum() == 2
+    alignment_loss(out, torch.randn(2, 6, 8)).backward()
+    assert all(h.grad is not None for h in hidden)
+    with pytest.raises(ValueError, match="expected 3"):
+        pal(hidden[:2])

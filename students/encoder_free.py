@@ -157,3 +157,76 @@ def aligned_layers(n_hidden_states: int, every: int = 4) -> list[int]:
     """Which hidden states EVE's aligning layer reads: the last, then every `every`-th one
     down to 0, shallow to deep (33 states of a 32-layer LLM -> 0, 4, ..., 32)."""
     return sorted(range(n_hidden_states - 1, -1, -every))
+
+
+class ImageExpertMLP(nn.Module):
+    """BREEN's image expert: a decoder layer's FFN duplicated, tokens routed by type - image
+    and query tokens through `image_expert` (initialised as a copy of the FFN), text through
+    `text_expert` (the FFN itself) - and each path's output scaled by its own per-token gate
+    sigmoid(Linear(hidden, 1)(x)). As in BREEN's code the text path is gated too, so text
+    outputs change from step 0 (METHODS.md §10.5d); both gates start at PyTorch's Linear init.
+
+    The routing mask is set on the model for one forward with `route_image_tokens`.
+    """
+
+    def __init__(self, mlp: nn.Module, hidden: int):
+        super().__init__()
+        import copy
+
+        self.text_expert = mlp
+        self.image_expert = copy.deepcopy(mlp)
+        self.text_gate = nn.Linear(hidden, 1)
+        self.image_gate = nn.Linear(hidden, 1)
+        self.image_mask: Tensor | None = None  # (B, L) bool, set by `route_image_tokens`
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.text_expert(x) * torch.sigmoid(self.text_gate(x))
+        mask = self.image_mask
+        if mask is None or not mask.any():
+            return out
+        if mask.shape != x.shape[:2]:
+            raise ValueError(f"image routing mask {tuple(mask.shape)} does not match the tokens {tuple(x.shape[:2])}")
+        picked = x[mask]  # (M, D)
+        image = self.image_expert(picked) * torch.sigmoid(self.image_gate(picked))
+        return _place(out, mask, image)
+
+
+def _place(out: Tensor, mask: Tensor, rows: Tensor) -> Tensor:
+    """`out` with the rows at `mask` replaced by `rows` (out of place, autograd-safe)."""
+    out = out.clone()
+    out[mask] = rows.to(out.dtype)
+    return out
+
+
+def add_image_experts(model: nn.Module) -> list[str]:
+    """Give every decoder layer of `model`'s language model a BREEN image expert (in place);
+    returns the paths of the new modules."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    hidden = decoder.config.hidden_size
+    names = {id(m): n for n, m in model.named_modules()}
+    paths = []
+    for layer in decoder.layers:
+        if isinstance(layer.mlp, ImageExpertMLP):
+            raise ValueError("the model already has image experts")
+        ref = next(layer.mlp.parameters())
+        layer.mlp = ImageExpertMLP(layer.mlp, hidden).to(device=ref.device, dtype=ref.dtype)
+        paths.append(names[id(layer)] + ".mlp")
+    return paths
+
+
+class route_image_tokens:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Within the block, the model's image experts take the tokens where `image_mask` (B, L) is True."""
+
+    def __init__(self, model: nn.Module, image_mask: Tensor):
+        self.experts = [m for m in model.modules() if isinstance(m, ImageExpertMLP)]
+        self.mask = image_mask.bool()
+
+    def __enter__(self):
+        for m in self.experts:
+            m.image_mask = self.mask
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.experts:
+            m.image_mask = None
+        return False

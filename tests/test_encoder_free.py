@@ -77,3 +77,50 @@ def test_patch_aligning_layer_fuses_per_cell():
     assert all(h.grad is not None for h in hidden)
     with pytest.raises(ValueError, match="expected 3"):
         pal(hidden[:2])
+
+
+def test_image_experts_route_by_token_type():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from students.encoder_free import ImageExpertMLP, add_image_experts, route_image_tokens
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=40)
+    reference = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg).eval()
+    model.load_state_dict(reference.state_dict())
+    paths = add_image_experts(model)
+    assert paths == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    layer0 = model.model.layers[0].mlp
+    assert isinstance(layer0, ImageExpertMLP)
+    assert torch.equal(layer0.image_expert.up_proj.weight, layer0.text_expert.up_proj.weight)  # a copy at init
+    ids = torch.randint(0, 40, (2, 7))
+    image = torch.zeros(2, 7, dtype=torch.bool)
+    image[:, 1:4] = True
+    with torch.no_grad():
+        for m in model.modules():  # gates open fully: the expert model equals the original
+            if isinstance(m, ImageExpertMLP):
+                for gate in (m.text_gate, m.image_gate):
+                    gate.weight.zero_()
+                    gate.bias.fill_(40.0)
+        with route_image_tokens(model, image):
+            torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+        layer0.image_expert.down_proj.weight.mul_(3.0)  # only image tokens go through it
+        x = torch.randn(2, 7, 32)
+        layer0.image_mask = image
+        routed = layer0(x)
+        layer0.image_mask = None
+        text = layer0(x)
+        differs = (routed - text).abs().amax(-1) > 1e-6
+        assert torch.equal(differs, image)
+    assert all(m.image_mask is None for m in model.modules() if isinstance(m, ImageExpertMLP))
+    with torch.no_grad():  # unsaturate the gates so every path gets gradient
+        for gate in (layer0.text_gate, layer0.image_gate):
+            gate.bias.zero_()
+    with route_image_tokens(model, image):
+        model(ids).logits.square().mean().backward()
+    for name in ("text_expert", "image_expert", "text_gate", "image_gate"):
+        grads = [p.grad for p in getattr(layer0, name).parameters()]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
+    with pytest.raises(ValueError, match="already"):
+        add_image_experts(model)

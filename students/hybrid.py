@@ -83,7 +83,7 @@ class MambaCacheLayer(DynamicLayer):
         self._map(lambda t: t[indices])
 
     def offload(self) -> None:
-        self._map(lambda t: t.to("cpu", non_blocking=True))
+        pass  # a few KiB per layer: it stays where it is (offloading is for KV entries)
 
     def prefetch(self) -> None:
         pass

@@ -38,3 +38,5 @@ def test_cli_writes_json_and_rejects_bad_contexts(tmp_path, capsys):
     assert parse_contexts("1k, 4K,16384") == (1024, 4096, 16384)
     assert main(["bench", "decode", "--contexts", "1k,lots"]) == 2
     assert "--contexts" in capsys.readouterr().err
+    assert main(["bench", "decode", "--dtype", "nn"]) == 2
+    assert "--dtype" in capsys.readouterr().err

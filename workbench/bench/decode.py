@@ -113,11 +113,15 @@ def bench_decode(source: str | None = None, contexts: tuple[int, ...] = (1024, 4
 
     if tokens < 1 or batch < 1 or not contexts or min(contexts) < 1:
         raise WorkbenchError("--tokens, --batch and every context must be >= 1")
+    if device not in (None, "cpu", "cuda"):
+        raise WorkbenchError(f"--device {device!r}: use cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise WorkbenchError("--device cuda: no CUDA device is available here")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        torch_dtype = getattr(torch, dtype)
-    except AttributeError:
-        raise WorkbenchError(f"--dtype {dtype!r} is not a torch dtype") from None
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise WorkbenchError(f"--dtype {dtype!r}: use one of {', '.join(dtypes)}")
+    torch_dtype = dtypes[dtype]
     base = _base_model(source, hidden, layers, heads, vocab)
     cfg = base.config.get_text_config()
     vocab = cfg.vocab_size

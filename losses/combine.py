@@ -61,6 +61,13 @@ class LossInputs:
             tap captured in this forward pass, for the feature, relation and attention terms.
         teacher_keep: (B, L) bool, the positions whose teacher logits `teacher_logits` holds
             (fused mode asks the teacher for those rows only), or None for all positions.
+        student_hidden_states: every hidden state of the student's decoder (embeddings first,
+            the final normed state last), when a term reads them (`needs_hidden_states`).
+        image_grids: per image of the batch (in order), its (rows, columns) of cells - the
+            encoder-free students' tokenizer grid.
+        vision_features: (N_images, grid_h * grid_w, D) patch features of a frozen vision
+            encoder teacher (`teachers/vision_encoder.py`) on the batch's images, row by row
+            on `vision_grid`.
     """
 
     student_logits: Tensor | None
@@ -74,6 +81,10 @@ class LossInputs:
     student_features: dict[str, Any] = field(default_factory=dict)
     teacher_features: dict[str, Any] = field(default_factory=dict)
     teacher_keep: Tensor | None = None
+    student_hidden_states: tuple[Tensor, ...] | None = None
+    image_grids: list[tuple[int, int]] | None = None
+    vision_features: Tensor | None = None
+    vision_grid: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.classification:
@@ -495,6 +506,16 @@ class WeightedLoss(nn.Module):
     def needs_teacher(self) -> bool:
         """Whether any active term reads teacher logits (so the trainer must run the teacher)."""
         return any(term.needs_teacher for term in self.terms.values())
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        """Whether any active term reads every hidden state of the student's decoder."""
+        return any(getattr(term, "needs_hidden_states", False) for term in self.terms.values())
+
+    @property
+    def needs_vision_features(self) -> bool:
+        """Whether any active term reads a vision-encoder teacher's patch features."""
+        return any(getattr(term, "needs_vision_features", False) for term in self.terms.values())
 
     def teacher_logit_positions(self, inputs: LossInputs) -> Tensor:
         """(B, L) bool: every position whose teacher logits an active term reads (fused mode

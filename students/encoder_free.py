@@ -1,5 +1,15 @@
-"""Building blocks of encoder-free VLM students (EVE v1, METHODS.md §6): image patches go
-straight into the language model through a light patch tokenizer instead of a vision encoder.
+"""Encoder-free VLM students (EVE v1 and BREEN, METHODS.md §6-§7): image patches go straight
+into the language model through a light patch tokenizer instead of a vision encoder, and a
+frozen vision encoder teaches the model, during training only, what it would have seen.
+
+`EncoderFreeForConditionalGeneration` is a Hugging Face model (config `EncoderFreeConfig`,
+`model_type` "encoder_free_vlm", registered with the Auto classes when this module is
+imported): a patch tokenizer (EVE's, or BREEN's linear one) whose tokens replace the
+`<image>` tokens of any Hugging Face decoder LM, optional learnable queries after each
+image (BREEN), optional image experts in every layer (BREEN). `EncoderFreeProcessor` turns
+images of any aspect ratio into cell grids (padded, with a validity mask) and writes the
+matching number of image tokens per sample. The training-only parts - EVE's patch-aligning
+layer and BREEN's query targets - live in the loss terms (`losses/vision_align.py`).
 
 `EVEPatchTokenizer` follows EVE's `VisionTokenizer`: a bias-free patch convolution (kernel =
 stride = `patch_size`); local attention that pools each `pool` x `pool` cell (query = the
@@ -12,9 +22,15 @@ of any aspect ratio (sides multiples of patch_size * pool) gives 1 + h * (w + 1)
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.configuration_utils import SubConfigSpec
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
 
 
 def eve_token_count(height: int, width: int, patch_size: int, pool: int) -> int:
@@ -95,15 +111,6 @@ class EVEPatchTokenizer(nn.Module):
         return {"cls": kind == 0, "cells": kind == 1, "split": kind == 2}
 
 
-def eve_cells(tokens: Tensor, h: int, w: int) -> Tensor:
-    """The (B, h * w, D) cell tokens of a (B, 1 + h * (w + 1), D) EVE image sequence (CLS and
-    split tokens dropped), in row order - the positions EVE's alignment loss reads."""
-    b, n, d = tokens.shape
-    if n != 1 + h * (w + 1):
-        raise ValueError(f"{n} tokens are not an EVE sequence of a {h}x{w} grid ({1 + h * (w + 1)})")
-    return tokens[:, 1:].reshape(b, h, w + 1, d)[:, :, :w].reshape(b, h * w, d)
-
-
 def alignment_loss(predicted: Tensor, target: Tensor) -> Tensor:
     """EVE / BREEN feature alignment: mean over images of (1 - mean cosine over patches).
 
@@ -171,8 +178,6 @@ class ImageExpertMLP(nn.Module):
 
     def __init__(self, mlp: nn.Module, hidden: int):
         super().__init__()
-        import copy
-
         self.text_expert = mlp
         self.image_expert = copy.deepcopy(mlp)
         self.text_gate = nn.Linear(hidden, 1)
@@ -230,3 +235,388 @@ class route_image_tokens:  # noqa: N801 - used as a context manager, like torch.
         for m in self.experts:
             m.image_mask = None
         return False
+
+
+class LinearPatchTokenizer(nn.Module):
+    """BREEN's `--linear_tokenizer`: one bias-free convolution per cell (kernel = stride =
+    `patch_size * pool`) and the `mlp2x_gelu` projector - no local / global attention, no
+    CLS or split tokens; an image of h x w cells gives h * w tokens in row order.
+
+    The cell is `patch_size * pool` pixels so that the token grid is EVE's (24 x 24 at 672 px,
+    the grid BREEN's 64 + 36 queries pool by strides 3 and 4).
+    """
+
+    def __init__(self, width: int, out_dim: int, patch_size: int = 14, pool: int = 2, in_chans: int = 3):
+        super().__init__()
+        self.patch_size, self.pool = patch_size, pool
+        cell = patch_size * pool
+        self.patch_embed = nn.Conv2d(in_chans, width, kernel_size=cell, stride=cell, bias=False)
+        self.projector = nn.Sequential(nn.Linear(width, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        eve_token_count(height, width, self.patch_size, self.pool)  # checks the sides
+        cell = self.patch_size * self.pool
+        return height // cell, width // cell
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        """(B, C, H, W) images of one size -> (B, h * w, out_dim)."""
+        self.grid(*pixel_values.shape[-2:])
+        return self.projector(self.patch_embed(pixel_values).flatten(2).transpose(1, 2))
+
+    def layout(self, height: int, width: int) -> dict[str, Tensor]:
+        h, w = self.grid(height, width)
+        cells = torch.ones(h * w, dtype=torch.bool)
+        return {"cls": ~cells, "cells": cells, "split": ~cells}
+
+
+TOKENIZERS = ("eve", "linear")
+
+
+def image_token_count(tokenizer: str, grid: tuple[int, int], num_queries: int = 0) -> int:
+    """Tokens one image of `grid` = (h, w) cells takes in the sequence: EVE's 1 + h (w + 1)
+    or the linear tokenizer's h w, plus the learnable queries that follow it."""
+    h, w = grid
+    if tokenizer == "eve":
+        return 1 + h * (w + 1) + num_queries
+    if tokenizer == "linear":
+        return h * w + num_queries
+    raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+
+
+def cell_positions(tokenizer: str, grid: tuple[int, int]) -> Tensor:
+    """Offsets, within one image's run of tokens, of its h * w cell tokens in row order (what
+    EVE's patch-aligning layer reads: CLS and split tokens dropped)."""
+    h, w = grid
+    if tokenizer == "linear":
+        return torch.arange(h * w)
+    rows = torch.arange(h)[:, None] * (w + 1) + torch.arange(w)[None, :]
+    return 1 + rows.flatten()
+
+
+def grids_from_mask(pixel_mask: Tensor, cell: int) -> list[tuple[int, int]]:
+    """Each image's (rows, columns) of cells from its (N, H, W) validity mask (the valid area
+    is the top-left rectangle the processor filled)."""
+    grids = []
+    for m in pixel_mask.bool():
+        rows, cols = int(m.any(1).sum()), int(m.any(0).sum())
+        if rows % cell or cols % cell or rows == 0 or cols == 0:
+            raise ValueError(f"an image's valid area {rows}x{cols} px is not a whole number of {cell}-px cells")
+        grids.append((rows // cell, cols // cell))
+    return grids
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hugging Face model
+# ---------------------------------------------------------------------------------------------
+
+
+
+class EncoderFreeConfig(PreTrainedConfig):
+    """An encoder-free VLM: a patch tokenizer in front of the decoder LM `text_config` describes.
+
+    Fields:
+        tokenizer: "eve" (conv, local attention cells, CLS, row split tokens) or "linear" (BREEN).
+        vision_width: channels of the tokenizer (EVE: 1024).
+        patch_size, pool: pixels per patch and patches per cell side; a token covers
+            `patch_size * pool` pixels (EVE: 14 x 2 = 28).
+        heads: heads of the EVE tokenizer's local and global attention.
+        max_image_side: the processor scales longer sides down to this (672: at most 24 x 24 cells).
+        image_token_id: the `<image>` token the processor repeats once per image token.
+        query_grids: BREEN's learnable queries, one group per target grid, e.g. [[8, 8], [6, 6]]
+            (64 + 36 for strides 3 and 4 of a 24 x 24 encoder grid); placed after each image.
+        image_experts: BREEN's image expert (a duplicated FFN) in every decoder layer.
+    """
+
+    model_type = "encoder_free_vlm"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    tokenizer: str = "eve"
+    vision_width: int = 1024
+    patch_size: int = 14
+    pool: int = 2
+    heads: int = 8
+    in_chans: int = 3
+    max_image_side: int = 672
+    image_token_id: int = 32000
+    query_grids: list | None = None
+    image_experts: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        if self.query_grids:
+            self.query_grids = [[int(a), int(b)] for a, b in self.query_grids]
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+
+    @property
+    def cell(self) -> int:
+        return self.patch_size * self.pool
+
+    @property
+    def num_queries(self) -> int:
+        return sum(a * b for a, b in self.query_grids or [])
+
+
+class EncoderFreeBackbone(nn.Module):
+    """The language model, the patch tokenizer and (BREEN) the learnable queries."""
+
+    def __init__(self, config: EncoderFreeConfig):
+        super().__init__()
+        text = config.text_config
+        self.language_model = AutoModel.from_config(text)
+        if config.tokenizer == "eve":
+            self.vision_tokenizer = EVEPatchTokenizer(config.vision_width, text.hidden_size, config.patch_size,
+                                                      config.pool, config.heads, config.in_chans)
+        else:
+            self.vision_tokenizer = LinearPatchTokenizer(config.vision_width, text.hidden_size, config.patch_size,
+                                                         config.pool, config.in_chans)
+        n = config.num_queries
+        self.queries = nn.Parameter(torch.randn(n, text.hidden_size)) if n else None
+        if config.image_experts:
+            add_image_experts(self.language_model)
+
+
+class EncoderFreeForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    """Patch tokenizer -> (queries) -> decoder LM -> LM head; no vision encoder.
+
+    `forward` takes the processor's `input_ids` (one `<image>` token per image token),
+    `pixel_values` (N, C, H, W) padded to the batch's largest image and `pixel_mask` (N, H, W)
+    marking each image's valid area; the i-th image's tokens fill the i-th run of image tokens.
+    """
+
+    config_class = EncoderFreeConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: EncoderFreeConfig):
+        super().__init__(config)
+        self.model = EncoderFreeBackbone(config)
+        text = config.text_config
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        from transformers import initialization as init
+
+        if isinstance(module, EVEPatchTokenizer):
+            std = module.cls_token.shape[-1] ** -0.5
+            init.normal_(module.cls_token, std=std)
+            init.normal_(module.split_token, std=std)
+        elif isinstance(module, EncoderFreeBackbone) and module.queries is not None:
+            init.normal_(module.queries, std=1.0)  # BREEN: torch.randn
+        elif isinstance(module, nn.MultiheadAttention):
+            module._reset_parameters()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> nn.Module:
+        return self.model.language_model
+
+    def image_grids(self, pixel_values: Tensor, pixel_mask: Tensor | None = None) -> list[tuple[int, int]]:
+        """Each image's (rows, columns) of cells."""
+        if pixel_mask is None:
+            return [self.model.vision_tokenizer.grid(*pixel_values.shape[-2:])] * pixel_values.shape[0]
+        return grids_from_mask(pixel_mask, self.config.cell)
+
+    def image_embeddings(self, pixel_values: Tensor, pixel_mask: Tensor | None = None) -> list[Tensor]:
+        """Per image, the (n_i, hidden) embeddings its run of image tokens takes: its tokenizer
+        tokens (from its valid area only) followed by the queries. Images of one size share a
+        tokenizer call."""
+        grids = self.image_grids(pixel_values, pixel_mask)
+        cell = self.config.cell
+        dtype = self.model.vision_tokenizer.projector[0].weight.dtype
+        out: list[Tensor | None] = [None] * len(grids)
+        for grid in dict.fromkeys(grids):
+            idx = [i for i, g in enumerate(grids) if g == grid]
+            pixels = pixel_values[idx, :, : grid[0] * cell, : grid[1] * cell].to(dtype)
+            tokens = self.model.vision_tokenizer(pixels)
+            if self.model.queries is not None:
+                tokens = torch.cat([tokens, self.model.queries.to(tokens.dtype).expand(len(idx), -1, -1)], dim=1)
+            for j, i in enumerate(idx):
+                out[i] = tokens[j]
+        return out
+
+    def _merge_images(self, input_ids: Tensor, embeds: Tensor, pixel_values: Tensor,
+                      pixel_mask: Tensor | None) -> Tensor:
+        image_mask = input_ids == self.config.image_token_id
+        images = self.image_embeddings(pixel_values, pixel_mask)
+        runs = image_runs(image_mask)
+        if len(runs) != len(images) or any(n != len(t) for (_, _, n), t in zip(runs, images)):
+            raise ValueError(
+                f"the text holds {len(runs)} runs of image tokens of lengths {[n for _, _, n in runs]} but the "
+                f"{len(images)} images make {[len(t) for t in images]} tokens; build the inputs with the model's processor"
+            )
+        return embeds.masked_scatter(image_mask[..., None], torch.cat(images).to(embeds.dtype))
+
+    def forward(self, input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
+                pixel_mask: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, past_key_values=None, inputs_embeds: Tensor | None = None,
+                labels: Tensor | None = None, use_cache: bool | None = None,
+                logits_to_keep: int | Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        routed = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        if input_ids is not None:
+            routed = input_ids == self.config.image_token_id
+            if pixel_values is not None and routed.any():
+                inputs_embeds = self._merge_images(input_ids, inputs_embeds, pixel_values, pixel_mask)
+            elif routed.any() and (past_key_values is None or past_key_values.get_seq_length() == 0):
+                raise ValueError("the inputs hold image tokens but no pixel_values were given")
+        with route_image_tokens(self, routed):
+            outputs = self.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                                position_ids=position_ids, past_key_values=past_key_values,
+                                                use_cache=use_cache, **kwargs)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+def image_runs(image_mask: Tensor) -> list[tuple[int, int, int]]:
+    """(sample, start, length) of each maximal run of image tokens in a (B, L) mask, in
+    batch order - one run per image."""
+    m = image_mask.bool().int()
+    edges = torch.diff(torch.nn.functional.pad(m, (1, 1)), dim=1)  # +1 at a run's start, -1 after its end
+    starts, ends = (edges == 1).nonzero().tolist(), (edges == -1).nonzero().tolist()
+    return [(b, s, e - s) for (b, s), (_, e) in zip(starts, ends)]
+
+
+AutoConfig.register(EncoderFreeConfig.model_type, EncoderFreeConfig, exist_ok=True)
+for _auto in ("AutoModelForImageTextToText", "AutoModel"):
+    import transformers as _tf
+
+    getattr(_tf, _auto).register(EncoderFreeConfig, EncoderFreeForConditionalGeneration, exist_ok=True)
+
+
+def _language_model(path: str):
+    """(decoder, LM head, text config) of a causal LM folder or of a VLM's language model."""
+    import students
+
+    model = students.load(path)
+    if isinstance(model, EncoderFreeForConditionalGeneration):
+        raise ValueError(f"{path} is an encoder-free model already; continue from it with student.path")
+    return model.get_decoder(), model.get_output_embeddings(), model.config.get_text_config()
+
+
+def _encoder_free(*, vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int | None,
+                  eos_token_id: int | None, tokenizer: str, language_model: str | None, text_model: str,
+                  text_hidden: int, text_layers: int, text_heads: int, text_kv_heads: int | None,
+                  text_intermediate: int | None, vision_width: int, patch_size: int, pool: int, heads: int,
+                  max_image_side: int, query_grids: list | None, image_experts: bool, tie_word_embeddings: bool,
+                  initializer_range: float) -> EncoderFreeForConditionalGeneration:
+    from students.vlm import TEXT_CONFIGS
+
+    decoder = head = None
+    if language_model is not None:
+        decoder, head, text = _language_model(language_model)
+        text = copy.deepcopy(text)
+        tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
+    else:
+        if text_model not in TEXT_CONFIGS:
+            raise ValueError(f"text_model must be one of {sorted(TEXT_CONFIGS)}, got {text_model!r}")
+        text = TEXT_CONFIGS[text_model](
+            vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=text_intermediate or 4 * text_hidden,
+            num_hidden_layers=text_layers, num_attention_heads=text_heads,
+            num_key_value_heads=text_kv_heads or text_heads, tie_word_embeddings=tie_word_embeddings,
+            initializer_range=initializer_range)
+    text.pad_token_id, text.bos_token_id, text.eos_token_id = pad_token_id, bos_token_id, eos_token_id
+    config = EncoderFreeConfig(text_config=text, tokenizer=tokenizer, vision_width=vision_width, patch_size=patch_size,
+                               pool=pool, heads=heads, max_image_side=max_image_side, image_token_id=image_token_id,
+                               query_grids=query_grids, image_experts=False, tie_word_embeddings=tie_word_embeddings)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = pad_token_id, bos_token_id, eos_token_id
+    model = EncoderFreeForConditionalGeneration(config)
+    if decoder is not None:  # the pretrained LLM, as EVE starts from Vicuna and BREEN from Qwen2.5
+        model.model.language_model, model.lm_head = decoder, head
+        if tie_word_embeddings:
+            model.tie_weights()
+        if model.get_input_embeddings().weight.shape[0] < vocab_size:
+            model.resize_token_embeddings(vocab_size)
+            model.config.text_config.vocab_size = model.get_input_embeddings().weight.shape[0]
+    if image_experts:  # copies of the (pretrained) FFNs
+        add_image_experts(model.model.language_model)
+        model.config.image_experts = True
+    return model
+
+
+def eve_student(*, vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int | None = None,
+                eos_token_id: int | None = None, language_model: str | None = None, text_model: str = "llama",
+                text_hidden: int = 128, text_layers: int = 4, text_heads: int = 4, text_kv_heads: int | None = None,
+                text_intermediate: int | None = None, vision_width: int = 1024, patch_size: int = 14, pool: int = 2,
+                heads: int = 8, max_image_side: int = 672, tie_word_embeddings: bool = False,
+                initializer_range: float = 0.02) -> EncoderFreeForConditionalGeneration:
+    """An EVE v1 student: EVE's patch tokenizer (conv, local-attention cells, CLS, row split
+    tokens, mlp2x_gelu projector) in front of a decoder LM.
+
+    Args:
+        vocab_size, image_token_id, pad_token_id, bos_token_id, eos_token_id: from the processor
+            (filled in by `workbench/build.py`).
+        language_model: folder or hub id of the LLM to start from: a causal LM, or a VLM whose
+            language model and head are taken (EVE: Vicuna-7B). Without it a random `text_model`
+            decoder of the `text_*` size is built.
+        vision_width, patch_size, pool, heads: the tokenizer (EVE: 1024, 14, 2, 8).
+        max_image_side: the processor's longest side (EVE: 672, at most 24 x 24 cells).
+    """
+    return _encoder_free(vocab_size=vocab_size, image_token_id=image_token_id, pad_token_id=pad_token_id,
+                         bos_token_id=bos_token_id, eos_token_id=eos_token_id, tokenizer="eve",
+                         language_model=language_model, text_model=text_model, text_hidden=text_hidden,
+                         text_layers=text_layers, text_heads=text_heads, text_kv_heads=text_kv_heads,
+                         text_intermediate=text_intermediate, vision_width=vision_width, patch_size=patch_size,
+                         pool=pool, heads=heads, max_image_side=max_image_side, query_grids=None,
+                         image_experts=False, tie_word_embeddings=tie_word_embeddings,
+                         initializer_range=initializer_range)
+
+
+def breen_student(*, vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int | None = None,
+                  eos_token_id: int | None = None, language_model: str | None = None, text_model: str = "qwen2",
+                  text_hidden: int = 128, text_layers: int = 4, text_heads: int = 4, text_kv_heads: int | None = None,
+                  text_intermediate: int | None = None, vision_width: int = 1024, patch_size: int = 14,
+                  pool: int = 2, max_image_side: int = 672, query_grids: list | None = None,
+                  image_experts: bool = True, tie_word_embeddings: bool = False,
+                  initializer_range: float = 0.02) -> EncoderFreeForConditionalGeneration:
+    """A BREEN student: the linear patch tokenizer, learnable queries after each image (one
+    group per target grid, default [[8, 8], [6, 6]] = 64 + 36, BREEN's strides 3 and 4 of
+    CLIP's 24 x 24 grid) and an image expert in every decoder layer.
+
+    Args: as `eve_student` (BREEN starts from Qwen2.5-7B-Instruct); `query_grids` sets the
+        query groups, `image_experts` the duplicated FFNs.
+    """
+    return _encoder_free(vocab_size=vocab_size, image_token_id=image_token_id, pad_token_id=pad_token_id,
+                         bos_token_id=bos_token_id, eos_token_id=eos_token_id, tokenizer="linear",
+                         language_model=language_model, text_model=text_model, text_hidden=text_hidden,
+                         text_layers=text_layers, text_heads=text_heads, text_kv_heads=text_kv_heads,
+                         text_intermediate=text_intermediate, vision_width=vision_width, patch_size=patch_size,
+                         pool=pool, heads=8, max_image_side=max_image_side,
+                         query_grids=[[8, 8], [6, 6]] if query_grids is None else query_grids,
+                         image_experts=image_experts, tie_word_embeddings=tie_word_embeddings,
+                         initializer_range=initializer_range)
+
+
+# the builders take the tokenizer's ids from the processor; image size and patches are their own
+eve_student.processor_fields = breen_student.processor_fields = (
+    "vocab_size", "image_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
+
+import students.encoder_free_processing  # noqa: E402,F401 - registers the processor with the Auto classes

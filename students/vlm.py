@@ -133,9 +133,9 @@ def llava_from_parts(
             `workbench/build.py`); the LM's embeddings grow to `vocab_size` if the tokenizer
             has more tokens (e.g. an added image token).
         vision_model: folder or hub id of a vision encoder checkpoint (a full CLIP/SigLIP
-            model or its vision tower alone); only the vision tower is kept.
+            model or its vision tower alone) or of a VLM; only the vision tower is kept.
         language_model: folder or hub id of an `AutoModelForCausalLM` checkpoint (Qwen2,
-            Llama, ...).
+            Llama, ...) or of a VLM, whose language model and head are taken.
         vision_feature_layer: tower layer feeding the projector (-2: the penultimate, as
             LLaVA and TinyLLaVA use).
         vision_feature_select_strategy: "full" keeps every patch token (SigLIP has no CLS),
@@ -153,9 +153,19 @@ def llava_from_parts(
             f"vision_model {vision_model} takes {vision_config.image_size}px images in {vision_config.patch_size}px "
             f"patches but the processor makes {image_size}px / {patch_size}px; use the teacher's vision encoder size"
         )
-    tower_cls = type(AutoModel.from_config(vision_config))
-    tower = tower_cls.from_pretrained(vision_model, config=vision_config)  # a full CLIP/SigLIP keeps its tower only
-    lm = AutoModelForCausalLM.from_pretrained(language_model)
+    if config.model_type in ("clip", "siglip", "siglip2") or vision_config is config:
+        tower_cls = type(AutoModel.from_config(vision_config))
+        tower = tower_cls.from_pretrained(vision_model, config=vision_config)  # a full CLIP/SigLIP keeps its tower only
+    else:  # a VLM: its vision tower
+        import students
+        from teachers.vision_encoder import _vision_tower
+
+        tower = _vision_tower(students.load(vision_model), vision_model)
+    from students.encoder_free import _language_model
+
+    decoder, head, text_config = _language_model(language_model)
+    lm = AutoModelForCausalLM.from_config(text_config)
+    lm.model, lm.lm_head = decoder, head
     if lm.get_input_embeddings().weight.shape[0] < vocab_size:
         lm.resize_token_embeddings(vocab_size)
     text_config = lm.config

@@ -36,6 +36,10 @@ def pool_to_grid(features: Tensor, grid: tuple[int, int], target: tuple[int, int
 class VisionEncoderTeacher(nn.Module):
     """A frozen vision encoder that returns the patch features of one layer.
 
+    `preprocess` turns PIL images into its input: each whole image resized to the encoder's
+    square size (no crop, so every part of what the student sees has a teacher feature),
+    normalised with the folder's image-processor statistics.
+
     Args:
         path: a folder saved with `save_pretrained` or a hub id: a VLM (its vision tower is
             kept, the rest dropped), a CLIP / SigLIP model (its vision side), or a CLIP /
@@ -76,8 +80,24 @@ class VisionEncoderTeacher(nn.Module):
             raise WorkbenchError(f"teacher layer {layer} is out of range for a {layers}-layer vision encoder")
         self.layer = layer
         self.width = vision.hidden_size
+        self.image_size = vision.image_size
         self.path = path
+        self.mean, self.std = _normalisation(path, kind, hub)
         self.eval()
+
+    feature_teacher = True  # returns patch features, not logits
+
+    def preprocess(self, images) -> Tensor:
+        """PIL images -> (N, 3, S, S) pixel values at the encoder's image size."""
+        import numpy as np
+        from PIL import Image
+
+        size = self.image_size
+        out = torch.empty(len(images), 3, size, size)
+        for i, image in enumerate(images):
+            image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+            out[i] = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+        return (out - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
 
     def train(self, mode: bool = True) -> VisionEncoderTeacher:
         """Stay in eval mode whatever is asked."""
@@ -101,6 +121,23 @@ class VisionEncoderTeacher(nn.Module):
     def pooled(self, pixel_values: Tensor, target: tuple[int, int]) -> Tensor:
         """`forward` average-pooled to a `target` grid (EVE: the student's grid; BREEN: 8x8 and 6x6)."""
         return pool_to_grid(self(pixel_values), self.grid, target)
+
+
+_CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+
+def _normalisation(path: str, kind: str, hub: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The image mean / std of the folder's image processor; without one, CLIP's statistics
+    (SigLIP's 0.5 / 0.5 for SigLIP models)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(path, **hub)
+        return tuple(processor.image_mean), tuple(processor.image_std)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        if kind.startswith("siglip"):
+            return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        return _CLIP_STATS
 
 
 def _vision_tower(vlm: nn.Module, path: str) -> nn.Module:

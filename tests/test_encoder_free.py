@@ -4,7 +4,7 @@ the CLS token's global view, the split tokens, the alignment loss (issue 8 groun
 import pytest
 import torch
 
-from students.encoder_free import EVEPatchTokenizer, alignment_loss, eve_cells, eve_token_count
+from students.encoder_free import EVEPatchTokenizer, alignment_loss, cell_positions, eve_token_count
 
 
 def _tok(**kw):
@@ -38,15 +38,12 @@ def test_layout_cells_are_local_cls_is_global_splits_are_constant():
     split = base[0][layout["split"]]
     assert layout["split"].sum() == 2 and torch.allclose(split, split[:1].expand_as(split))
     assert layout["cells"].sum() == 6 and layout["cls"].nonzero().tolist() == [[0]]
-    cells = eve_cells(base, 2, 3)
-    torch.testing.assert_close(cells[0], base[0][layout["cells"]])
+    assert cell_positions("eve", (2, 3)).tolist() == layout["cells"].nonzero().squeeze(1).tolist() == [1, 2, 3, 5, 6, 7]
 
 
 def test_sides_must_fit_the_cells():
     with pytest.raises(ValueError, match="multiples"):
         _tok()(torch.randn(1, 3, 20, 16))
-    with pytest.raises(ValueError, match="EVE sequence"):
-        eve_cells(torch.randn(1, 7, 4), 2, 3)
 
 
 def test_alignment_loss_closed_form():

@@ -72,8 +72,15 @@ def build_teacher(cfg: RunConfig) -> nn.Module | None:
     return builder(**args)
 
 
+def is_feature_teacher(t: TeacherConfig) -> bool:
+    """A teacher that returns features on images (a vision encoder), not logits."""
+    return bool(getattr(TEACHERS.get(t.type, "teacher.type"), "feature_teacher", False))
+
+
 def load_processor(path: str | Path, key: str):
     from transformers import AutoProcessor
+
+    import students.encoder_free  # noqa: F401 - registers the encoder-free processor
 
     if not Path(path).is_dir():
         raise WorkbenchError(f"config key '{key}': processor folder {path} does not exist")
@@ -84,9 +91,10 @@ def load_processor(path: str | Path, key: str):
 
 
 def resolve_processor(cfg: RunConfig, splits: Splits):
-    """The student shares its teacher's processor; else `student.processor`, the student
-    folder's own, or the one that ships with the data (the wind tunnel's)."""
-    if cfg.teacher is not None:
+    """The student shares its teacher's processor; else (no teacher, or a vision encoder that
+    has no tokenizer) `student.processor`, the student folder's own, or the one that ships
+    with the data (the wind tunnel's)."""
+    if cfg.teacher is not None and not is_feature_teacher(cfg.teacher):
         from teachers.hf_vlm import load_teacher_processor
 
         t = cfg.teacher
@@ -104,16 +112,17 @@ def resolve_processor(cfg: RunConfig, splits: Splits):
 def processor_fields(processor) -> dict[str, Any]:
     """Student builder arguments that must agree with the shared processor."""
     tok = processor.tokenizer
-    crop = getattr(processor.image_processor, "crop_size", None) or processor.image_processor.size
-    return {
+    fields = {
         "vocab_size": len(tok),
         "image_token_id": processor.image_token_id,
         "pad_token_id": tok.pad_token_id,
         "bos_token_id": tok.bos_token_id,
         "eos_token_id": tok.eos_token_id,
-        "image_size": crop["height"],
-        "patch_size": processor.patch_size,
     }
+    crop = getattr(processor.image_processor, "crop_size", None) or getattr(processor.image_processor, "size", None)
+    if crop and getattr(processor, "patch_size", None):
+        fields.update(image_size=crop["height"], patch_size=processor.patch_size)
+    return fields
 
 
 def build_student(cfg: RunConfig, processor) -> nn.Module:
@@ -124,8 +133,47 @@ def build_student(cfg: RunConfig, processor) -> nn.Module:
         if s.kwargs:
             raise WorkbenchError("config keys 'student.kwargs' and 'student.path' exclude each other")
         return students.load(s.path)
-    STUDENTS.get(s.type, "student.type")
-    return STUDENTS.build(s.type, "student.kwargs", fixed=processor_fields(processor), **s.kwargs)
+    builder = STUDENTS.get(s.type, "student.type")
+    fixed = processor_fields(processor)
+    wanted = getattr(builder, "processor_fields", None)  # builders with their own image layout take fewer
+    if wanted is not None:
+        fixed = {k: v for k, v in fixed.items() if k in wanted}
+    try:
+        return STUDENTS.build(s.type, "student.kwargs", fixed=fixed, **s.kwargs)
+    except (ValueError, OSError) as e:
+        if isinstance(e, WorkbenchError):
+            raise
+        raise WorkbenchError(f"config key 'student.kwargs': cannot build {s.type}: {e}".splitlines()[0]) from None
+
+
+def student_processor(student: nn.Module, processor):
+    """The processor the student reads: the shared one, or for an encoder-free student its
+    own around the shared tokenizer and chat template (any-aspect-ratio images, one image
+    token per tokenizer token)."""
+    from students.encoder_free import EncoderFreeForConditionalGeneration
+    from students.encoder_free_processing import EncoderFreeProcessor
+
+    if not isinstance(student, EncoderFreeForConditionalGeneration) or isinstance(processor, EncoderFreeProcessor):
+        return processor
+    return EncoderFreeProcessor.for_model(student.config, processor.tokenizer, processor.chat_template)
+
+
+def attach_vision_terms(built: Built) -> None:
+    """Give the vision-feature terms (EVE's aligning layer, BREEN's query targets) the built
+    student and teacher; a vision teacher must be read by such a term and only by them."""
+    teacher = built.teacher
+    feature = bool(getattr(teacher, "feature_teacher", False))
+    terms = {n: t for n, t in built.loss.terms.items() if getattr(t, "needs_vision_features", False)}
+    if feature:
+        logit_terms = [n for n, t in built.loss.terms.items() if t.needs_teacher and n not in terms]
+        if logit_terms:
+            raise WorkbenchError(f"loss terms {', '.join(logit_terms)} read teacher logits, but teacher.type "
+                                 f"{type(teacher).__name__} gives image features only")
+    for name, term in terms.items():
+        try:
+            term.attach(built.student, teacher)
+        except ValueError as e:
+            raise WorkbenchError(f"loss.{name}: {e}") from None
 
 
 def init_student(student: nn.Module, source: str, key: str = "init_from") -> dict[str, int]:
@@ -424,9 +472,11 @@ def build(cfg: RunConfig) -> Built:
     apply_matformer(cfg, student, notes)
     if cfg.trainable:
         apply_trainable(student, cfg.trainable)
+    processor = student_processor(student, processor)
     check_vocabularies(student, processor)
     collator = VLMCollator(processor, max_length=cfg.data.max_length)
     built = attach_teacher(cfg, Built(splits, processor, collator, student, loss, notes=notes))
+    attach_vision_terms(built)
     if loss.tapped_terms():
         bind_taps(built)
     n_train = len(built.splits.train)  # after the labelled split: what the student trains on

@@ -22,9 +22,10 @@ from workbench.errors import WorkbenchError
 
 @dataclass
 class TeacherConfig:
-    """A frozen teacher: a Hugging Face VLM (`hf_vlm`) or a timm image classifier (`timm`)."""
+    """A frozen teacher: a Hugging Face VLM (`hf_vlm`), a timm image classifier (`timm`), or a
+    vision encoder whose patch features supervise an encoder-free student (`vision_encoder`)."""
 
-    type: str = "hf_vlm"  # registry key (workbench/registry.py TEACHERS): hf_vlm | timm
+    type: str = "hf_vlm"  # registry key (workbench/registry.py TEACHERS): hf_vlm | timm | vision_encoder
     path: str = MISSING  # folder or hub id; timm: also a checkpoint file (with `model`) or a timm model name
     model: str | None = None  # timm: the architecture of a checkpoint file, e.g. deit_base_patch16_224
     kwargs: dict[str, Any] = field(default_factory=dict)  # timm: create_model arguments (num_classes, ...)
@@ -33,6 +34,7 @@ class TeacherConfig:
     quantize: str = "none"  # none | int8 | nf4 (bitsandbytes; vision tower, projector, lm_head kept)
     skip_modules: list[str] | None = None  # modules left unquantized (replaces the default list)
     trust_remote_code: bool = False
+    layer: int = -2  # vision_encoder: the hidden state whose patch features teach (-2 penultimate: EVE; -1 last: BREEN)
     cache: str | None = None  # teacher-logit cache folder, or "auto" (<out_root>/teacher-cache/<fingerprint>)
     top_k: int = 16  # ids kept per position when this run makes the cache itself
 
@@ -66,6 +68,7 @@ class LossTermConfig:
     kind: str | None = None  # attention_kl / qkv_relation: kl | ce
     scale: float = 1.0  # hidden_relation: factor on the mean squared Gram difference (MiniViT: 49)
     label_smoothing: float = 0.0  # ce: epsilon of label smoothing
+    every: int = 4  # eve_alignment: the aligning layer reads hidden states L, L-every, ..., 0
     reduction: str = "mean"  # divergences: mean (per kept token) | batchmean (sum over kept tokens / batch, MaTVLM/mmMamba)
 
 
@@ -349,7 +352,8 @@ def validate(cfg: RunConfig) -> None:
         names = []
         for name, stage in stage_configs(cfg):  # merge_config validates each stage
             values = {"init_from": stage.init_from, "teacher.path": stage.teacher.path if stage.teacher else None,
-                      "student.path": stage.student.path}
+                      "student.path": stage.student.path,
+                      **{f"student.kwargs.{k}": v for k, v in stage.student.kwargs.items() if isinstance(v, str)}}
             for key, value in values.items():
                 stage_ref(value, names, f"stages.{name}.{key}")
             names.append(name)

@@ -20,7 +20,7 @@ from workbench.metrics import accuracies, merge_scores, score_outputs
 from workbench.optim import make_optimizer
 from workbench.taps import FeatureTaps, TapPoint
 
-NON_MODEL_KEYS = ("labels", "image_mask", "ids", "qtypes", "teacher_topk")
+NON_MODEL_KEYS = ("labels", "image_mask", "ids", "qtypes", "teacher_topk", "teacher_pixel_values")
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -85,7 +85,11 @@ class DistillModule(pl.LightningModule):
         """
         inputs = model_inputs(batch)
         loss_inputs = self._student_pass(batch, inputs, fused)
-        if self.teacher is not None and self.loss.needs_teacher:
+        if self.teacher is not None and self.loss.needs_teacher and getattr(self.teacher, "feature_teacher", False):
+            # a vision encoder teaching an encoder-free student: its patch features on the images
+            loss_inputs.vision_features = self.teacher(batch["teacher_pixel_values"])
+            loss_inputs.vision_grid = self.teacher.grid
+        elif self.teacher is not None and self.loss.needs_teacher:
             # fused: the teacher too computes logits only where a term reads them
             keep = self.loss.teacher_logit_positions(loss_inputs) if fused else None
             with torch.no_grad(), contextlib.ExitStack() as stack:
@@ -102,15 +106,21 @@ class DistillModule(pl.LightningModule):
     def _student_pass(self, batch: dict[str, Any], inputs: dict[str, Any], fused: bool) -> LossInputs:
         """The student's forward with its taps, as `LossInputs` (no teacher yet)."""
         extra = {"logits_to_keep": torch.zeros_like(batch["attention_mask"], dtype=torch.bool)} if fused else {}
+        if self.loss.needs_hidden_states:
+            extra["output_hidden_states"] = True
         with self._student_taps.capture() as found:
-            student_logits = self.student(**inputs, **extra).logits
+            out = self.student(**inputs, **extra)
         student_features = {str(p): v for p, v in found.items()}
         hidden = student_features.pop(str(self._decoder_tap)) if self._decoder_tap is not None else None
-        return LossInputs(student_logits=None if fused else student_logits, labels=batch["labels"],
+        grids = None
+        if hasattr(self.student, "image_grids") and batch.get("pixel_values") is not None:
+            grids = self.student.image_grids(batch["pixel_values"], batch.get("pixel_mask"))
+        return LossInputs(student_logits=None if fused else out.logits, labels=batch["labels"],
                           attention_mask=batch["attention_mask"], image_mask=batch["image_mask"],
                           teacher_topk=batch.get("teacher_topk"), student_hidden=hidden if fused else None,
                           student_head=self.student.get_output_embeddings() if fused else None,
-                          student_features=student_features)
+                          student_features=student_features, image_grids=grids,
+                          student_hidden_states=out.hidden_states if self.loss.needs_hidden_states else None)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         n = batch["labels"].shape[0]
@@ -162,7 +172,8 @@ class DistillModule(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         inputs = self._loss_inputs(batch)
-        if inputs.teacher_logits is not None or inputs.teacher_topk is not None or not self.loss.needs_teacher:
+        if (inputs.teacher_logits is not None or inputs.teacher_topk is not None or inputs.vision_features is not None
+                or not self.loss.needs_teacher):
             total, _ = self.loss(inputs)
             self.log("val/loss", total, batch_size=batch["labels"].shape[0], sync_dist=True)
         # else: the teacher signal comes from a training-set cache; held-out batches have none

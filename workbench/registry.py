@@ -118,6 +118,8 @@ _TERM_FIELDS = {
     "attention_kl": ("student", "teacher", "layers", "heads", "mask", "kind"),
     "qkv_relation": ("student", "teacher", "layers", "relation_heads", "mask", "kind"),
     "layer_replay": ("student", "teacher", "layers", "kind"),
+    "eve_alignment": ("every", "heads"),
+    "breen_query": (),
 }
 
 
@@ -149,7 +151,10 @@ def _register_builtins() -> None:
     from losses.combine import CrossEntropyTerm, LogitDivergenceTerm, MDistTerm
     from losses.feature import FeatureTerm, LayerReplayTerm
     from losses.relation import HiddenRelationTerm, RDistTapTerm, RDistTerm, RKDTerm
+    from losses.vision_align import BREENQueryTerm, EVEAlignmentTerm
+    from students.encoder_free import breen_student, eve_student
     from students.vlm import llava_from_parts, tiny_llava
+    from teachers.vision_encoder import VisionEncoderTeacher
     from teachers.hf_vlm import HFVLMTeacher
     from teachers.timm_vit import TimmTeacher
     from workbench.data import llava_splits, windtunnel_splits
@@ -157,8 +162,11 @@ def _register_builtins() -> None:
 
     STUDENTS.register("tiny_llava", tiny_llava)
     STUDENTS.register("llava_from_parts", llava_from_parts)
+    STUDENTS.register("eve", eve_student)
+    STUDENTS.register("breen", breen_student)
     TEACHERS.register("hf_vlm", HFVLMTeacher)
     TEACHERS.register("timm", TimmTeacher)
+    TEACHERS.register("vision_encoder", VisionEncoderTeacher)
     DATASETS.register("llava", llava_splits)
     DATASETS.register("windtunnel", windtunnel_splits)
     DATASETS.register("image_folder", image_folder_splits)
@@ -179,6 +187,8 @@ def _register_builtins() -> None:
     LOSSES.register("attention_kl", _loss_builder("attention_kl", AttentionKLTerm))
     LOSSES.register("qkv_relation", _loss_builder("qkv_relation", QKVRelationTerm))
     LOSSES.register("layer_replay", _loss_builder("layer_replay", LayerReplayTerm))
+    LOSSES.register("eve_alignment", _loss_builder("eve_alignment", EVEAlignmentTerm))
+    LOSSES.register("breen_query", _loss_builder("breen_query", BREENQueryTerm))
 
 
 _register_builtins()

@@ -203,7 +203,8 @@ def train(cfg: RunConfig, built: Built, run_dir: Path, resume: bool = False) -> 
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         if (run_dir / "metrics.csv").is_file():  # Lightning's CSV logger would delete it
             os.replace(run_dir / "metrics.csv", earlier_metrics)
-        if built.teacher is not None and cfg.eval_teacher and val_loader is not None:
+        if (built.teacher is not None and cfg.eval_teacher and val_loader is not None
+                and not getattr(built.teacher, "feature_teacher", False)):  # a vision encoder answers nothing
             summary["teacher"] = evaluate(built.teacher, val_loader)
         _write_json(run_dir / "summary.json", summary)
     print(f"[workbench] {run_dir}: training {summary['params']['student_trainable']:,} of "
@@ -296,15 +297,17 @@ def resume(run_dir: str | Path) -> Path:
 
 
 def _stage_refs(cfg: RunConfig, run_dir: Path) -> RunConfig:
-    """`stage:<name>` in teacher.path / student.path / init_from -> that stage's exported student."""
-    def resolve(value: str | None) -> str | None:
-        if value and value.startswith(STAGE_REF):
+    """`stage:<name>` in teacher.path / student.path / init_from / a student.kwargs path (e.g. an
+    encoder-free student's `language_model`) -> that stage's exported student."""
+    def resolve(value):
+        if isinstance(value, str) and value.startswith(STAGE_REF):
             return str(run_dir / "stages" / value[len(STAGE_REF):] / "student")
         return value
 
     teacher = replace(cfg.teacher, path=resolve(cfg.teacher.path)) if cfg.teacher else None
+    kwargs = {k: resolve(v) for k, v in cfg.student.kwargs.items()}
     return replace(cfg, teacher=teacher, init_from=resolve(cfg.init_from),
-                   student=replace(cfg.student, path=resolve(cfg.student.path)))
+                   student=replace(cfg.student, path=resolve(cfg.student.path), kwargs=kwargs))
 
 
 def _run_stages(cfg: RunConfig, resume_dir: Path | None, new_dir: Path | None = None) -> Path:

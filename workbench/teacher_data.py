@@ -137,7 +137,10 @@ def attach_teacher(cfg, built):
     if not use_cache:
         if has_teacher:
             built.teacher = build_teacher(cfg)
-            check_vocabularies(built.student, built.processor, built.teacher)
+            if getattr(built.teacher, "feature_teacher", False):  # a vision encoder: it reads the images
+                built.collator.teacher_images = built.teacher.preprocess
+            else:
+                check_vocabularies(built.student, built.processor, built.teacher)
         built.splits.train = _subset(train, split.labeled)
         return built
 

@@ -115,11 +115,13 @@ class VLMCollator:
 
     Output keys: `input_ids`, `attention_mask`, `pixel_values` (+ any other processor
     outputs), `labels` (IGNORE_INDEX outside answers), `image_mask` (image-token positions),
-    `ids`, `qtypes`.
+    `ids`, `qtypes`, and with `teacher_images` set, `teacher_pixel_values` (the images as a
+    vision-encoder teacher takes them).
     """
 
     processor: Any
     max_length: int | None = None
+    teacher_images: Any = None  # PIL images -> a vision teacher's pixel values (`teacher_pixel_values`)
 
     def __post_init__(self):
         self._label_cache: dict[tuple[str, str, int], list[int]] = {}
@@ -230,6 +232,8 @@ class VLMCollator:
         if self.max_length is not None and input_ids.shape[1] > self.max_length:
             batch = self._truncate(batch, samples)
         batch["image_mask"] = batch["input_ids"] == self.image_token_id
+        if self.teacher_images is not None and images:
+            batch["teacher_pixel_values"] = self.teacher_images(images)
         batch["ids"] = [s["id"] for s in samples]
         batch["qtypes"] = [s["qtypes"] for s in samples]
         return batch

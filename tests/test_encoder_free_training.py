@@ -120,7 +120,8 @@ def test_real_size_recipes_build_and_train_their_first_stage(tmp_path, tiny_vlm_
     wind tunnel's processor and data; one GPU's worth of trainer settings."""
     argv = [f"vars.llm={tiny_vlm_dir}", f"vars.clip={tiny_vlm_dir}", f"vars.processor={world_dir / 'processor'}",
             f"vars.captions={world_dir / 'train.json'}", f"vars.blip3_4m={world_dir / 'train.json'}",
-            f"vars.images={world_dir}", f"data.val={world_dir / 'val.json'}", "data.limit_train=16", "data.batch_size=4", "data.num_workers=0",
+            f"vars.images={world_dir}", f"data.val={world_dir / 'val.json'}", "data.limit_train=16", "data.batch_size=4",
+            "data.num_workers=0",
             "trainer.devices=1", "trainer.strategy=auto", "trainer.precision=32-true", "trainer.max_steps=2",
             "trainer.val_every_n_steps=2", "trainer.accumulate_grad_batches=1", "optim.warmup_steps=1",
             "teacher.dtype=float32", f"out_root={tmp_path}/runs", "stages.pretrain=null", "stages.sft=null",

@@ -38,6 +38,7 @@ class VisionAlignTerm(nn.Module):
     needs_dense_teacher = True  # features, not a logit cache
     needs_hidden_states = True
     needs_vision_features = True
+    carries_over = True  # a recipe's next stage continues from this stage's trained state
 
     def attach(self, student: nn.Module, teacher: nn.Module) -> None:
         if not isinstance(student, EncoderFreeForConditionalGeneration):

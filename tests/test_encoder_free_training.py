@@ -57,6 +57,22 @@ def test_eve_recipe_three_stages(tmp_path, tiny_vlm_dir):
     assert not any("pal" in k for k in w1)
 
 
+def test_the_aligning_layer_carries_over_to_the_next_stage(tmp_path, tiny_vlm_dir):
+    argv = small(tmp_path, tiny_vlm_dir, "loss.align.every=2", "stages.sft=null", "stages.pretrain.optim.lr=1e-30")
+    assert main(["run", EVE, *argv]) == 0
+    run_dir = tmp_path / "runs" / "windtunnel-eve" / "latest"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stages"]["pretrain"]["loss_carried"] == {"from": "pre_align", "terms": ["align"]}
+
+    def pal(stage):
+        state = torch.load(run_dir / "stages" / stage / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        return {k: v for k, v in state.items() if k.startswith("loss.terms.align.")}
+
+    first, second = pal("pre_align"), pal("pretrain")
+    assert first and first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)  # lr 1e-30 changes nothing: what stage 2 started from
+
+
 def test_eve_recipe_without_vision_supervision(tmp_path, tiny_vlm_dir):
     argv = small(tmp_path, tiny_vlm_dir, "vars.align=0", "stages.pretrain=null", "stages.sft=null")
     assert main(["run", EVE, *argv]) == 0
@@ -133,3 +149,10 @@ def test_real_size_recipes_build_and_train_their_first_stage(tmp_path, tiny_vlm_
     summary = json.loads((tmp_path / "runs" / name / "latest" / "summary.json").read_text())
     term = "train/align" if name == "eve" else "train/query"
     assert summary["stages"]["pre_align"]["final_train"][term] > 0
+
+
+def test_cache_teacher_refuses_a_vision_encoder(tmp_path, tiny_vlm_dir, capsys):
+    capsys.readouterr()
+    argv = small(tmp_path, tiny_vlm_dir)
+    assert main(["cache-teacher", EVE, *argv, "--stage", "pre_align"]) == 2
+    assert "nothing to cache" in capsys.readouterr().err

@@ -332,6 +332,8 @@ def _run_stages(cfg: RunConfig, resume_dir: Path | None, new_dir: Path | None = 
             stage_dir.mkdir(parents=True, exist_ok=True)
             stage_cfg = _stage_refs(stage_cfg, run_dir)
             built = first if (i == 0 and first is not None) else build(stage_cfg)
+            if i > 0:
+                _carry_loss_state(built, stages[i - 1][0], run_dir / "stages" / stages[i - 1][0])
             summary["stages"][name] = train(stage_cfg, built, stage_dir, resume=resume_dir is not None)
             _write_json(run_dir / "summary.json", summary)
     except BaseException as e:
@@ -344,6 +346,27 @@ def _run_stages(cfg: RunConfig, resume_dir: Path | None, new_dir: Path | None = 
     (run_dir / "results.md").write_text(results_markdown(cfg.name, summary["results"]))
     mark_latest(run_dir)
     return run_dir
+
+
+def _carry_loss_state(built: Built, previous: str, previous_dir: Path) -> None:
+    """Loss terms with trained parts of their own that a method keeps across stages (EVE's
+    patch-aligning layer lives in its model through all three) continue from the previous
+    stage's last checkpoint when it had a term of the same name and shapes."""
+    ckpt = previous_dir / "checkpoints" / "last.ckpt"
+    terms = {n: t for n, t in built.loss.terms.items() if getattr(t, "carries_over", False)}
+    if not terms or not ckpt.is_file():
+        return
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    carried = []
+    for name, term in terms.items():
+        prefix = f"loss.terms.{name}."
+        theirs = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        own = term.state_dict()
+        if theirs.keys() == own.keys() and all(theirs[k].shape == own[k].shape for k in own):
+            term.load_state_dict(theirs)
+            carried.append(name)
+    if carried:
+        built.notes["loss_carried"] = {"from": previous, "terms": carried}
 
 
 def stage_results(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -201,6 +201,11 @@ def cache_teacher(cfg, stage: str | None = None) -> tuple[Path, dict[str, Any]]:
                                  "its cache is made by the run itself (teacher.cache=auto)")
     if cfg.teacher is None:
         raise WorkbenchError("config key 'teacher' is null: there is no teacher to cache")
+    from workbench.build import is_feature_teacher
+
+    if is_feature_teacher(cfg.teacher):
+        raise WorkbenchError(f"teacher.type {cfg.teacher.type!r} gives image features, not answer logits: "
+                             "there is nothing to cache (it runs beside the student)")
     splits = DATASETS.get(cfg.data.type, "data.type")(cfg.data)
     processor = resolve_processor(cfg, splits)
     mode = unlabeled_mode(cfg)

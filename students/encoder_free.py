@@ -33,12 +33,17 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
 
-def eve_token_count(height: int, width: int, patch_size: int, pool: int) -> int:
-    """Tokens an image of `height` x `width` pixels becomes: CLS + h rows of (w cells + split)."""
+def cell_grid(height: int, width: int, patch_size: int, pool: int) -> tuple[int, int]:
+    """(rows, columns) of `patch_size * pool`-pixel cells of an image; its sides must be whole cells."""
     cell = patch_size * pool
     if height % cell or width % cell:
         raise ValueError(f"image sides {height}x{width} must be multiples of patch_size * pool = {cell}")
-    h, w = height // cell, width // cell
+    return height // cell, width // cell
+
+
+def eve_token_count(height: int, width: int, patch_size: int, pool: int) -> int:
+    """Tokens an image of `height` x `width` pixels becomes: CLS + h rows of (w cells + split)."""
+    h, w = cell_grid(height, width, patch_size, pool)
     return 1 + h * (w + 1)
 
 
@@ -71,9 +76,7 @@ class EVEPatchTokenizer(nn.Module):
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """(rows, columns) of cells for an image of this size."""
-        eve_token_count(height, width, self.patch_size, self.pool)  # checks the sides
-        cell = self.patch_size * self.pool
-        return height // cell, width // cell
+        return cell_grid(height, width, self.patch_size, self.pool)
 
     def cells(self, pixel_values: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, h, w, width): each pool x pool cell of patches, pooled by local attention."""
@@ -254,9 +257,7 @@ class LinearPatchTokenizer(nn.Module):
         self.projector = nn.Sequential(nn.Linear(width, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
-        eve_token_count(height, width, self.patch_size, self.pool)  # checks the sides
-        cell = self.patch_size * self.pool
-        return height // cell, width // cell
+        return cell_grid(height, width, self.patch_size, self.pool)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         """(B, C, H, W) images of one size -> (B, h * w, out_dim)."""

@@ -240,7 +240,7 @@ def test_loss_registry_lists_every_loss_type():
     expected = {"ce", "forward_kl", "reverse_kl", "jsd", "tvd", "mdist", "rdist", "feature_mse", "feature_cosine",
                 "hidden_relation", "rkd_distance", "rkd_angle", "attention_kl", "qkv_relation"}
     assert expected <= set(LOSSES.names())
-    with pytest.raises(WorkbenchError, match="Registered: attention_kl, ce, feature_cosine"):
+    with pytest.raises(WorkbenchError, match="Registered: attention_kl, breen_query, ce, eve_alignment, feature_cosine"):
         LOSSES.get("zzz")
 
 

@@ -138,6 +138,9 @@ def build_student(cfg: RunConfig, processor) -> nn.Module:
     wanted = getattr(builder, "processor_fields", None)  # builders with their own image layout take fewer
     if wanted is not None:
         fixed = {k: v for k, v in fixed.items() if k in wanted}
+    elif "image_size" not in fixed:
+        raise WorkbenchError(f"student.type {s.type!r} needs a processor with a fixed image and patch size; "
+                             f"{type(processor).__name__} has none (an encoder-free student's processor?)")
     try:
         return STUDENTS.build(s.type, "student.kwargs", fixed=fixed, **s.kwargs)
     except (ValueError, OSError) as e:

@@ -152,5 +152,7 @@ class EncoderFreeProcessor(ProcessorMixin):
         return [*self.tokenizer.model_input_names, "pixel_values", "pixel_mask"]
 
 
-AutoImageProcessor.register(EncoderFreeConfig, EncoderFreeImageProcessor, exist_ok=True)
+# our image processor needs neither backend of its own (PIL + torch): one class for both names
+AutoImageProcessor.register(EncoderFreeConfig, image_processor_classes={"pil": EncoderFreeImageProcessor,
+                                                                  "torchvision": EncoderFreeImageProcessor}, exist_ok=True)
 AutoProcessor.register(EncoderFreeConfig, EncoderFreeProcessor, exist_ok=True)

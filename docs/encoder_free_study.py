@@ -18,6 +18,7 @@ STAGES = ("pre_align", "pretrain", "sft")
 VARIANTS = {  # label -> (run glob, colour)
     "EVE + alignment": ("runs/windtunnel-eve/sweep-*/vars.align=1.0,seed=*", "C0"),
     "EVE, no alignment": ("runs/windtunnel-eve/sweep-*/vars.align=0.0,seed=*", "C1"),
+    "EVE + alignment to CLIP's last layer": ("runs/windtunnel-eve/sweep-*/teacher.layer=-1,seed=*", "C4"),
     "BREEN + queries": ("runs/windtunnel-breen/sweep-*/vars.query=1.0,seed=*", "C2"),
     "BREEN, no query loss": ("runs/windtunnel-breen/sweep-*/vars.query=0.0,seed=*", "C3"),
     "encoder-based (LLaVA)": ("runs/windtunnel-encoder-based/sweep-*/seed=*", "C7"),

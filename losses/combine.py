@@ -512,11 +512,6 @@ class WeightedLoss(nn.Module):
         """Whether any active term reads every hidden state of the student's decoder."""
         return any(getattr(term, "needs_hidden_states", False) for term in self.terms.values())
 
-    @property
-    def needs_vision_features(self) -> bool:
-        """Whether any active term reads a vision-encoder teacher's patch features."""
-        return any(getattr(term, "needs_vision_features", False) for term in self.terms.values())
-
     def teacher_logit_positions(self, inputs: LossInputs) -> Tensor:
         """(B, L) bool: every position whose teacher logits an active term reads (fused mode
         asks the teacher for these rows only)."""

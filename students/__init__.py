@@ -44,10 +44,10 @@ def load(path: str | Path) -> nn.Module:
 
 
 def _load_hf(path: Path) -> nn.Module:
-    """A Hugging Face VLM (encoder-free ones included) or causal LM folder; MatFormer folders come back nested (a universal
-    model, `matformer_granularities` in its text config) or with per-layer MLP widths (an
-    extracted Mix'n'Match submodel, `matformer_widths`); attention->Mamba hybrids with their
-    Mamba layers (`hybrid`, see `students.hybrid`)."""
+    """A Hugging Face VLM (encoder-free ones included) or causal LM folder; MatFormer folders
+    come back nested (a universal model, `matformer_granularities` in its text config) or
+    with per-layer MLP widths (an extracted Mix'n'Match submodel, `matformer_widths`);
+    attention->Mamba hybrids with their Mamba layers (`hybrid`, see `students.hybrid`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     import students.encoder_free  # noqa: F401 - registers the encoder-free model with the Auto classes

@@ -144,8 +144,6 @@ def build_student(cfg: RunConfig, processor) -> nn.Module:
     try:
         return STUDENTS.build(s.type, "student.kwargs", fixed=fixed, **s.kwargs)
     except (ValueError, OSError) as e:
-        if isinstance(e, WorkbenchError):
-            raise
         raise WorkbenchError(f"config key 'student.kwargs': cannot build {s.type}: {e}".splitlines()[0]) from None
 
 

@@ -138,7 +138,8 @@ def attach_teacher(cfg, built):
         if has_teacher:
             built.teacher = build_teacher(cfg)
             if getattr(built.teacher, "feature_teacher", False):  # a vision encoder: it reads the images
-                built.collator.teacher_images = built.teacher.preprocess
+                if built.loss.needs_teacher:
+                    built.collator.teacher_images = built.teacher.preprocess
             else:
                 check_vocabularies(built.student, built.processor, built.teacher)
         built.splits.train = _subset(train, split.labeled)

@@ -32,6 +32,8 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
+from students.hf_cache import CACHE_KWARG, either_cache, output_cache
+
 
 def cell_grid(height: int, width: int, patch_size: int, pool: int) -> tuple[int, int]:
     """(rows, columns) of `patch_size * pool`-pixel cells of an image; its sides must be whole cells."""
@@ -473,9 +475,10 @@ class EncoderFreeForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: Tensor | None = None, pixel_values: Tensor | None = None,
                 pixel_mask: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, past_key_values=None, inputs_embeds: Tensor | None = None,
+                position_ids: Tensor | None = None, cache=None, inputs_embeds: Tensor | None = None,
                 labels: Tensor | None = None, use_cache: bool | None = None,
-                logits_to_keep: int | Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
+                logits_to_keep: int | Tensor = 0, past_key_values=None, **kwargs) -> CausalLMOutputWithPast:
+        cache = either_cache(cache, past_key_values)  # transformers >= 5.24 passes `cache`
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         routed = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
@@ -483,18 +486,18 @@ class EncoderFreeForConditionalGeneration(PreTrainedModel, GenerationMixin):
             routed = input_ids == self.config.image_token_id
             if pixel_values is not None and routed.any():
                 inputs_embeds = self._merge_images(input_ids, inputs_embeds, pixel_values, pixel_mask)
-            elif routed.any() and (past_key_values is None or past_key_values.get_seq_length() == 0):
+            elif routed.any() and (cache is None or cache.get_seq_length() == 0):
                 raise ValueError("the inputs hold image tokens but no pixel_values were given")
         with route_image_tokens(self, routed):
             outputs = self.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                                position_ids=position_ids, past_key_values=past_key_values,
-                                                use_cache=use_cache, **kwargs)
+                                                position_ids=position_ids, use_cache=use_cache,
+                                                **{CACHE_KWARG: cache}, **kwargs)
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                      attentions=outputs.attentions, **{CACHE_KWARG: output_cache(outputs)})
 
 
 def image_runs(image_mask: Tensor) -> list[tuple[int, int, int]]:

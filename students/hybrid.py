@@ -2,7 +2,7 @@
 
 `convert(model, layers)` swaps the self-attention of the chosen decoder layers of a causal LM
 or of the language model inside a VLM (Llama, Qwen2, Phi, ... - anything whose decoder layers
-call `self.self_attn(hidden_states=..., past_key_values=...)` and whose attention has
+call `self.self_attn(hidden_states=..., cache=...)` (`past_key_values=` before transformers 5.24) and whose attention has
 q/k/v projections) for a `MambaAttention`: a `Mamba2Mixer` behind the attention's call
 signature. Norms, MLPs, the residual layout (Phi's parallel block included), embeddings and
 head are kept, so the layer is `y = x + Mamba(LN(x)) + ...` exactly where attention was.
@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicLayer
 
+from students.hf_cache import either_cache
 from students.mamba2 import Mamba2Config, Mamba2Mixer, Mamba2State
 
 HYBRID_KEY = "hybrid"  # the text-config attribute that records a conversion
@@ -145,19 +146,20 @@ class MambaAttention(nn.Module):
             self.attention = attention
             self.attn_out = nn.Identity()  # tap: the attention's output before o_proj
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, cache: Any = None,
                 past_key_values: Any = None, **kwargs: Any) -> tuple[Tensor, None]:
+        cache = either_cache(cache, past_key_values)
         if hasattr(self, "attention"):
-            return self._alongside_attention(hidden_states, attention_mask, past_key_values, **kwargs)
-        entry = _cache_layer(past_key_values, self.layer_idx) if past_key_values is not None else None
+            return self._alongside_attention(hidden_states, attention_mask, cache, **kwargs)
+        entry = _cache_layer(cache, self.layer_idx) if cache is not None else None
         out, state = self.mamba(hidden_states, entry.state if entry is not None else None)
         if entry is not None:
             entry.state, entry.seen = state, entry.seen + hidden_states.shape[1]
         return out, None
 
     def _alongside_attention(self, hidden_states: Tensor, attention_mask: Tensor | None,
-                             past_key_values: Any, **kwargs: Any) -> tuple[Tensor, None]:
-        entry = _cache_layer(past_key_values, self.layer_idx) if past_key_values is not None else None
+                             cache: Any, **kwargs: Any) -> tuple[Tensor, None]:
+        entry = _cache_layer(cache, self.layer_idx) if cache is not None else None
         if entry is not None and entry.seen:
             raise RuntimeError("a model converted with keep_attention=True is for layer-wise training and cannot "
                                "decode with a cache; convert again without keep_attention to generate")
@@ -167,7 +169,7 @@ class MambaAttention(nn.Module):
         handle = o_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
         try:
             with torch.no_grad():
-                out, _ = self.attention(hidden_states, attention_mask=attention_mask, past_key_values=None, **kwargs)
+                out, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)  # no cache
         finally:
             handle.remove()
         self.attn_out(seen[0])

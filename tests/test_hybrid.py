@@ -5,10 +5,11 @@ decoding against a full recompute, save / load, and the parameter arithmetic of 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import (LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PhiConfig, PhiForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PhiConfig,
+                          PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 import students
+from students.hf_cache import CACHE_KWARG
 from students.hybrid import (MambaAttention, MambaCacheLayer, cache_nbytes, convert, drop_attention, mamba_layers,
                              select_layers)
 from students.mamba2 import Mamba2Config, Mamba2Mixer
@@ -76,6 +77,36 @@ def test_cached_greedy_decoding_equals_recompute(arch, layers, tmp_path):
     assert mamba_layers(again) == chosen
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_prefill_and_a_decode_step_fill_the_cache_layer_by_layer(arch):
+    """What each cache slot holds, read directly (not through generated tokens): a Mamba layer
+    its conv window and SSM state and the tokens seen, an attention layer K/V for every token.
+    The cache goes in under the installed transformers' own keyword, as `generate` passes it."""
+    model = _model(arch)
+    chosen = convert(model, "every:2", chunk_size=8)
+    cfg = model.model.layers[0].self_attn.mamba.config
+    ids = torch.randint(0, 50, (3, 11), generator=torch.Generator().manual_seed(2))
+    cache = DynamicCache()
+    with torch.no_grad():
+        first = model(ids, use_cache=True, **{CACHE_KWARG: cache}).logits[:, -1:].argmax(-1)
+    for seen in (11, 12):
+        assert len(cache.layers) == 4 and cache.get_seq_length() == seen
+        for i, layer in enumerate(cache.layers):
+            if i in chosen:
+                assert isinstance(layer, MambaCacheLayer) and layer.seen == seen
+                assert layer.state.conv.shape == (3, cfg.conv_dim, cfg.d_conv - 1)
+                assert layer.state.ssm.shape == (3, cfg.n_heads, cfg.head_dim, cfg.d_state)
+            else:
+                assert not isinstance(layer, MambaCacheLayer)
+                assert layer.keys.shape == layer.values.shape == (3, 2, seen, 16)  # (B, KV heads, T, head_dim)
+        if seen == 11:
+            with torch.no_grad():
+                model(first, use_cache=True, **{CACHE_KWARG: cache})
+    held = cache_nbytes(cache)
+    assert held["kv"] == 2 * 2 * (3 * 2 * 12 * 16) * 4  # two attention layers, K and V, fp32
+    assert held["mamba"] == 2 * 3 * (cfg.conv_dim * (cfg.d_conv - 1) + cfg.n_heads * cfg.head_dim * cfg.d_state) * 4
 
 
 def test_fused_qkv_projection_is_split_into_q_k_v():

@@ -62,6 +62,7 @@ def _measure(model, contexts: list[int], tokens: int, batch: int, device: torch.
     (so drift in the machine's speed hits every context alike); one row per context."""
     from transformers import DynamicCache
 
+    from students.hf_cache import CACHE_KWARG
     from students.hybrid import cache_nbytes
 
     caches, nexts, prefill = {}, {}, {}
@@ -70,7 +71,7 @@ def _measure(model, contexts: list[int], tokens: int, batch: int, device: torch.
         ids = torch.randint(0, vocab, (batch, context), generator=g).to(device)
         caches[context] = DynamicCache()
         start = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=caches[context], use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: caches[context]})
         _sync(device)
         prefill[context] = time.perf_counter() - start
         nexts[context] = out.logits[:, -1:].argmax(-1)
@@ -81,7 +82,7 @@ def _measure(model, contexts: list[int], tokens: int, batch: int, device: torch.
     for _ in range(tokens):
         for context in contexts:
             start = time.perf_counter()
-            out = model(input_ids=nexts[context], past_key_values=caches[context], use_cache=True)
+            out = model(input_ids=nexts[context], use_cache=True, **{CACHE_KWARG: caches[context]})
             nexts[context] = out.logits[:, -1:].argmax(-1)
             _sync(device)
             times[context].append(time.perf_counter() - start)

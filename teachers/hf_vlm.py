@@ -9,6 +9,7 @@ calls it under no_grad and hands its `TeacherOutput` (logits) to the losses; fea
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,21 @@ from transformers.utils import is_accelerate_available, is_bitsandbytes_availabl
 
 from workbench.errors import WorkbenchError
 
+_log = logging.getLogger("teachers.hf_vlm")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 QUANTIZE = ("none", "int8", "nf4")
 # Batch keys that are model inputs in the signature but that a frozen teacher must not get:
 # `labels` would make the model compute a loss, the rest are set by `forward` itself.
 _RESERVED_KWARGS = {"labels", "output_hidden_states", "output_attentions", "return_dict", "use_cache"}
+# bitsandbytes (0.50) repacks NF4 weights for its AVX512-BF16 CPU kernel in tiles of 32 output
+# features by 64-input quantization blocks and fails on a Linear layer of any other shape; such
+# layers stay unquantized (on every device, so that a teacher is the same model wherever it runs).
+NF4_OUT_BLOCK, NF4_IN_BLOCK = 32, 64
+
+
+def nf4_packable(layer: nn.Module) -> bool:
+    """Whether bitsandbytes' NF4 CPU kernel can run this Linear layer (see NF4_OUT_BLOCK)."""
+    return not (layer.out_features % NF4_OUT_BLOCK or layer.in_features % NF4_IN_BLOCK)
 
 
 @dataclass
@@ -54,7 +65,9 @@ class HFVLMTeacher(nn.Module):
         revision: hub branch, tag or commit.
         dtype: "float32", "bfloat16", "float16" or "auto" (the checkpoint's dtype).
         quantize: "none", "int8" (LLM.int8) or "nf4" (4-bit NormalFloat); needs
-            bitsandbytes and accelerate.
+            bitsandbytes and accelerate. NF4 leaves Linear layers whose output / input widths
+            are not multiples of 32 / 64 in `dtype` (bitsandbytes' CPU kernel cannot run them),
+            lists them in `self.unquantized` and says so in a warning.
         skip_modules: with `quantize`, the modules kept unquantized, replacing the default
             (everything outside the text decoder, e.g. `["lm_head", "model.vision_tower",
             "model.multi_modal_projector"]` for LLaVA). transformers tests each Linear
@@ -79,9 +92,10 @@ class HFVLMTeacher(nn.Module):
         hub = dict(revision=revision, trust_remote_code=trust_remote_code)
         config = _load(path, AutoConfig.from_pretrained, "config", **hub)
         quantization_config = None
+        self.unquantized: list[str] = []  # Linear layers of the decoder that `quantize` had to leave alone
         if quantize != "none":
-            skip = _skip_modules(config, skip_modules, trust_remote_code)
-            quantization_config = _bnb_config(quantize, DTYPES[dtype], skip)
+            skip, self.unquantized = _skip_modules(config, skip_modules, trust_remote_code, quantize)
+            quantization_config = _bnb_config(quantize, DTYPES[dtype], skip + self.unquantized)
         self.processor = _load(path, AutoProcessor.from_pretrained, "processor", **hub)
         self.model = _load(
             path, AutoModelForImageTextToText.from_pretrained, "model",
@@ -221,22 +235,34 @@ def _bnb_config(quantize: str, dtype, skip: list[str]) -> BitsAndBytesConfig:
     )
 
 
-def _skip_modules(config, skip_modules: list[str] | None, trust_remote_code: bool) -> list[str]:
-    """The modules bitsandbytes must leave alone, read off a weightless (meta) copy of the model."""
+def _skip_modules(config, skip_modules: list[str] | None, trust_remote_code: bool,
+                  quantize: str) -> tuple[list[str], list[str]]:
+    """The modules bitsandbytes must leave alone, read off a weightless (meta) copy of the model:
+    the asked-for (or default) list, and the Linear layers it cannot quantize (NF4 widths)."""
     with torch.device("meta"):
         skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+    linears = {name: module for name, module in skeleton.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
     if skip_modules is None:
-        return default_skip_modules(skeleton)
-    # bitsandbytes tests the name of each Linear layer, so "vision_tower" (a suffix of the
-    # module "model.vision_tower" but of none of its Linear layers) would silently do nothing.
-    linears = [name for name, module in skeleton.named_modules() if isinstance(module, (nn.Linear, Conv1D))]
-    for pattern in skip_modules:
-        if not any(_skip_matches(pattern, name) for name in linears):
-            raise WorkbenchError(
-                f"teacher.skip_modules entry {pattern!r} matches no Linear layer of the model; names match "
-                f"from the root (e.g. {default_skip_modules(skeleton)}) or as the end of a layer name (e.g. 'q_proj')"
-            )
-    return list(skip_modules)
+        skip = default_skip_modules(skeleton)
+    else:
+        # bitsandbytes tests the name of each Linear layer, so "vision_tower" (a suffix of the
+        # module "model.vision_tower" but of none of its Linear layers) would silently do nothing.
+        for pattern in skip_modules:
+            if not any(_skip_matches(pattern, name) for name in linears):
+                raise WorkbenchError(
+                    f"teacher.skip_modules entry {pattern!r} matches no Linear layer of the model; names match from "
+                    f"the root (e.g. {default_skip_modules(skeleton)}) or as the end of a layer name (e.g. 'q_proj')"
+                )
+        skip = list(skip_modules)
+    odd = []
+    if quantize == "nf4":
+        odd = [name for name, module in linears.items() if isinstance(module, nn.Linear)
+               and not nf4_packable(module) and not any(_skip_matches(p, name) for p in skip)]
+    if odd:
+        _log.warning("teacher.quantize=nf4: %d Linear layer(s) stay unquantized because bitsandbytes' NF4 CPU "
+                     "kernel needs output / input widths that are multiples of %d / %d: %s", len(odd),
+                     NF4_OUT_BLOCK, NF4_IN_BLOCK, ", ".join(odd))
+    return skip, odd
 
 
 def _skip_matches(pattern: str, name: str) -> bool:

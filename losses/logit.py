@@ -131,15 +131,27 @@ def _jsd_rows(log_p_s: Tensor, log_p_t: Tensor, beta: float) -> Tensor:
     return beta * _kl_rows(log_p_t, log_m) + (1 - beta) * _kl_rows(log_p_s, log_m)
 
 
+# |p_S - p_T| has no derivative where p_S = p_T, and two float32 computations of the same
+# logits (another chunking, another kernel) give probabilities that differ by ~1e-6 relative,
+# so the sign there is rounding noise of magnitude 0.5 p. Differences within TVD_TIE_RTOL of the
+# larger probability count as ties: they add their (tiny) value to the loss and no gradient
+# (sign 0, a subgradient at equality). All TVD paths - dense, sparse, fused torch, Triton - share it.
+TVD_TIE_RTOL = 1e-4
+
+
 def _tvd_rows(log_p_s: Tensor, log_p_t: Tensor) -> Tensor:
-    """Total variation distance per row: 0.5 * sum_v |p_T - p_S|, in [0, 1].
+    """Total variation distance per row: 0.5 * sum_v |p_T - p_S|, in [0, 1]; ties (within
+    `TVD_TIE_RTOL`) pass no gradient.
 
     Args:
         log_p_s, log_p_t: (N, V) student and teacher log-probabilities.
     Returns:
         (N,) distances.
     """
-    return 0.5 * (log_p_t.exp() - log_p_s.exp()).abs().sum(-1)
+    p_s, p_t = log_p_s.exp(), log_p_t.exp()  # (N, V)
+    diff = p_t - p_s
+    tie = diff.detach().abs() <= TVD_TIE_RTOL * torch.maximum(p_s, p_t).detach()
+    return 0.5 * torch.where(tie, diff.detach(), diff).abs().sum(-1)
 
 
 def forward_kl(

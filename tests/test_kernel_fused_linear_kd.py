@@ -233,7 +233,10 @@ def test_teacher_equal_to_student_gives_zero(path, kind, beta):
     got = run(PATHS[path], leaves, kwargs)
     assert abs(got["loss"].item()) < 1e-5
     for name in leaves:
-        assert got[f"grad {name}"].abs().max().item() < 1e-5, name
+        if kind == "tvd":  # every |p_S - p_T| is rounding-level: a tie, sign 0 (TVD_TIE_RTOL)
+            assert not got[f"grad {name}"].any(), name
+        else:
+            assert got[f"grad {name}"].abs().max().item() < 1e-5, name
 
 
 @pytest.mark.parametrize("path", ["ref", "triton"])

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from losses.combine import IGNORE_INDEX, CrossEntropyTerm, LogitDivergenceTerm, LossInputs, WeightedLoss
-from losses.logit import cross_entropy, forward_kl, jsd, reverse_kl, tvd
+from losses.logit import TVD_TIE_RTOL, cross_entropy, forward_kl, jsd, reverse_kl, tvd
 
 DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "tvd": tvd}
 
@@ -141,6 +141,27 @@ def test_tvd_bounded_and_one_for_disjoint_distributions():
     student[torch.arange(4), torch.tensor([0, 1, 2, 3])] = 50.0
     teacher[torch.arange(4), torch.tensor([5, 4, 3, 2])] = 50.0
     assert tvd(student, teacher).item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_tvd_subgradient_is_zero_at_ties_and_the_sign_elsewhere():
+    """d TVD / d s_j = p_j (a_j - sum_k p_k a_k) with a = 0.5 sign(p_S - p_T), and a = 0 where
+    the two probabilities agree to within TVD_TIE_RTOL (rounding-level differences)."""
+    tau = 2.0
+    student = logits(3, 8, seed=21, scale=3.0).requires_grad_(True)  # float64
+    p = torch.softmax(student.detach() / tau, -1)
+    p[:, :4] *= 1 + 1e-7 * torch.tensor([1.0, -1.0, 2.0, -2.0], dtype=torch.float64)  # ties
+    p[:, 4:] = p[:, 4:].roll(1, -1)  # real differences, same total mass
+    teacher = tau * p.log()
+    tvd(student, teacher, temperature=tau).backward()
+    p_s, p_t = (torch.softmax(x.detach() / tau, -1) for x in (student, teacher))
+    a = 0.5 * torch.sign(p_s - p_t)
+    assert ((p_s - p_t)[:, :4].abs() <= TVD_TIE_RTOL * p_s[:, :4]).all() and a[:, :4].abs().min() == 0.5
+    a[:, :4] = 0.0
+    expected = tau * p_s * (a - (p_s * a).sum(-1, keepdim=True)) / 3  # tau**2 * (1 / tau), mean over rows
+    torch.testing.assert_close(student.grad, expected, atol=1e-12, rtol=1e-10)
+    same = logits(3, 8, seed=22).requires_grad_(True)
+    tvd(same, same.detach() * (1 + 1e-9)).backward()  # near-equal everywhere: no gradient at all
+    assert not same.grad.any()
 
 
 # ----------------------------------------------------------------------------- masks

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from losses.logit import (
     SPARSE_DIVERGENCES,
+    TVD_TIE_RTOL,
     _compute_dtype,
     check_topk_ids,
     forward_kl,
@@ -180,7 +181,7 @@ def dense_chunk_divergence(
     tau * dD/ds. dD/ds is p_S - p_T for the forward KL, and p_S * (a - sum_v p_S a) otherwise
     (the softmax chain rule), with a = dD/dp_S up to a constant: log p_S - log p_T (reverse
     KL), (1 - beta) log(p_S / M) (JSD, M = beta p_T + (1 - beta) p_S), 0.5 sign(p_S - p_T)
-    (TVD). The logits buffer turns into log p_S, then p_S, then the gradient in place, so
+    (TVD; 0 at ties, `losses.logit.TVD_TIE_RTOL`). The logits buffer turns into log p_S, then p_S, then the gradient in place, so
     about four (n, V) buffers are alive at once where autograd through losses/logit.py would
     keep about fifteen; the tests check these forms against that autograd (the oracle).
 
@@ -225,9 +226,10 @@ def dense_chunk_divergence(
         pt = log_pt.exp_()  # (n, V)
         ps = log_ps.exp_()  # (n, V)
         diff = ps - pt  # (n, V)
+        tie = diff.abs() <= torch.maximum(pt, ps, out=pt).mul_(TVD_TIE_RTOL)  # (n, V) rounding-level differences
         del pt, log_pt
         rows = 0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1)  # (n,)
-        a = diff.sign_().mul_(0.5)  # (n, V)
+        a = diff.sign_().masked_fill_(tie, 0.0).mul_(0.5)  # (n, V) sign 0 at ties (losses.logit)
         grad = ps.mul_(a.sub_(_row_dot(ps, a)[:, None]))
     total = rows.sum() * tau**2
     return total, grad.mul_(tau * row_weight) if need_grad else None

@@ -24,6 +24,7 @@ from kernels.fused_linear_kd.ref import (
     chunked_forward,
     sparse_compact_divergence,
 )
+from losses.logit import TVD_TIE_RTOL
 
 KIND_IDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3}
 # Vocabulary block per program step: large blocks mean few interpreter steps on CPU.
@@ -55,6 +56,13 @@ def _logaddexp(a, b):
 
 
 @triton.jit
+def _tvd_sign(ps, pt, tie_rtol):
+    """0.5 sign(p_s - p_t), 0 at ties (as losses.logit: rounding-level differences)."""
+    tie = tl.abs(ps - pt) <= tie_rtol * tl.maximum(ps, pt)
+    return tl.where(tie, 0.0, tl.where(ps > pt, 0.5, -0.5))
+
+
+@triton.jit
 def _fused_linear_kd_fwd_kernel(
     logits_ptr,  # (n, V) float32 student chunk logits z; overwritten with d loss / d z
     logits_stride,
@@ -68,6 +76,7 @@ def _fused_linear_kd_fwd_kernel(
     beta,
     log_beta,
     log_1m_beta,
+    tie_rtol,  # TVD: |p_s - p_t| <= tie_rtol * max(p_s, p_t) is a tie (sign 0)
     KIND: tl.constexpr,  # 0 forward KL, 1 reverse KL, 2 JSD (0 < beta < 1), 3 TVD
     WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -105,7 +114,7 @@ def _fused_linear_kd_fwd_kernel(
             acc_c += tl.where(mask, (1.0 - beta) * term_s, 0.0)
         else:
             term = 0.5 * tl.abs(pt - ps)
-            acc_c += tl.where(mask, ps * tl.where(ps > pt, 0.5, tl.where(ps < pt, -0.5, 0.0)), 0.0)
+            acc_c += tl.where(mask, ps * _tvd_sign(ps, pt, tie_rtol), 0.0)
         acc_loss += tl.where(mask, term, 0.0)
     tl.store(loss_ptr + row, loss_scale * tl.sum(acc_loss, 0))
     # Pass 3: gradients that need the whole row's c.
@@ -122,8 +131,7 @@ def _fused_linear_kd_fwd_kernel(
             elif KIND == 2:
                 a = (1.0 - beta) * (log_ps - _logaddexp(log_pt + log_beta, log_ps + log_1m_beta))
             else:
-                pt = tl.exp(log_pt)
-                a = tl.where(ps > pt, 0.5, tl.where(ps < pt, -0.5, 0.0))
+                a = _tvd_sign(ps, tl.exp(log_pt), tie_rtol)
             tl.store(s_row + offs, tl.where(ps > 0, grad_scale * ps * (a - c), 0.0), mask=mask)
 
 
@@ -202,7 +210,7 @@ def _dense_chunk(
     log_1m_beta = math.log1p(-beta) if 0.0 < beta < 1.0 else 0.0
     _fused_linear_kd_fwd_kernel[(n,)](
         logits, logits.stride(0), teacher, teacher.stride(0), losses, vocab,
-        1.0 / tau, tau**2, tau * row_weight, beta, log_beta, log_1m_beta,
+        1.0 / tau, tau**2, tau * row_weight, beta, log_beta, log_1m_beta, TVD_TIE_RTOL,
         KIND=KIND_IDS[options.kind], WRITE_GRAD=need_grad, BLOCK_V=block_v, num_warps=_num_warps(block_v),
     )
     return losses.sum(), logits if need_grad else None

@@ -36,3 +36,21 @@ def test_use_triton_policy_on_cpu_tensors(monkeypatch, caplog):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="op: WB_KERNELS=triton with CPU tensors needs TRITON_INTERPRET=1"):
         kernels.use_triton("op", x)
+
+
+def test_a_shadowing_kernels_package_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    """Hugging Face's `kernels` (required by transformers >= 5.25) takes the same top-level name."""
+    import importlib.machinery
+    import importlib.util
+
+    from workbench import device
+    from workbench.cli import main
+
+    device.check_kernels_package()  # ours is the one found here
+    theirs = tmp_path / "site-packages" / "kernels" / "__init__.py"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: importlib.machinery.ModuleSpec(
+        name, None, origin=str(theirs)) if name == "kernels" else real(name, *a))
+    assert main(["doctor"]) == 2
+    err = capsys.readouterr().err
+    assert str(theirs.parent) in err and "pip uninstall kernels" in err and "Traceback" not in err

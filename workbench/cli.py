@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from workbench.device import check_kernels_package
 from workbench.errors import WorkbenchError
 
 EXIT_BAD_INPUT = 2
@@ -241,6 +242,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        check_kernels_package()
         args.func(args)
     except WorkbenchError as e:
         if args.debug:

@@ -10,6 +10,8 @@ import platform
 import subprocess
 from pathlib import Path
 
+from workbench.errors import WorkbenchError
+
 PACKAGES = ("torch", "pytorch-lightning", "transformers", "timm", "omegaconf", "safetensors", "tokenizers",
             "accelerate", "bitsandbytes", "triton", "mamba-ssm", "distill-workbench")
 
@@ -19,6 +21,23 @@ def _version(name: str) -> str | None:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def check_kernels_package() -> None:
+    """Fail clearly when another top-level `kernels` package shadows ours.
+
+    Hugging Face's `kernels` (a hard dependency of transformers from 5.25, optional before)
+    installs a package of the same name; the one found first wins and the other vanishes.
+    """
+    spec = importlib.util.find_spec("kernels")
+    ours = Path(__file__).resolve().parent.parent / "kernels"
+    origin = Path(spec.origin).resolve().parent if spec is not None and spec.origin else None
+    if origin != ours:
+        raise WorkbenchError(
+            f"`import kernels` finds {origin or 'nothing'}, not distill-workbench's {ours}: another package named "
+            "`kernels` (Hugging Face's, which transformers >= 5.25 requires) is installed; `pip uninstall kernels` "
+            "and keep transformers < 5.25 (pyproject.toml's bound)"
+        )
 
 
 def git_commit(path: Path | None = None) -> str | None:

@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
@@ -36,6 +36,8 @@ from workbench.module import DistillModule, VisionDistillModule, model_inputs
 # Our run directory is always new; CSVLogger's warning about a non-empty folder is noise.
 warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
 RUN_DIR_ENV = "WB_RUN_DIR"  # hands rank 0's run directory to DDP worker processes
+LAUNCH_ENV = "WB_LAUNCH"  # this invocation's id, inherited by its DDP workers
+STAGE_READY = ".stage-ready.json"  # rank 0: "stage <name> is built, about to fit" (multi-stage DDP)
 
 
 def _is_worker_process() -> bool:
@@ -180,11 +182,13 @@ def _checkpoint_step(ckpt: Path) -> int:
                              "writing it? Remove it to restart this stage from scratch") from None
 
 
-def train(cfg: RunConfig, built: Built, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+def train(cfg: RunConfig, built: Built, run_dir: Path, resume: bool = False,
+          before_fit: Callable[[], None] | None = None) -> dict[str, Any]:
     """Fit `built` as `cfg` says inside `run_dir` (a run or a stage directory); returns its summary.
 
     With `resume`, continues from `run_dir/checkpoints/last.ckpt` when there is one (optimizer,
     schedule, step and data position included) and keeps the metrics logged before it.
+    `before_fit` runs on rank 0 just before `Trainer.fit` (multi-stage DDP: release the workers).
     """
     start = time.time()
     train_loader, val_loader, sampler = loaders(cfg, built)
@@ -218,6 +222,8 @@ def train(cfg: RunConfig, built: Built, run_dir: Path, resume: bool = False) -> 
                            fused_logits=cfg.trainer.fused_logits, matformer=cfg.matformer)
     trainer = make_trainer(cfg, run_dir, [SamplerState(sampler, cfg.trainer.accumulate_grad_batches),
                                           *built.callbacks])
+    if is_main and before_fit is not None:
+        before_fit()
     fit_start = time.time()
     try:
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt)
@@ -311,17 +317,29 @@ def _stage_refs(cfg: RunConfig, run_dir: Path) -> RunConfig:
 
 
 def _run_stages(cfg: RunConfig, resume_dir: Path | None, new_dir: Path | None = None) -> Path:
-    """Run the stages in order inside one run directory (`stages/<name>/`)."""
+    """Run the stages in order inside one run directory (`stages/<name>/`).
+
+    Under DDP only rank 0 exports, summarises and builds teacher caches. The workers (started
+    by rank 0's first `Trainer.fit`, they re-run this function) fit each stage with it and
+    wait between stages until rank 0 has exported the previous one and built the next.
+    """
     start = time.time()
     stages = stage_configs(cfg)
+    is_main = not _is_worker_process()
+    if is_main:
+        os.environ[LAUNCH_ENV] = f"{os.getpid()}-{time.time_ns()}"
     if resume_dir is None:
         first = build(_stage_refs(stages[0][1], Path("/nonexistent")))  # fail on bad input before writing
         run_dir = open_run_dir(cfg, new_dir)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        _write_json(run_dir / "env.json", environment())
+        if is_main:
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+            _write_json(run_dir / "env.json", environment())
     else:
         first, run_dir = None, resume_dir
     summary = {"name": cfg.name, "run_id": run_dir.name, "status": "running", "stages": {}}
+    if is_main:
+        _write_json(run_dir / "summary.json", summary)
+    fitted = 0  # stages this process has trained
     try:
         for i, (name, stage_cfg) in enumerate(stages):
             stage_dir = run_dir / "stages" / name
@@ -329,23 +347,54 @@ def _run_stages(cfg: RunConfig, resume_dir: Path | None, new_dir: Path | None = 
             if done and done.get("status") == "completed":
                 summary["stages"][name] = done
                 continue
+            if not is_main and fitted:
+                _wait_for_stage(run_dir, name)
             stage_dir.mkdir(parents=True, exist_ok=True)
             stage_cfg = _stage_refs(stage_cfg, run_dir)
             built = first if (i == 0 and first is not None) else build(stage_cfg)
             if i > 0:
                 _carry_loss_state(built, stages[i - 1][0], run_dir / "stages" / stages[i - 1][0])
-            summary["stages"][name] = train(stage_cfg, built, stage_dir, resume=resume_dir is not None)
-            _write_json(run_dir / "summary.json", summary)
+            summary["stages"][name] = train(stage_cfg, built, stage_dir, resume=resume_dir is not None,
+                                            before_fit=lambda: _stage_ready(run_dir, name))
+            fitted += 1
+            if is_main:
+                _write_json(run_dir / "summary.json", summary)
     except BaseException as e:
-        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
-        _write_json(run_dir / "summary.json", summary)
+        if is_main:
+            summary.update(status="failed", error=f"{type(e).__name__}: {e}")
+            _write_json(run_dir / "summary.json", summary)
         raise
+    if not is_main:
+        return run_dir
     summary["results"] = stage_results(summary["stages"])
     summary.update(status="completed", wall_time_s=round(time.time() - start, 2))
     _write_json(run_dir / "summary.json", summary)
     (run_dir / "results.md").write_text(results_markdown(cfg.name, summary["results"]))
     mark_latest(run_dir)
     return run_dir
+
+
+def _stage_ready(run_dir: Path, name: str) -> None:
+    """Rank 0: stage `name` is built (the previous one exported, its teacher cache made)."""
+    _write_json(run_dir / STAGE_READY, {"stage": name, "launch": os.environ.get(LAUNCH_ENV)})
+
+
+def _wait_for_stage(run_dir: Path, name: str, poll_s: float = 0.2) -> None:
+    """DDP worker: block until rank 0 signals that stage `name` is built; stop if rank 0 failed
+    or is gone (its workers are its child processes)."""
+    parent, launch = os.getppid(), os.environ.get(LAUNCH_ENV)
+    ready = run_dir / STAGE_READY
+    while True:
+        try:
+            signal = json.loads(ready.read_text())
+        except (OSError, ValueError):
+            signal = None
+        if signal == {"stage": name, "launch": launch}:
+            return
+        status = (read_summary(run_dir) or {}).get("status")
+        if status in ("failed", "interrupted") or os.getppid() != parent:
+            raise WorkbenchError(f"rank 0 stopped before stage {name!r} (run status: {status}); see {run_dir}")
+        time.sleep(poll_s)
 
 
 def _carry_loss_state(built: Built, previous: str, previous_dir: Path) -> None:

@@ -12,6 +12,17 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 TINY_STUDENT = dict(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2, text_heads=2)
+TINY_MODEL = [f"student.kwargs.{k}={v}" for k, v in TINY_STUDENT.items()]
+
+
+def tiny_run_args(root, *extra) -> list[str]:
+    """Overrides that shrink a wind-tunnel recipe to seconds: 48 + 16 records, 6 steps, a tiny model."""
+    return [
+        f"out_root={root}/runs", f"data.root={root}/data",
+        "data.windtunnel.n_train=48", "data.windtunnel.n_val=16", "data.batch_size=8", "data.eval_batch_size=16",
+        "trainer.max_steps=6", "trainer.val_every_n_steps=3", "trainer.log_every_n_steps=1", "trainer.progress_bar=false",
+        "optim.warmup_steps=2", *TINY_MODEL, *extra,
+    ]
 
 
 @pytest.fixture(scope="session")

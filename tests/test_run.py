@@ -12,22 +12,11 @@ import torch
 import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from conftest import tiny_run_args
 from workbench.cli import main
 from workbench.config import load_config
 
-TINY_MODEL = [
-    "student.kwargs.vision_hidden=32", "student.kwargs.vision_layers=1", "student.kwargs.vision_heads=2",
-    "student.kwargs.text_hidden=32", "student.kwargs.text_layers=2", "student.kwargs.text_heads=2",
-]
-
-
-def tiny(root, *extra):
-    return [
-        f"out_root={root}/runs", f"data.root={root}/data",
-        "data.windtunnel.n_train=48", "data.windtunnel.n_val=16", "data.batch_size=8", "data.eval_batch_size=16",
-        "trainer.max_steps=6", "trainer.val_every_n_steps=3", "trainer.log_every_n_steps=1", "trainer.progress_bar=false", "optim.warmup_steps=2",
-        *TINY_MODEL, *extra,
-    ]
+tiny = tiny_run_args
 
 
 @pytest.fixture(scope="module")

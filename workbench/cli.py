@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from workbench import interrupt
 from workbench.device import check_kernels_package
 from workbench.errors import WorkbenchError
 
@@ -22,6 +23,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from workbench.run import resume, run
     from workbench.sweep import parse_sweep_args, run_sweep
 
+    interrupt.install()  # SIGTERM / SIGINT end the run `interrupted`, exit 143 / 130
     if args.resume:
         if args.config or args.overrides or args.sweep:
             raise WorkbenchError("--resume RUN_DIR takes no config, overrides or --sweep (the run's config.yaml is used)")
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -8,7 +8,8 @@ fails naming the key and the type it needs. Things are named by registry key (se
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,8 @@ class TrainerConfig:
     checkpoint_every_n_steps: int | None = None  # default: at every validation
     progress_bar: bool = True
     fused_logits: bool = False  # logit terms from hidden states in row chunks (kernels/fused_linear_kd): no (B, L, V) student logits
+    on_nonfinite: str = "stop"  # stop | skip: a nan/inf loss, term or gradient ends the run, or skips that step
+    max_skipped_steps: int = 10  # with on_nonfinite=skip: the run stops at the next one after this many
 
 
 @dataclass
@@ -199,6 +202,8 @@ CHOICES = {
     "teacher.dtype": ("float32", "bfloat16", "float16", "auto"),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "data.unlabeled": ("auto", "pseudo", "drop"),
+    "trainer.on_nonfinite": ("stop", "skip"),
+    "trainer.precision": ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true"),
 }
 
 
@@ -343,8 +348,26 @@ def _choice(key: str, value: str, options=None) -> None:
         raise WorkbenchError(f"config key '{key}' is {value!r}; expected one of {', '.join(options)}")
 
 
+def _nonfinite_key(value: Any, key: str) -> str | None:
+    """The dotted key of the first nan / inf number in a config tree, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else key
+    if is_dataclass(value):
+        value = {f.name: getattr(value, f.name) for f in fields(value)}
+    if isinstance(value, dict):
+        children = ((f"{key}.{k}" if key else str(k), v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        children = ((f"{key}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((bad for k, v in children if (bad := _nonfinite_key(v, k))), None)
+
+
 def validate(cfg: RunConfig) -> None:
     """Checks a type system cannot express: choices, ranges, required combinations."""
+    bad = _nonfinite_key(cfg, "")
+    if bad is not None:
+        raise WorkbenchError(f"config key '{bad}' is not a finite number (nan or inf)")
     for key, values in cfg.sweep.items():
         if not isinstance(values, list) or not values:
             raise WorkbenchError(f"config key 'sweep.{key}' must be a non-empty list of values")
@@ -364,6 +387,13 @@ def validate(cfg: RunConfig) -> None:
         _choice("teacher.quantize", cfg.teacher.quantize)
         _choice("teacher.dtype", cfg.teacher.dtype)
     _choice("optim.schedule", cfg.optim.schedule)
+    _validate_trainer(cfg.trainer)
+    o = cfg.optim
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise WorkbenchError(f"config key 'optim.betas' must be two numbers in [0, 1), got {list(o.betas)}")
+    if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip < 0:
+        key = "warmup_steps" if o.warmup_steps < 0 else "weight_decay" if o.weight_decay < 0 else "grad_clip"
+        raise WorkbenchError(f"config key 'optim.{key}' must be >= 0")
     if cfg.data.type == "llava" and not cfg.data.train:
         raise WorkbenchError("config key 'data.train' must name a LLaVA-format JSON file (or set data.type=windtunnel)")
     if not cfg.loss:
@@ -412,6 +442,22 @@ def validate(cfg: RunConfig) -> None:
     _choice("data.unlabeled", cfg.data.unlabeled)
     if cfg.teacher is not None and cfg.teacher.top_k < 1:
         raise WorkbenchError("config key 'teacher.top_k' must be >= 1")
+
+
+def _validate_trainer(t: TrainerConfig) -> None:
+    _choice("trainer.on_nonfinite", t.on_nonfinite)
+    _choice("trainer.precision", str(t.precision))
+    at_least_1 = {"accumulate_grad_batches": t.accumulate_grad_batches, "log_every_n_steps": t.log_every_n_steps,
+                  "checkpoint_every_n_steps": t.checkpoint_every_n_steps or 1}
+    if isinstance(t.devices, int):  # also "auto", a list of ids or Lightning's "0,1"
+        at_least_1["devices"] = t.devices
+    for key, value in at_least_1.items():
+        if value < 1:
+            raise WorkbenchError(f"config key 'trainer.{key}' must be >= 1, got {getattr(t, key)!r}")
+    if t.max_time_minutes is not None and t.max_time_minutes <= 0:
+        raise WorkbenchError("config key 'trainer.max_time_minutes' must be > 0 (or null: no limit)")
+    if t.max_skipped_steps < 0:
+        raise WorkbenchError("config key 'trainer.max_skipped_steps' must be >= 0")
 
 
 def to_yaml(cfg: RunConfig) -> str:

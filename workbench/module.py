@@ -55,6 +55,7 @@ class DistillModule(pl.LightningModule):
         self.total_steps = total_steps
         object.__setattr__(self, "teacher", teacher)  # not a submodule, see module docstring
         self.val_keys = ["all", *sorted(set(val_tags))]
+        self.step_values: list[tuple[str, torch.Tensor]] = []  # this step's logged values, for the DivergenceGuard
         self._val_scores: dict[str, tuple[int, int]] = {}
         self.fused_logits = fused_logits
         student_points, teacher_points = loss.tap_points()
@@ -129,10 +130,15 @@ class DistillModule(pl.LightningModule):
         else:
             total, terms = self.loss(self._loss_inputs(batch, fused=self.fused_logits))
             for name, value in terms.items():
-                self.log(f"train/{name}", value, batch_size=n)
-        self.log("train/loss", total, prog_bar=True, batch_size=n)
+                self._log_train(name, value, n)
+        self._log_train("loss", total, n, prog_bar=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return total
+
+    def _log_train(self, name: str, value: torch.Tensor, n: int, **kwargs: Any) -> None:
+        """Log `train/<name>` and keep it for the divergence guard (workbench/guard.py)."""
+        self.log(f"train/{name}", value, batch_size=n, **kwargs)
+        self.step_values.append((name, value.detach()))
 
     def _matformer_step(self, batch: dict[str, Any], n: int) -> torch.Tensor:
         """MatFormer joint training: the loss of every granularity on the same batch (or of the
@@ -157,7 +163,7 @@ class DistillModule(pl.LightningModule):
                 sd = self._self_distill(inputs, full_logits)
                 loss, terms = loss + m.self_distill * sd, {**terms, "self_distill": sd.detach()}
             for name, value in {"loss": loss.detach(), **terms}.items():
-                self.log(f"train/g{g:g}/{name}", value, batch_size=n)
+                self._log_train(f"g{g:g}/{name}", value, n)
             total = total + loss
         set_uniform(self.student, 1.0)
         return total

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 import warnings
 from dataclasses import replace
@@ -30,6 +31,8 @@ from workbench.data.sampler import SamplerState, StepBatchSampler
 from workbench.config import STAGE_REF, RunConfig, load_config, stage_configs, to_yaml
 from workbench.device import environment
 from workbench.errors import WorkbenchError
+from workbench.guard import Diverged, DivergenceGuard, first_nonfinite
+from workbench.interrupt import ending, reraise
 from workbench.metrics import accuracies, merge_scores, score_outputs
 from workbench.module import DistillModule, VisionDistillModule, model_inputs
 
@@ -118,7 +121,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, callbacks: list[pl.Callback]) ->
         gradient_clip_val=cfg.optim.grad_clip or None,
         num_sanity_val_steps=0,
         logger=CSVLogger(run_dir, name="", version=""),
-        callbacks=[checkpoint, *callbacks],
+        callbacks=[DivergenceGuard(t.on_nonfinite, t.max_skipped_steps), checkpoint, *callbacks],
         use_distributed_sampler=False,  # StepBatchSampler shards batches across ranks itself
         enable_progress_bar=t.progress_bar,
         default_root_dir=run_dir,
@@ -150,6 +153,15 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def _record(run_dir: Path, summary: dict[str, Any]) -> None:
+    """Write how a run ended; a disk that is full or read-only must not hide the reason."""
+    try:
+        _write_json(run_dir / "summary.json", summary)
+    except OSError as e:
+        print(f"[workbench] could not record status {summary['status']!r} in {run_dir}/summary.json ({e}); "
+              f"reason: {summary.get('error')}", file=sys.stderr)
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
@@ -216,55 +228,68 @@ def train(cfg: RunConfig, built: Built, run_dir: Path, resume: bool = False,
           + (f" (+{summary['params']['projectors']:,} in projectors, not exported)" if summary['params']['projectors'] else "")
           + (f", resuming from step {resumed_step}" if ckpt else ""))
 
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    tags = sorted({t for rec in getattr(built.splits.val, "records", []) for t in rec.get("qtypes", [])})
-    module = (VisionDistillModule if built.classification else DistillModule)(built.student, built.loss, cfg.optim, cfg.trainer.max_steps, built.teacher, tuple(tags),
-                           fused_logits=cfg.trainer.fused_logits, matformer=cfg.matformer)
-    trainer = make_trainer(cfg, run_dir, [SamplerState(sampler, cfg.trainer.accumulate_grad_batches),
-                                          *built.callbacks])
-    if is_main and before_fit is not None:
-        before_fit()
-    fit_start = time.time()
     try:
-        trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt)
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        tags = sorted({t for rec in getattr(built.splits.val, "records", []) for t in rec.get("qtypes", [])})
+        module_cls = VisionDistillModule if built.classification else DistillModule
+        module = module_cls(built.student, built.loss, cfg.optim, cfg.trainer.max_steps, built.teacher, tuple(tags),
+                            fused_logits=cfg.trainer.fused_logits, matformer=cfg.matformer)
+        trainer = make_trainer(cfg, run_dir, [SamplerState(sampler, cfg.trainer.accumulate_grad_batches),
+                                              *built.callbacks])
+        if is_main and before_fit is not None:
+            before_fit()
+        fit_start = time.time()
+        try:
+            trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt)
+        finally:
+            if is_main:
+                _merge_metrics(run_dir, earlier_metrics, resumed_step)
+        if not trainer.is_global_zero:
+            return summary
+        train_time = time.time() - fit_start
+        bad = first_nonfinite(built.student.state_dict().items())
+        if bad is not None:  # e.g. the last step's update overflowed after its checkpoint was checked
+            raise Diverged(f"training diverged: weight {bad} is not finite after step {trainer.global_step}; "
+                           "nothing was exported")
+        built.student.cpu()
+        export_student(built, run_dir / "student")
+        samples = trainer.global_step * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
+        summary.update(
+            status="completed",
+            steps=trainer.global_step,
+            samples_seen=samples,
+            train_time_s=round(train_time, 2),
+            samples_per_s=round(samples / max(train_time, 1e-9), 2),
+            final_train={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
+        )
+        if getattr(module, "distributed_check", None):
+            summary["distributed"] = module.distributed_check
+        guard = next(cb for cb in trainer.callbacks if isinstance(cb, DivergenceGuard))
+        if guard.skipped:
+            summary["skipped_steps"] = guard.skipped
+        if val_loader is not None:
+            summary["student"] = evaluate(built.student, val_loader)
+            if cfg.matformer is not None:  # every uniform granularity of the universal model
+                from students.matformer import active_config, set_uniform, submodel_params
+
+                summary["granularities"] = {}
+                for g in sorted(cfg.matformer.granularities, reverse=True):
+                    set_uniform(built.student, g)
+                    params = submodel_params(built.student, active_config(built.student))
+                    summary["granularities"][f"{g:g}"] = {"params": params, **evaluate(built.student, val_loader)}
+                set_uniform(built.student, 1.0)
+        summary["wall_time_s"] = round(time.time() - start, 2)
+        _write_json(run_dir / "summary.json", summary)
+        return summary
     except BaseException as e:
         if is_main:
-            summary.update(status="failed", error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - start)
-            _write_json(run_dir / "summary.json", summary)
-        raise
-    finally:
-        if is_main:
-            _merge_metrics(run_dir, earlier_metrics, resumed_step)
-    if not trainer.is_global_zero:
-        return summary
-    train_time = time.time() - fit_start
-    built.student.cpu()
-    export_student(built, run_dir / "student")
-    samples = trainer.global_step * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
-    summary.update(
-        status="completed",
-        steps=trainer.global_step,
-        samples_seen=samples,
-        train_time_s=round(train_time, 2),
-        samples_per_s=round(samples / max(train_time, 1e-9), 2),
-        final_train={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
-    )
-    if getattr(module, "distributed_check", None):
-        summary["distributed"] = module.distributed_check
-    if val_loader is not None:
-        summary["student"] = evaluate(built.student, val_loader)
-        if cfg.matformer is not None:  # every uniform granularity of the universal model
-            from students.matformer import active_config, set_uniform, submodel_params
-
-            summary["granularities"] = {}
-            for g in sorted(cfg.matformer.granularities, reverse=True):
-                set_uniform(built.student, g)
-                params = submodel_params(built.student, active_config(built.student))
-                summary["granularities"][f"{g:g}"] = {"params": params, **evaluate(built.student, val_loader)}
-            set_uniform(built.student, 1.0)
-    summary["wall_time_s"] = round(time.time() - start, 2)
-    _write_json(run_dir / "summary.json", summary)
-    return summary
+            status, reason = ending(e)
+            summary.update(status=status, error=reason, wall_time_s=round(time.time() - start, 2))
+            _record(run_dir, summary)
+        replacement = reraise(e)
+        if replacement is e:
+            raise
+        raise replacement from None
 
 
 def run(cfg: RunConfig, run_dir: Path | None = None) -> Path:
@@ -361,8 +386,9 @@ def _run_stages(cfg: RunConfig, resume_dir: Path | None, new_dir: Path | None = 
                 _write_json(run_dir / "summary.json", summary)
     except BaseException as e:
         if is_main:
-            summary.update(status="failed", error=f"{type(e).__name__}: {e}")
-            _write_json(run_dir / "summary.json", summary)
+            status, reason = ending(e)
+            summary.update(status=status, error=reason)
+            _record(run_dir, summary)
         raise
     if not is_main:
         return run_dir

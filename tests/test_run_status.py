@@ -1,0 +1,66 @@
+"""How runs end (workbench/interrupt.py, workbench/run.py): SIGTERM and SIGINT mid-training end
+`interrupted` with exit 143 / 130 and resume to completion; an error while the Trainer is
+built ends `failed`; nothing that did not complete moves `latest`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import tiny_run_args
+from workbench.cli import main
+
+TEACHER = "experiments/windtunnel/teacher.yaml"
+
+
+def _env():
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for key in ("LOCAL_RANK", "NODE_RANK", "WB_RUN_DIR", "WB_LAUNCH"):
+        env.pop(key, None)
+    return env
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_mid_training_ends_interrupted_and_resumes(tmp_path, signum, code):
+    args = tiny_run_args(tmp_path, "trainer.max_steps=100", "trainer.val_every_n_steps=100",
+                         "trainer.checkpoint_every_n_steps=3", "run_id=r")
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "run", TEACHER, *args], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "runs" / "windtunnel-teacher" / "r"
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "last.ckpt").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err and "--resume" in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["error"] == signal.Signals(signum).name
+    assert not (run_dir.parent / "latest").exists()
+    assert main(["run", "--resume", str(run_dir), "trainer.max_steps=5"]) == 2  # no overrides on resume
+    env = _env()
+    out = subprocess.run([sys.executable, "-m", "workbench.cli", "run", "--resume", str(run_dir)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 100
+    assert (run_dir.parent / "latest").resolve() == run_dir.resolve()
+
+
+def test_an_error_while_the_trainer_is_built_ends_failed(tmp_path, monkeypatch):
+    import workbench.run
+
+    def broken(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(workbench.run, "make_trainer", broken)
+    with pytest.raises(OSError):
+        main(["run", TEACHER, *tiny_run_args(tmp_path, "run_id=r")])
+    summary = json.loads((tmp_path / "runs" / "windtunnel-teacher" / "r" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "No space left on device" in summary["error"]
+    assert not (tmp_path / "runs" / "windtunnel-teacher" / "latest").exists()

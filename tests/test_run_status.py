@@ -59,8 +59,23 @@ def test_an_error_while_the_trainer_is_built_ends_failed(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(workbench.run, "make_trainer", broken)
-    with pytest.raises(OSError):
-        main(["run", TEACHER, *tiny_run_args(tmp_path, "run_id=r")])
+    assert main(["run", TEACHER, *tiny_run_args(tmp_path, "run_id=r")]) == 2  # the disk: a message
     summary = json.loads((tmp_path / "runs" / "windtunnel-teacher" / "r" / "summary.json").read_text())
     assert summary["status"] == "failed" and "No space left on device" in summary["error"]
     assert not (tmp_path / "runs" / "windtunnel-teacher" / "latest").exists()
+
+
+def test_identical_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    from workbench.config import load_config
+    from workbench.errors import WorkbenchError
+    from workbench.run import open_run_dir
+
+    monkeypatch.setattr("time.strftime", lambda *_: "20261203-120000")
+    cfg = load_config(TEACHER, [f"out_root={tmp_path}"])
+    first, second, third = (open_run_dir(cfg) for _ in range(3))
+    assert first.name.startswith("20261203-120000-") and second.name == f"{first.name}-2"
+    assert third.name == f"{first.name}-3" and all(p.is_dir() for p in (first, second, third))
+    named = load_config(TEACHER, [f"out_root={tmp_path}", "run_id=mine"])
+    open_run_dir(named)
+    with pytest.raises(WorkbenchError, match="already exists; choose another run_id"):
+        open_run_dir(named)  # a run_id you chose is never renamed

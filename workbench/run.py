@@ -10,6 +10,7 @@ completed run.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from workbench.build import Built, build
 from workbench.data.sampler import SamplerState, StepBatchSampler
+from workbench.checkpoint import AtomicCheckpointIO
 from workbench.config import STAGE_REF, RunConfig, load_config, stage_configs, to_yaml
 from workbench.device import environment
 from workbench.errors import WorkbenchError
@@ -38,6 +40,7 @@ from workbench.module import DistillModule, VisionDistillModule, model_inputs
 
 # Our run directory is always new; CSVLogger's warning about a non-empty folder is noise.
 warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+DISK_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)  # the disk, not the run: a message, not a traceback
 RUN_DIR_ENV = "WB_RUN_DIR"  # hands rank 0's run directory to DDP worker processes
 LAUNCH_ENV = "WB_LAUNCH"  # this invocation's id, inherited by its DDP workers
 STAGE_READY = ".stage-ready.json"  # rank 0: "stage <name> is built, about to fit" (multi-stage DDP)
@@ -52,17 +55,22 @@ def open_run_dir(cfg: RunConfig, run_dir: Path | None = None) -> Path:
     """Create `<out_root>/<name>/<run-id>` (or `run_dir`) exclusively; an existing one is an error."""
     if _is_worker_process() and os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
+    chosen = run_dir is not None or cfg.run_id is not None
     if run_dir is None:
         digest = hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:6]
-        run_id = cfg.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{digest}"
-        run_dir = Path(cfg.out_root) / cfg.name / run_id
-    if run_dir.exists():
+        run_dir = Path(cfg.out_root) / cfg.name / (cfg.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{digest}")
+    if chosen and run_dir.exists():
         raise WorkbenchError(f"run directory {run_dir} already exists; choose another run_id (nothing was written)")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        run_dir.mkdir()
-    except FileExistsError:
-        raise WorkbenchError(f"run directory {run_dir} already exists; choose another run_id") from None
+    base = run_dir
+    for n in range(2, 10_000):
+        try:
+            run_dir.mkdir()  # exclusive: of two identical runs started together, one gets `-2`
+            break
+        except FileExistsError:
+            if chosen:
+                raise WorkbenchError(f"run directory {run_dir} already exists; choose another run_id") from None
+            run_dir = base.with_name(f"{base.name}-{n}")
     os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
     return run_dir
 
@@ -122,6 +130,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, callbacks: list[pl.Callback]) ->
         num_sanity_val_steps=0,
         logger=CSVLogger(run_dir, name="", version=""),
         callbacks=[DivergenceGuard(t.on_nonfinite, t.max_skipped_steps), checkpoint, *callbacks],
+        plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # StepBatchSampler shards batches across ranks itself
         enable_progress_bar=t.progress_bar,
         default_root_dir=run_dir,
@@ -287,6 +296,9 @@ def train(cfg: RunConfig, built: Built, run_dir: Path, resume: bool = False,
             summary.update(status=status, error=reason, wall_time_s=round(time.time() - start, 2))
             _record(run_dir, summary)
         replacement = reraise(e)
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            replacement = WorkbenchError(f"{e}; the last checkpoint is whole: free space (or make {run_dir} "
+                                         f"writable) and resume with `workbench run --resume {run_dir}`")
         if replacement is e:
             raise
         raise replacement from None

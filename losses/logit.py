@@ -125,8 +125,12 @@ def _jsd_rows(log_p_s: Tensor, log_p_t: Tensor, beta: float) -> Tensor:
         (N,) beta * KL(p_T || M) + (1 - beta) * KL(p_S || M).
     """
     # log M by logsumexp: exp() then log() of the mixture underflows for tiny probabilities.
+    # Classes neither distribution reaches (both -inf, e.g. a padded vocabulary) add nothing,
+    # but logsumexp(-inf, -inf) has a NaN gradient: they enter the mixture as 0 instead.
+    neither = torch.isneginf(log_p_s) & torch.isneginf(log_p_t)  # (N, V)
     log_m = torch.logsumexp(
-        torch.stack([log_p_t + math.log(beta), log_p_s + math.log1p(-beta)]), dim=0
+        torch.stack([(log_p_t + math.log(beta)).masked_fill(neither, 0.0),
+                     (log_p_s + math.log1p(-beta)).masked_fill(neither, 0.0)]), dim=0
     )  # (N, V)
     return beta * _kl_rows(log_p_t, log_m) + (1 - beta) * _kl_rows(log_p_s, log_m)
 

@@ -340,3 +340,19 @@ def test_bad_term_arguments_raise():
         LogitDivergenceTerm("tvd")(bad)
     with pytest.raises(ValueError, match="labels"):
         LossInputs(logits(1, 6, 9, seed=37), torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 6), torch.zeros(1, 6))
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_a_class_both_sides_rule_out_adds_nothing_and_no_nan_gradient(name):
+    """A padded vocabulary masked to -inf in student and teacher: the divergence and its
+    gradient equal those over the real classes only, with no NaN anywhere."""
+    fn = DIVERGENCES[name]
+    s, t = logits(4, 7, seed=31), logits(4, 7, seed=32)
+    pad = torch.full((4, 3), float("-inf"), dtype=torch.float64)
+    padded = torch.cat([s, pad], -1).requires_grad_(True)
+    fn(padded, torch.cat([t, pad], -1), temperature=2.0).backward()
+    real = s.clone().requires_grad_(True)
+    fn(real, t, temperature=2.0).backward()
+    assert torch.isfinite(padded.grad).all()
+    torch.testing.assert_close(padded.grad[:, :7], real.grad, atol=1e-12, rtol=1e-10)
+    assert not padded.grad[:, 7:].any()

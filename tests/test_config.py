@@ -317,3 +317,16 @@ def test_param_groups_exclude_biases_and_norms_from_decay():
     ids = lambda ps: {id(p) for p in ps}  # noqa: E731
     assert ids(decay["params"]) == ids([model[1].weight, model[3].weight])
     assert ids(no_decay["params"]) == ids([model[1].bias, model[2].weight, model[2].bias])
+
+
+def test_a_mapping_override_replaces_and_null_clears():
+    path = "experiments/windtunnel/student_kd.yaml"
+    assert load_config(path).student.kwargs  # the recipe sets some
+    assert load_config(path, ["student.kwargs={}"]).student.kwargs == {}
+    assert load_config(path, ["student.kwargs=null"]).student.kwargs == {}
+    assert load_config(path, ["student.kwargs={text_hidden: 16}"]).student.kwargs == {"text_hidden": 16}
+    merged = load_config(path, ["student.kwargs.text_hidden=16"]).student.kwargs  # a dotted key still merges
+    assert merged["text_hidden"] == 16 and len(merged) > 1
+    only = load_config(path, ["loss={ce: {type: ce}}"]).loss
+    assert list(only) == ["ce"]
+    assert load_config("experiments/windtunnel/quickstart.yaml", ["stages=null", "loss.ce.type=ce"]).stages == {}

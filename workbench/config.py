@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from losses.combine import FEATURE_MASKS
@@ -268,16 +268,49 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
         raise WorkbenchError(f"cannot parse overrides {overrides}: {e}") from None
 
 
-CLEARABLE = ("stages", "sweep")  # `stages=null` on the command line runs the experiment's top level alone
-
-
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """defaults <- YAML at `path` (with `base:` inheritance) <- `key=value` overrides."""
+    """defaults <- YAML at `path` (with `base:` inheritance) <- `key=value` overrides.
+
+    An override whose value is a mapping replaces the YAML's mapping at that key instead of
+    merging into it (`student.kwargs={}` empties it, `student.kwargs={a: 1}` is exactly that);
+    `null` on a mapping-typed key clears it (`stages=null` runs the top level alone).
+    """
     data = _stages_by_name(_read_yaml(Path(path)))
-    cleared = {o.split("=", 1)[0] for o in overrides if o.replace(" ", "") in {f"{k}=null" for k in CLEARABLE}}
-    for key in cleared:
-        data[key] = {}
-    return merge_config(data, parse_overrides([o for o in overrides if o.split("=", 1)[0] not in cleared]))
+    rest = []
+    for override in overrides:
+        key, value = _one_override(override)
+        if isinstance(value, dict) or (value is None and _is_mapping_key(key)):
+            _set_path(data, key, value or {})
+        else:
+            rest.append(override)
+    return merge_config(data, parse_overrides(rest))
+
+
+def _one_override(override: str) -> tuple[str, Any]:
+    """(dotted key, parsed value) of one `key=value`."""
+    key = override.split("=", 1)[0].strip()
+    value = OmegaConf.select(parse_overrides([override]), key)
+    return key, OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def _is_mapping_key(key: str) -> bool:
+    """Whether `key` is a free-form mapping in the config schema (kwargs, loss, stages, ...)."""
+    parent, _, leaf = key.rpartition(".")
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        node = OmegaConf.select(schema, parent) if parent else schema
+        return node is not None and OmegaConf.get_type(node, leaf) is dict
+    except (OmegaConfBaseException, AttributeError, KeyError):
+        return False
+
+
+def _set_path(data: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        if not isinstance(data.get(part), dict):
+            data[part] = {}
+        data = data[part]
+    data[leaf] = value
 
 
 def _stages_by_name(data: dict) -> dict:

@@ -62,8 +62,11 @@ class NestedMLP(nn.Module):
         elif all(isinstance(getattr(mlp, n, None), nn.Linear) for n in PLAIN):
             if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
                 raise ValueError(f"{type(mlp).__name__} normalises its hidden units; nesting would change that norm")
+            act = getattr(mlp, "act", None) or getattr(mlp, "activation_fn", None)  # timm Mlp / CLIPMLP
+            if act is None:
+                raise ValueError(f"{type(mlp).__name__} has fc1/fc2 but no activation (act or activation_fn)")
             self.kind = "plain"
-            self.fc1, self.act, self.fc2 = mlp.fc1, mlp.act, mlp.fc2
+            self.fc1, self.act, self.fc2 = mlp.fc1, act, mlp.fc2
             self.drop1, self.drop2 = getattr(mlp, "drop1", nn.Identity()), getattr(mlp, "drop2", nn.Identity())
             self.hidden = mlp.fc1.out_features
         else:
@@ -115,8 +118,9 @@ class MatSpec:
 
 
 def parse_spec(text: str, full: Sequence[int], skip: str | None = None) -> MatSpec:
-    """"uniform:0.25" (a fraction of every layer's width) or "widths:w1,w2,..." (hidden units,
-    or fractions <= 1, one per layer), plus skip = "20-24,30" (layer indices and ranges).
+    """"uniform:0.25" (a fraction of every layer's width) or "widths:w1,w2,..." (one per layer:
+    whole numbers are hidden units, numbers with a decimal point fractions in (0, 1]), plus
+    skip = "20-24,30" (layer indices and ranges).
     A parameter budget ("budget:<N>") needs the model: see `budget_spec`."""
     kind, _, value = text.partition(":")
     n = len(full)
@@ -124,13 +128,30 @@ def parse_spec(text: str, full: Sequence[int], skip: str | None = None) -> MatSp
         fraction = float(value)
         widths = [_width(fraction, h) for h in full]
     elif kind == "widths":
-        items = [float(v) for v in value.split(",") if v.strip()]
+        items = [v.strip() for v in value.split(",") if v.strip()]
         if len(items) != n:
             raise ValueError(f"spec {text!r} gives {len(items)} widths for {n} layers")
-        widths = [_width(v, h) if v <= 1 else int(v) for v, h in zip(items, full)]
+        widths = [_layer_width(v, h) for v, h in zip(items, full)]
     else:
         raise ValueError(f"spec {text!r}: use uniform:<fraction> or widths:<w1,w2,...>")
     return MatSpec(widths, parse_skip(skip or "", n))
+
+
+def _layer_width(item: str, hidden: int) -> int:
+    """One `widths:` entry: a whole number is hidden units ("1" is one unit), a number with a
+    decimal point a fraction of the layer's width in (0, 1] ("1.0" is the full width)."""
+    if re.fullmatch(r"\d+", item):
+        if int(item) < 1:
+            raise ValueError(f"width {item!r}: a layer keeps at least 1 hidden unit")
+        return int(item)
+    try:
+        fraction = float(item)
+    except ValueError:
+        fraction = None
+    if fraction is None or not 0 < fraction <= 1:
+        raise ValueError(f"width {item!r} is neither a whole number of hidden units nor a fraction in (0, 1] "
+                         "such as 0.5")
+    return _width(fraction, hidden)
 
 
 def _width(fraction: float, hidden: int) -> int:
@@ -185,6 +206,12 @@ def matformerize(model: nn.Module, granularities: Sequence[float] = DEFAULT_GRAN
     if hasattr(config, "to_dict"):  # a Hugging Face model: save_pretrained records it, students.load re-nests
         config.matformer_granularities = list(model.matformer_granularities)
     return paths
+
+
+def default_target(model: nn.Module) -> nn.Module:
+    """What MatFormer nests unless told otherwise: a causal LM's or VLM's decoder (a VLM's
+    vision tower stays as it is), a timm model whole."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model
 
 
 def nested_mlps(model: nn.Module) -> list[tuple[str, NestedMLP]]:

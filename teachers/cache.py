@@ -3,7 +3,9 @@
 `workbench cache-teacher` runs the teacher once and stores its output with `CacheWriter`;
 training reads it with `TeacherCache` (by sample id) and feeds `LossInputs.teacher_topk`. The
 manifest carries a fingerprint of teacher weights, tokenizer and data, so a cache made for a
-different run is refused; every file is written atomically, so a killed job resumes.
+different run is refused; every file is written atomically, so a killed job resumes; and each
+shard's SHA-256 is in the manifest, checked whenever the shard is read: a shard changed after
+it was written is refused, and `cache-teacher` (or a run with `teacher.cache`) recomputes it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
@@ -29,9 +31,10 @@ from workbench.errors import WorkbenchError
 
 MANIFEST = "manifest.json"
 FORMAT = "distill-workbench teacher cache"
-VERSION = 1
+VERSION = 2  # 2: per-shard sha256
 _TMP_PREFIX = ".tmp-"
 _SHARD_RE = re.compile(r"shard-\d{5}\.(safetensors|json)")
+_SHARD_NUMBER = re.compile(r"\d+")
 _REBUILD = "rebuild it with `workbench cache-teacher CONFIG`"
 _MANIFEST_KEYS = ("format", "version", "fingerprint", "top_k", "temperature", "complete", "shards")
 _SHARD_TENSORS = ("topk_ids", "topk_logp", "tokens", "offsets")
@@ -127,6 +130,30 @@ def _shard_sample_ids(path: Path) -> list[str]:
             return json.loads((f.metadata() or {})["sample_ids"])
     except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as err:
         raise WorkbenchError(f"teacher cache shard {path} is missing or corrupt ({err}); {_REBUILD}") from None
+
+
+def _read_verified(directory: Path, name: str, sha256: str | None, what: str) -> bytes:
+    """A shard or sidecar's bytes, refused unless they hash to what the manifest recorded."""
+    path = directory / name
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise WorkbenchError(f"teacher cache {what} {path} is missing or unreadable ({err}); {_REBUILD}") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise WorkbenchError(f"teacher cache {what} {path} fails its checksum (changed after it was written); "
+                             f"{_REBUILD}: it recomputes that shard")
+    return data
+
+
+def _entry_intact(directory: Path, entry: dict[str, Any]) -> bool:
+    """Whether a manifest entry's shard (and sidecar) are on disk exactly as written."""
+    try:
+        _read_verified(directory, entry["file"], entry.get("sha256"), "shard")
+        if entry.get("sidecar"):
+            _read_verified(directory, entry["sidecar"], entry.get("sidecar_sha256"), "sidecar")
+    except WorkbenchError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -365,6 +392,7 @@ class CacheWriter:
         self._buffer: list[tuple[str, Tensor, Tensor, Tensor, list[str] | None]] = []
         self._buffered_ids: set[str] = set()
         self._done: set[str] = set()
+        self.repaired: list[str] = []  # shards that failed their checksum on reopening, to be recomputed
         if (self.directory / MANIFEST).exists():
             self.manifest = self._reopen(float(temperature), top_k)
         else:
@@ -402,6 +430,14 @@ class CacheWriter:
                 differences.append((name, manifest[name], mine))
         if differences:
             raise WorkbenchError(_mismatch_message(self.directory, differences))
+        bad = [entry for entry in manifest["shards"] if not _entry_intact(self.directory, entry)]
+        if bad:  # changed after they were written: drop them, their samples are computed again
+            manifest["shards"] = [entry for entry in manifest["shards"] if entry not in bad]
+            manifest["complete"] = False
+            manifest["n_samples"] = sum(entry["n_samples"] for entry in manifest["shards"])
+            manifest["n_positions"] = sum(entry["n_positions"] for entry in manifest["shards"])
+            _write_atomic(self.directory / MANIFEST, _json_bytes(manifest))
+            self.repaired = [entry["file"] for entry in bad]
         listed = {entry[key] for entry in manifest["shards"] for key in ("file", "sidecar") if entry.get(key)}
         if not manifest["complete"]:
             self._remove_leftovers(listed)
@@ -508,14 +544,16 @@ class CacheWriter:
         }
         if self._buffer[0][5] is not None:
             tensors["rest_logp"] = torch.cat([sample[5] for sample in self._buffer])  # (T_shard,)
-        name = f"shard-{len(self.manifest['shards']):05d}"
-        entry = {"file": f"{name}.safetensors", "sidecar": None, "n_samples": len(ids),
-                 "n_positions": int(lengths.sum())}
+        taken = [int(_SHARD_NUMBER.search(e["file"])[0]) for e in self.manifest["shards"]]
+        name = f"shard-{max(taken, default=-1) + 1:05d}"  # never a dropped shard's number while its file exists
+        data = save_safetensors(tensors, metadata={"sample_ids": json.dumps(ids)})
+        entry = {"file": f"{name}.safetensors", "sha256": hashlib.sha256(data).hexdigest(), "sidecar": None,
+                 "n_samples": len(ids), "n_positions": int(lengths.sum())}
         answers = [sample[4] for sample in self._buffer]
         if any(a is not None for a in answers):
-            entry["sidecar"] = f"{name}.json"
-            _write_atomic(self.directory / entry["sidecar"], _json_bytes({"sample_ids": ids, "answers": answers}))
-        data = save_safetensors(tensors, metadata={"sample_ids": json.dumps(ids)})
+            sidecar = _json_bytes({"sample_ids": ids, "answers": answers})
+            entry.update(sidecar=f"{name}.json", sidecar_sha256=hashlib.sha256(sidecar).hexdigest())
+            _write_atomic(self.directory / entry["sidecar"], sidecar)
         _write_atomic(self.directory / entry["file"], data)
         self.manifest["shards"].append(entry)
         self.manifest["n_samples"] += entry["n_samples"]
@@ -610,8 +648,9 @@ class TeacherCache:
         if shard not in self._shards:
             entry = self.manifest["shards"][shard]
             path = self.directory / entry["file"]
+            data = _read_verified(self.directory, entry["file"], entry.get("sha256"), "shard")
             try:
-                tensors = load_file(str(path))
+                tensors = load_safetensors(data)
             except (OSError, SafetensorError) as err:
                 raise WorkbenchError(f"teacher cache shard {path} is missing or corrupt ({err}); {_REBUILD}") from None
             offsets = tensors.get("offsets")
@@ -626,9 +665,10 @@ class TeacherCache:
         if not entry.get("sidecar"):
             return None
         path = self.directory / entry["sidecar"]
+        data = _read_verified(self.directory, entry["sidecar"], entry.get("sidecar_sha256"), "sidecar")
         try:
-            answers = json.loads(path.read_text())["answers"]
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as err:
+            answers = json.loads(data)["answers"]
+        except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise WorkbenchError(f"teacher cache sidecar {path} is missing or corrupt ({err}); {_REBUILD}") from None
         if len(answers) != entry["n_samples"]:
             raise WorkbenchError(f"teacher cache sidecar {path} does not match its manifest entry; {_REBUILD}")

@@ -92,3 +92,41 @@ def test_timm_matvit_round_trip(tmp_path):
     set_active(vit, MatSpec([768, 96, 384, 192], (1,)))
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(static(x), vit(x), atol=1e-5, rtol=0)
+
+
+def test_a_plain_llava_folder_is_cut_in_its_language_model_only(tiny_vlm_dir, tmp_path, capsys):
+    """A VLM trained without MatFormer: the language model's MLPs are sliced exactly as by
+    hand (rows of gate/up, columns of down), the vision tower and projector are untouched."""
+    from transformers import AutoModelForImageTextToText
+
+    source = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dir)
+    assert main(["extract", str(tiny_vlm_dir), "--spec", "uniform:0.5", "--out", str(tmp_path / "half")]) == 0
+    assert "not saved as a MatFormer model" in capsys.readouterr().out
+    cut = AutoModelForImageTextToText.from_pretrained(tmp_path / "half")
+    full = source.config.text_config.intermediate_size
+    k = full // 2
+    assert cut.config.text_config.intermediate_size == k
+    theirs, mine = source.state_dict(), cut.state_dict()
+    assert theirs.keys() == mine.keys()
+    for key, value in theirs.items():
+        if ".language_model." in key and (".gate_proj." in key or ".up_proj." in key):
+            expected = value[:k]
+        elif ".language_model." in key and ".down_proj.weight" in key:
+            expected = value[:, :k]
+        else:  # vision tower (its fc1/fc2 too), projector, attention, norms, embeddings, head
+            expected = value
+        assert torch.equal(mine[key], expected), key
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        assert torch.isfinite(cut(input_ids=ids).logits).all()
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("uniform:1.5", "fraction"), ("uniform:", "could not convert"), ("widths:2.7,3", "neither a whole number"),
+    ("widths:1,2,3", "3 widths for 2"), ("budget:lots", "not a parameter count"), ("half", "use uniform"),
+    ("widths:0,8", "at least 1 hidden unit"), ("widths:9999,8", "outside 1.."),
+])
+def test_bad_specs_on_a_plain_vlm_exit_2(tiny_vlm_dir, tmp_path, capsys, spec, needle):
+    assert main(["extract", str(tiny_vlm_dir), "--spec", spec, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and not (tmp_path / "x").exists()

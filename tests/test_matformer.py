@@ -161,7 +161,13 @@ def test_uniform_vlm_export_loads_with_the_vlm_auto_class(tmp_path):
 def test_parse_spec_and_its_errors():
     full = [64, 64, 64, 64]
     assert parse_spec("uniform:0.5", full).widths == [32] * 4
-    assert parse_spec("widths:0.25,16,1,64", full, "1, 3").widths == [16, 16, 64, 64]
+    assert parse_spec("widths:0.25,16,1.0,64", full, "1, 3").widths == [16, 16, 64, 64]
+    assert parse_spec("widths:1,1,0.5,64", full).widths == [1, 1, 32, 64]  # a whole number is units: 1 is one
+    for bad in ("widths:2.7,16,16,16", "widths:x,16,16,16", "widths:-1,16,16,16", "widths:1.5,16,16,16"):
+        with pytest.raises(ValueError, match="neither a whole number of hidden units nor a fraction"):
+            parse_spec(bad, full)
+    with pytest.raises(ValueError, match="at least 1 hidden unit"):
+        parse_spec("widths:0,16,16,16", full)
     assert parse_spec("uniform:1", full, "0-2").skip == (0, 1, 2)
     for text, skip, message in (("uniform:1.5", None, "fraction"), ("widths:1,2", None, "2 widths for 4"),
                                 ("half", None, "uniform:"), ("uniform:0.5", "9", "4 layers"),

@@ -145,6 +145,15 @@ def test_cache_teacher_command_makes_and_finds_a_cache(quickstart, capsys):
     assert "already complete" in capsys.readouterr().out
     manifest = json.loads((root / "c4" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["fingerprint"]["top_k"] == 4
+    shard = root / "c4" / manifest["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-8:] = bytes(8 * [0x7F])  # changed in place, same size
+    shard.write_bytes(bytes(data))
+    assert main(["cache-teacher", QUICKSTART, *args, "--top-k", "4", "--out", str(root / "c4")]) == 0
+    out = capsys.readouterr().out
+    assert f"recomputed {shard.name}" in out and "'samples_computed': " in out and "repaired_shards" in out
+    assert main(["cache-teacher", QUICKSTART, *args, "--top-k", "4", "--out", str(root / "c4")]) == 0
+    assert "already complete" in capsys.readouterr().out
 
 
 def test_stages_init_from_and_trainable(quickstart, tmp_path):

@@ -358,3 +358,33 @@ def test_rest_mass_round_trips_and_is_all_or_nothing(tmp_path):
     writer.close()
     entry = TeacherCache(tmp_path / "c").get("s2")
     torch.testing.assert_close(entry.rest_logp, torch.log(torch.tensor([0.2, 0.3])))
+
+
+def test_a_shard_changed_in_place_is_refused_then_recomputed(tmp_path):
+    """Same size, other bytes (e.g. huge log-probs written over the payload): the checksum in
+    the manifest refuses the shard; reopening the writer drops it and its samples are redone."""
+    directory = tmp_path / "cache"
+    write(directory, range(10))
+    shard = directory / "shard-00001.safetensors"  # samples 3, 4, 5
+    data = bytearray(shard.read_bytes())
+    data[-12:] = bytes(12 * [0x7F])
+    shard.write_bytes(bytes(data))
+    cache = TeacherCache(directory)
+    assert_entry(cache, 0)  # other shards are fine
+    with pytest.raises(WorkbenchError, match="shard-00001.safetensors fails its checksum.*cache-teacher"):
+        cache.get(IDS[4])
+    writer = CacheWriter(directory, FINGERPRINT, shard_size=3)
+    assert writer.repaired == ["shard-00001.safetensors"] and not writer.complete
+    assert writer.done_ids() == set(IDS) - {IDS[3], IDS[4], IDS[5]} and not shard.exists()
+    for i in (3, 4, 5):
+        writer.add(IDS[i], **sample(i))
+    writer.close()
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert [e["file"] for e in manifest["shards"]][-1] == "shard-00004.safetensors" and manifest["n_samples"] == 10
+    cache = TeacherCache(directory)
+    for i in range(10):
+        assert_entry(cache, i)
+    sidecar = directory / "shard-00000.json"  # answers are checked too
+    sidecar.write_text(sidecar.read_text().replace("answer 1", "answer 9"))
+    with pytest.raises(WorkbenchError, match="sidecar .*shard-00000.json fails its checksum"):
+        TeacherCache(directory).answers(IDS[1])

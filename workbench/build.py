@@ -207,7 +207,7 @@ def apply_matformer(cfg: RunConfig, student: nn.Module, notes: dict[str, Any]) -
     """Nest the student's FFNs (`matformer:`): a VLM's language model, or `matformer.target`."""
     if cfg.matformer is None:
         return
-    from students.matformer import matformerize, nested_mlps
+    from students.matformer import default_target, matformerize, nested_mlps
     from workbench.taps import get_module
 
     m = cfg.matformer
@@ -219,10 +219,7 @@ def apply_matformer(cfg: RunConfig, student: nn.Module, notes: dict[str, Any]) -
         object.__setattr__(student, "matformer_granularities", tuple(sorted(m.granularities, reverse=True)))
         notes["matformer"] = {"nested_mlps": len(already), "granularities": sorted(m.granularities, reverse=True)}
         return
-    if m.target is not None:
-        target = get_module(student, m.target, "student")
-    else:
-        target = student.get_decoder() if hasattr(student, "get_decoder") else student
+    target = get_module(student, m.target, "student") if m.target is not None else default_target(student)
     try:
         paths = matformerize(target, m.granularities)
     except ValueError as e:

@@ -47,16 +47,17 @@ def parse_budget(text: str) -> int:
 
 def load_universal(model_dir: Path):
     """The nested model in `model_dir`; a model trained without nesting is nested on the fly
-    (its FFNs are sliced all the same; say so)."""
+    the way training nests it - a VLM's language model only, its vision tower untouched - and
+    its FFNs are sliced all the same (said so)."""
     import students
-    from students.matformer import matformerize, nested_mlps
+    from students.matformer import default_target, matformerize, nested_mlps
 
     model = students.load(model_dir)
     try:
         nested_mlps(model)
     except ValueError:
         try:
-            matformerize(model)
+            matformerize(default_target(model))
         except ValueError as e:
             raise WorkbenchError(f"{model_dir}: {e}") from None
         print(f"[workbench] {model_dir} was not saved as a MatFormer model: slicing its FFNs as they are")
@@ -88,7 +89,10 @@ def extract_to(source: str | Path, spec_text: str, out: str | Path, skip: str | 
     model_dir = resolve_model_dir(source)
     model = load_universal(model_dir)
     spec = spec_for(model, spec_text, skip)
-    static = extract(model, spec)
+    try:
+        static = extract(model, spec)
+    except ValueError as e:  # widths beyond a layer's size, every layer skipped
+        raise WorkbenchError(f"--spec {spec_text!r}: {e}") from None
     report = {"source": str(model_dir), "out": str(out), "widths": spec.widths, "skip": list(spec.skip),
               "params_before": count_params(model), "params_after": count_params(static)}
     out.mkdir(parents=True, exist_ok=True)

@@ -106,13 +106,6 @@ def cache_dir_for(cfg, fingerprint: dict[str, Any]) -> Path:
     return Path(cfg.out_root) / "teacher-cache" / digest
 
 
-def _is_complete(directory: Path) -> bool:
-    try:
-        return json.loads((directory / "manifest.json").read_text()).get("complete", False)
-    except (OSError, ValueError):
-        return False
-
-
 def attach_teacher(cfg, built):
     """Give `built` its teacher signal: an online teacher, or cached targets (+ pseudo-labels)."""
     from workbench.build import build_teacher, check_vocabularies
@@ -148,15 +141,14 @@ def attach_teacher(cfg, built):
     fingerprint = cache_fingerprint(cfg, built.processor, train, split)
     directory = cache_dir_for(cfg, fingerprint)
     note = {"dir": str(directory), "made_by_this_run": False}
-    if not _is_complete(directory):
-        explicit = cfg.teacher.cache not in (None, "auto")
-        if explicit and not directory.exists():
-            raise WorkbenchError(f"config key 'teacher.cache': {directory} does not exist; "
-                                 "make it with `workbench cache-teacher CONFIG` or set teacher.cache=auto")
+    if cfg.teacher.cache not in (None, "auto") and not directory.exists():
+        raise WorkbenchError(f"config key 'teacher.cache': {directory} does not exist; "
+                             "make it with `workbench cache-teacher CONFIG` or set teacher.cache=auto")
+    writer = CacheWriter(directory, fingerprint)  # resumes a partial cache; drops shards that fail their checksum
+    if not writer.complete:
         teacher = build_teacher(cfg)
         check_vocabularies(built.student, built.processor, teacher)
-        note.update(made_by_this_run=True, **make_teacher_cache(cfg, teacher, built.collator, train, split,
-                                                                 directory, fingerprint))
+        note.update(made_by_this_run=True, **make_teacher_cache(cfg, teacher, built.collator, train, split, writer))
         del teacher
     cache = TeacherCache(directory)
     cache.check(fingerprint)
@@ -213,11 +205,11 @@ def cache_teacher(cfg, stage: str | None = None) -> tuple[Path, dict[str, Any]]:
     split = label_split(splits.train.records, cfg.data.labeled_fraction, cfg.data.split_seed, mode)
     fingerprint = cache_fingerprint(cfg, processor, splits.train, split)
     directory = cache_dir_for(cfg, fingerprint)
-    if _is_complete(directory):
-        TeacherCache(directory).check(fingerprint)
+    writer = CacheWriter(directory, fingerprint)  # resumes a partial cache; drops shards that fail their checksum
+    if writer.complete:
         return directory, {"status": "already complete"}
     stats = make_teacher_cache(cfg, build_teacher(cfg), VLMCollator(processor, max_length=cfg.data.max_length),
-                               splits.train, split, directory, fingerprint)
+                               splits.train, split, writer)
     return directory, stats
 
 
@@ -422,12 +414,13 @@ def pseudo_label(teacher, collator: VLMCollator, samples: list[dict], temperatur
 
 
 def make_teacher_cache(cfg, teacher, collator: VLMCollator, train: LlavaDataset, split: LabelSplit,
-                       directory: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """Run the teacher once over the training records into a sharded cache; resumes a partial one."""
+                       writer: CacheWriter) -> dict[str, Any]:
+    """Run the teacher once over the training records into a sharded cache; resumes a partial
+    one (and recomputes shards the writer dropped for failing their checksum)."""
     start = time.time()
-    writer = CacheWriter(directory, fingerprint)
     done = writer.done_ids()
-    k, tau = fingerprint["top_k"], fingerprint["temperature"]
+    directory = writer.directory
+    k, tau = writer.fingerprint["top_k"], writer.fingerprint["temperature"]
     bs = cfg.data.eval_batch_size
     jobs = [(i, False) for i in split.labeled] + [(i, True) for i in split.unlabeled if split.mode == "pseudo"]
     jobs = [(i, p) for i, p in jobs if str(train.records[i].get("id", i)) not in done]
@@ -443,7 +436,12 @@ def make_teacher_cache(cfg, teacher, collator: VLMCollator, train: LlavaDataset,
                     writer.add(s["id"], ids, logp, tokens, answers=answers, rest_logp=rest)
                 bar.update(len(samples))
     writer.close()
-    return {"teacher_time_s": round(time.time() - start, 2), "samples_computed": len(jobs)}
+    stats = {"teacher_time_s": round(time.time() - start, 2), "samples_computed": len(jobs)}
+    if writer.repaired:
+        print(f"[workbench] teacher cache {directory}: recomputed {', '.join(writer.repaired)} "
+              "(changed after they were written)")
+        stats["repaired_shards"] = writer.repaired
+    return stats
 
 
 # ---------------------------------------------------------------------------- parity alignment

@@ -79,3 +79,24 @@ def test_identical_runs_started_in_the_same_second_get_their_own_directories(tmp
     open_run_dir(named)
     with pytest.raises(WorkbenchError, match="already exists; choose another run_id"):
         open_run_dir(named)  # a run_id you chose is never renamed
+
+
+def test_sigterm_outside_fit_unwinds_past_except_exception_and_maps_to_143():
+    from workbench import interrupt
+
+    def swallowing():
+        try:
+            interrupt._on_signal(signal.SIGTERM, None)
+        except Exception:  # library code on the way must not swallow it
+            return "swallowed"
+
+    with pytest.raises(interrupt.Terminated):
+        swallowing()
+    assert interrupt.ending(interrupt.Terminated("SIGTERM")) == ("interrupted", "SIGTERM")
+    mapped = interrupt.reraise(interrupt.Terminated("SIGTERM"))
+    assert isinstance(mapped, interrupt.Interrupted) and mapped.exit_code == 143
+    with interrupt.fitting():
+        assert interrupt._on_signal(signal.SIGTERM, None) is None  # Lightning stops after the batch
+    with pytest.raises(KeyboardInterrupt):
+        interrupt._on_signal(signal.SIGINT, None)
+    assert interrupt.ending(SystemExit(1)) == ("interrupted", "SIGINT")  # Lightning's exit after Ctrl-C

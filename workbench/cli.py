@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except interrupt.Terminated:
+        print("interrupted by SIGTERM", file=sys.stderr)
+        return 143
     return 0
 
 

@@ -5,12 +5,15 @@
 `interrupted` and exit 143 / 130 wherever they arrive. Inside `Trainer.fit` Lightning handles
 them itself - SIGTERM finishes the current batch and raises its `SIGTERMException` (a
 `SystemExit` with code 0), Ctrl-C ends in `sys.exit(1)` - and `ending` maps those back.
+Elsewhere SIGTERM raises `Terminated`, a BaseException like KeyboardInterrupt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 
 from workbench.errors import WorkbenchError
 
@@ -26,12 +29,32 @@ class Interrupted(WorkbenchError):
         self.exit_code = 128 + getattr(signal, signame)
 
 
+class Terminated(BaseException):
+    """SIGTERM outside `Trainer.fit`: unwinds like KeyboardInterrupt (no `except Exception`
+    on the way can swallow it) and becomes `Interrupted` once the run has recorded it."""
+
+
+_fitting = False  # inside Trainer.fit Lightning stops the loop itself after the current batch
+
+
+@contextlib.contextmanager
+def fitting() -> Iterator[None]:
+    """Mark a `Trainer.fit` call: SIGTERM there is left to Lightning's graceful stop."""
+    global _fitting
+    _fitting = True
+    try:
+        yield
+    finally:
+        _fitting = False
+
+
 def _on_signal(signum: int, _frame) -> None:
     name = signal.Signals(signum).name
     _received.append(name)
     if name == "SIGINT":
         raise KeyboardInterrupt
-    raise Interrupted(name)
+    if not _fitting:
+        raise Terminated(name)
 
 
 def install() -> None:
@@ -47,6 +70,8 @@ def ending(exc: BaseException) -> tuple[str, str]:
 
     if isinstance(exc, Interrupted):
         return "interrupted", exc.signame
+    if isinstance(exc, Terminated):
+        return "interrupted", "SIGTERM"
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", "SIGINT"
     if isinstance(exc, SIGTERMException):
@@ -59,6 +84,6 @@ def ending(exc: BaseException) -> tuple[str, str]:
 def reraise(exc: BaseException) -> BaseException:
     """What to raise after recording `exc`: Lightning's exits become `Interrupted`."""
     status, reason = ending(exc)
-    if status == "interrupted" and isinstance(exc, SystemExit):
+    if status == "interrupted" and isinstance(exc, (SystemExit, Terminated)):
         return Interrupted(reason)
     return exc

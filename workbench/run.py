@@ -34,7 +34,7 @@ from workbench.config import STAGE_REF, RunConfig, load_config, stage_configs, t
 from workbench.device import environment
 from workbench.errors import WorkbenchError
 from workbench.guard import Diverged, DivergenceGuard, first_nonfinite
-from workbench.interrupt import ending, reraise
+from workbench.interrupt import ending, fitting, reraise
 from workbench.metrics import accuracies, merge_scores, score_outputs
 from workbench.module import DistillModule, VisionDistillModule, model_inputs
 
@@ -249,7 +249,8 @@ def train(cfg: RunConfig, built: Built, run_dir: Path, resume: bool = False,
             before_fit()
         fit_start = time.time()
         try:
-            trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt)
+            with fitting():
+                trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt)
         finally:
             if is_main:
                 _merge_metrics(run_dir, earlier_metrics, resumed_step)

@@ -81,8 +81,10 @@ def test_identical_runs_started_in_the_same_second_get_their_own_directories(tmp
         open_run_dir(named)  # a run_id you chose is never renamed
 
 
-def test_sigterm_outside_fit_unwinds_past_except_exception_and_maps_to_143():
+def test_sigterm_outside_fit_unwinds_past_except_exception_and_maps_to_143(monkeypatch):
     from workbench import interrupt
+
+    monkeypatch.setattr(interrupt, "_received", [])  # this process's record of signals, restored after
 
     def swallowing():
         try:

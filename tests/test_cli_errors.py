@@ -4,6 +4,7 @@ trains (every error surfaces while building, before the run directory is opened)
 
 import json
 import os
+import shutil
 
 import pytest
 import yaml
@@ -196,3 +197,212 @@ def test_valid_input_is_not_refused(config, tmp_path):
     assert len(train) == cfg.trainer.max_steps and val is not None  # one batch per step, resumable
     assert len(next(iter(train))["ids"]) == cfg.data.batch_size
     assert not (tmp_path / "runs").exists()  # building and loading write nothing
+
+
+# ----------------------------------------------------------------------------- the table
+# Each case: overrides of the fixture recipe -> exit 2, a message naming these words, no
+# traceback, no run directory. Grow it with every bad input met.
+
+OVERRIDE_CASES = [
+    # optimizer
+    (["optim.lr=nan"], "'optim.lr'", "finite"), (["optim.lr=inf"], "'optim.lr'"), (["optim.lr=-inf"], "'optim.lr'"),
+    (["optim.lr=0"], "'optim.lr'"), (["optim.lr=-1e-3"], "'optim.lr'"), (["optim.lr=abc"], "'optim.lr'"),
+    (["optim.betas=[0.9]"], "'optim.betas'"), (["optim.betas=[2,3]"], "'optim.betas'"),
+    (["optim.betas=[0.9,1.0]"], "'optim.betas'"), (["optim.betas=[-0.1,0.9]"], "'optim.betas'"),
+    (["optim.betas=[0.9,nan]"], "'optim.betas[1]'"), (["optim.betas=[0.9,0.99,0.999]"], "'optim.betas'"),
+    (["optim.weight_decay=-0.1"], "'optim.weight_decay'"), (["optim.warmup_steps=-10"], "'optim.warmup_steps'"),
+    (["optim.grad_clip=-1"], "'optim.grad_clip'"), (["optim.schedule=linear"], "'optim.schedule'", "cosine"),
+    # trainer
+    (["trainer.max_steps=0"], "'trainer.max_steps'"), (["trainer.max_steps=-5"], "'trainer.max_steps'"),
+    (["trainer.max_steps=1.5"], "'trainer.max_steps'"), (["trainer.val_every_n_steps=0"], "'trainer.val_every_n_steps'"),
+    (["trainer.log_every_n_steps=0"], "'trainer.log_every_n_steps'"),
+    (["trainer.accumulate_grad_batches=0"], "'trainer.accumulate_grad_batches'"),
+    (["trainer.accumulate_grad_batches=-2"], "'trainer.accumulate_grad_batches'"),
+    (["trainer.checkpoint_every_n_steps=0"], "'trainer.checkpoint_every_n_steps'"),
+    (["trainer.checkpoint_every_n_steps=-1"], "'trainer.checkpoint_every_n_steps'"),
+    (["trainer.devices=0"], "'trainer.devices'"), (["trainer.devices=-2"], "'trainer.devices'"),
+    (["trainer.precision=bogus"], "'trainer.precision'", "bf16-mixed"), (["trainer.precision=15"], "'trainer.precision'"),
+    (["trainer.max_time_minutes=-1"], "'trainer.max_time_minutes'"),
+    (["trainer.max_time_minutes=0"], "'trainer.max_time_minutes'"),
+    (["trainer.max_time_minutes=nan"], "'trainer.max_time_minutes'"),
+    (["trainer.on_nonfinite=ignore"], "'trainer.on_nonfinite'", "skip"),
+    (["trainer.max_skipped_steps=-1"], "'trainer.max_skipped_steps'"),
+    (["trainer.progress_bar=maybe"], "'trainer.progress_bar'"),
+    # data
+    (["data.batch_size=0"], "'data.batch_size'"), (["data.batch_size=-3"], "'data.batch_size'"),
+    (["data.labeled_fraction=-0.1"], "'data.labeled_fraction'"), (["data.labeled_fraction=2"], "'data.labeled_fraction'"),
+    (["data.unlabeled=bogus"], "'data.unlabeled'"), (["data.bad_images=ignore"], "'data.bad_images'", "skip"),
+    (["data.max_length=abc"], "'data.max_length'"), (["data.val_fraction=0"], "'data.val_fraction'"),
+    (["data.val_fraction=1.5"], "'data.val_fraction'"), (["data.train=/no/such/file.json"], "/no/such/file.json"),
+    (["data.type=parquet"], "data.type", "'parquet'"),
+    # loss terms
+    (["loss.ce.weight=nan"], "'loss.ce.weight'"), (["loss.ce.weight=inf"], "'loss.ce.weight'"),
+    (["loss.ce.temperature=0"], "'loss.ce.temperature'"), (["loss.ce.temperature=-1"], "'loss.ce.temperature'"),
+    (["loss.ce.temperature=nan"], "'loss.ce.temperature'"), (["loss.ce.beta=1.5"], "'loss.ce.beta'"),
+    (["loss.ce.beta=-0.1"], "'loss.ce.beta'"), (["loss.ce.reduction=sum"], "'loss.ce.reduction'"),
+    (["loss.ce.mask=bogus"], "'loss.ce.mask'"), (["loss={}"], "'loss'", "no terms"),
+    # names that become folders
+    (["name=../../x"], "'name'", "plain name"), (["name=a/b"], "'name'"), (["name=.hidden"], "'name'"),
+    (["name="], "'name'"), (["run_id=../x"], "'run_id'"), (["run_id=a/b"], "'run_id'"), (["run_id=.."], "'run_id'"),
+    # keys and types
+    (["optim.lrr=1"], "'optim.lrr'"), (["trainer.max_step=1"], "'trainer.max_step'", "max_steps"),
+    (["bogus=1"], "'bogus'"), (["seed=abc"], "'seed'"), (["optim=3"], "'optim'", "section"), (["data.windtunnel=2"], "'data.windtunnel'", "section"), (["oops"], "oops", "key=value"),
+    # teacher and student
+    (["teacher.path=/nonexistent", "teacher.top_k=0"], "'teacher.top_k'"),
+    (["teacher.path=/nonexistent", "teacher.quantize=int4"], "'teacher.quantize'", "nf4"),
+    (["teacher.path=/nonexistent", "teacher.dtype=fp8"], "'teacher.dtype'"),
+    ([*TINY, "student.kwargs.text_hidden=-4"], "student.kwargs", "negative"),
+    ([*TINY, "student.kwargs.text_heads=3"], "student.kwargs"),
+    (["student.path=/no/such/student"], "/no/such/student"),
+    (["init_from=teacher"], "'init_from'", "teacher"),
+]
+
+
+@pytest.mark.parametrize("case", OVERRIDE_CASES, ids=lambda c: " ".join(c[0])[:60])
+def test_bad_overrides_exit_2_before_writing(run_fails, case):
+    overrides, *names = case
+    run_fails(overrides, *names)
+
+
+def _turns(answer="two"):
+    return [{"from": "human", "value": "<image>\nhow many ?"}, {"from": "gpt", "value": answer}]
+
+
+RECORD_CASES = {  # a record of the data file -> words of the message
+    "record-is-a-string": ("just text", ["record 0", "not a JSON object"]),
+    "no-conversations": ({"id": "a", "image": "IMG"}, ["'a'", "conversations"]),
+    "empty-conversations": ({"id": "a", "image": "IMG", "conversations": []}, ["'a'", "conversations"]),
+    "turn-is-a-string": ({"id": "a", "image": "IMG", "conversations": ["hello"]}, ["'a'", "'hello'"]),
+    "turn-without-from": ({"id": "a", "conversations": [{"value": "hi"}]}, ["'a'", "'from'"]),
+    "unknown-role": ({"id": "a", "conversations": [{"from": "robot", "value": "hi"}]}, ["'a'", "'from'"]),
+    "value-not-text": ({"id": "a", "conversations": [{"from": "human", "value": 3}]}, ["'a'", "'value'"]),
+    "no-answer": ({"id": "a", "conversations": [{"from": "human", "value": "hi"}]}, ["'a'", "assistant"]),
+    "empty-answer": ({"id": "a", "image": "IMG", "conversations": _turns("")}, ["'a'", "empty assistant answer"]),
+    "blank-answer": ({"id": "a", "image": "IMG", "conversations": _turns("  ")}, ["'a'", "empty assistant answer"]),
+    "image-is-a-number": ({"id": "a", "image": 7, "conversations": _turns()}, ["'a'", "'image'", "int"]),
+    "image-is-a-list": ({"id": "a", "image": ["x.png"], "conversations": _turns()}, ["'a'", "'image'", "list"]),
+    "image-leaves-folder": ({"id": "a", "image": "../../etc/passwd", "conversations": _turns()},
+                            ["'a'", "leaves data.image_folder"]),
+    "image-absolute": ({"id": "a", "image": "/etc/hostname", "conversations": _turns()},
+                       ["'a'", "absolute", "data.absolute_images"]),
+    "image-missing": ({"id": "a", "image": "images/none.png", "conversations": _turns()}, ["'a'", "does not exist"]),
+    "image-is-text": ({"id": "a", "image": "TEXT", "conversations": _turns()}, ["'a'", "not a readable image"]),
+    "image-zero-bytes": ({"id": "a", "image": "EMPTY", "conversations": _turns()}, ["'a'", "not a readable image"]),
+    "image-without-placeholder": ({"id": "a", "image": "IMG", "conversations": [
+        {"from": "human", "value": "how many ?"}, {"from": "gpt", "value": "two"}]}, ["'a'", "<image>"]),
+}
+
+
+@pytest.fixture
+def image_dir(tmp_path, world_dir):
+    """A folder with one real image (ok.png), a text file and an empty file."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    real = json.loads((world_dir / "train.json").read_text())[0]
+    shutil.copy(world_dir / real["image"], folder / "ok.png")
+    (folder / "note.txt").write_text("not an image")
+    (folder / "empty.png").write_bytes(b"")
+    return folder
+
+
+def _data_file(tmp_path, records):
+    good = {"id": "good", "image": "ok.png", "conversations": _turns()}
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([*records, good]))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(RECORD_CASES))
+def test_bad_records_exit_2_naming_the_record(run_fails, tmp_path, image_dir, name):
+    record, words = RECORD_CASES[name]
+    if isinstance(record, dict) and isinstance(record.get("image"), str):
+        record = {**record, "image": {"IMG": "ok.png", "TEXT": "note.txt", "EMPTY": "empty.png"}.get(
+            record["image"], record["image"])}
+    run_fails([f"data.train={_data_file(tmp_path, [record])}", f"data.image_folder={image_dir}"], *words)
+
+
+def test_duplicate_record_ids_exit_2(run_fails, tmp_path, image_dir):
+    twice = [{"id": "same", "image": "ok.png", "conversations": _turns()}] * 2
+    run_fails([f"data.train={_data_file(tmp_path, twice)}", f"data.image_folder={image_dir}"],
+              "'same'", "share the id")
+
+
+def test_unreadable_images_can_be_skipped_and_are_counted(config, tmp_path, image_dir):
+    from workbench.build import build
+    from workbench.config import load_config
+
+    bad = [{"id": f"bad{i}", "image": name, "conversations": _turns()} for i, name in enumerate(["note.txt", "empty.png"])]
+    good = [{"id": f"g{i}", "image": "ok.png", "conversations": _turns()} for i in range(8)]
+    data = _data_file(tmp_path, [*bad, *good])
+    cfg = load_config(config, [*TINY, f"data.train={data}", f"data.image_folder={image_dir}", "data.bad_images=skip",
+                               "data.val=null"])
+    built = build(cfg)
+    assert len(built.splits.train) == 9
+    assert built.notes["skipped_images"]["train"]["count"] == 2
+    assert [s["id"] for s in built.notes["skipped_images"]["train"]["first"]] == ["bad0", "bad1"]
+    assert "not a readable image" in built.notes["skipped_images"]["train"]["first"][0]["problem"]
+
+
+def test_a_data_file_that_is_an_object_exits_2(run_fails, tmp_path):
+    (tmp_path / "obj.json").write_text('{"records": []}')
+    run_fails([f"data.train={tmp_path / 'obj.json'}"], tmp_path / "obj.json", "JSON list")
+
+
+def test_a_yaml_key_given_twice_exits_2(run_fails, config, tmp_path):
+    text = config.read_text()
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text + "name: again\n")
+    run_fails([], twice, "'name' appears twice", "line", cfg=twice)
+
+
+def test_a_read_only_out_root_exits_2(run_fails, monkeypatch, tmp_path):
+    from pathlib import Path
+
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if "runs" in self.parts:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    run_fails(TINY, "cannot create run directory", "Permission denied", "out_root")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--resume", "NOWHERE"], ["nowhere", "not a run directory"]),
+    (["--resume", "TMP"], ["not a run directory"]),
+    (["--resume", "TMP", "optim.lr=1"], ["--resume", "takes no config"]),
+    ([], ["give an experiment config"]),
+])
+def test_bad_resume_calls_exit_2(capsys, tmp_path, argv, words):
+    argv = [str(tmp_path / "nowhere") if a == "NOWHERE" else str(tmp_path) if a == "TMP" else a for a in argv]
+    fails(capsys, ["run", *argv], *words)
+
+
+@pytest.fixture
+def cache_recipe(tmp_path, world_dir, tiny_vlm_dir):
+    """A KD recipe over the session's tiny teacher that a teacher cache serves."""
+    path = tmp_path / "kd.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "bad-cache", "out_root": str(tmp_path / "runs"),
+        "teacher": {"path": str(tiny_vlm_dir), "top_k": 4, "cache": "auto"},
+        "student": {"type": "tiny_llava", "processor": str(world_dir / "processor")},
+        "loss": {"kd": {"type": "forward_kl"}},
+        "data": {"type": "llava", "train": str(world_dir / "train.json"), "batch_size": 4, "limit_train": 8},
+    }))
+    return path
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--top-k", "0"], ["--top-k", ">= 1"]),
+    (["--top-k", "100000"], ["100000", "vocabulary"]),
+    (["--out", "FILE"], ["is a file", "folder"]),
+    (["teacher=null", "--top-k", "4"], ["'teacher' is null"]),
+    (["teacher=null"], ["'teacher' is null"]),
+])
+def test_bad_cache_teacher_calls_exit_2_and_write_nothing(capsys, tmp_path, cache_recipe, argv, words):
+    (tmp_path / "file.txt").write_text("a file")
+    argv = [str(tmp_path / "file.txt") if a == "FILE" else a for a in argv]
+    fails(capsys, ["cache-teacher", cache_recipe, *argv], *words)
+    assert not (tmp_path / "runs").exists() and (tmp_path / "file.txt").read_text() == "a file"

@@ -269,7 +269,7 @@ def test_image_after_question_keeps_order_and_text_only_rows(tmp_path, world_dir
             {"from": "human", "value": "how many shapes are there ?"}, {"from": "gpt", "value": "two"},
             {"from": "human", "value": f"is there a red {SHAPES[0]} ?"}, {"from": "gpt", "value": "no"}]},
     ]
-    data = LlavaDataset(write_records(tmp_path, recs))
+    data = LlavaDataset(write_records(tmp_path, recs), absolute_images=True)
     assert data[1]["image"] is None
     batch = collator([data[0], data[1]])
     tok = processor.tokenizer
@@ -299,12 +299,17 @@ def test_image_after_question_keeps_order_and_text_only_rows(tmp_path, world_dir
 def test_max_length_truncates_but_never_cuts_image_tokens(processor, train_set):
     samples = [train_set[i] for i in range(2)]
     full = VLMCollator(processor)(samples)
-    cut = VLMCollator(processor, max_length=20)(samples)
-    assert cut["input_ids"].shape[1] == 20
+    first_answer = int((full["labels"] != IGNORE_INDEX).int().argmax(1).max())  # both keep an answer token
+    n = first_answer + 1
+    cut = VLMCollator(processor, max_length=n)(samples)
+    assert cut["input_ids"].shape[1] == n
     for key in ("input_ids", "attention_mask", "labels"):
-        assert torch.equal(cut[key], full[key][:, :20])
+        assert torch.equal(cut[key], full[key][:, :n])
     with pytest.raises(WorkbenchError, match="max_length=5"):
         VLMCollator(processor, max_length=5)(samples)
+    shortest = int((full["labels"] != IGNORE_INDEX).int().argmax(1).min())  # before every answer of one sample
+    with pytest.raises(WorkbenchError, match=f"max_length={shortest} cuts off every answer token"):
+        VLMCollator(processor, max_length=shortest)(samples)
 
 
 # ---- LlavaDataset on real-format files -------------------------------------------------------
@@ -337,7 +342,9 @@ def test_llava_dataset_reads_real_format(tmp_path, image_folder):
     recs = [dict(r) for r in REAL_STYLE]
     recs.append({"id": "abs", "image": str(image_folder / "ocr_vqa" / "images" / "grey.png"),  # absolute path
                  "conversations": [{"from": "user", "value": "<image>"}, {"from": "assistant", "value": "grey"}]})
-    data = LlavaDataset(write_records(tmp_path, recs, "llava_v1_5_mix.json"), image_folder)
+    with pytest.raises(WorkbenchError, match="record 3 .*'abs'.* is absolute.*data.absolute_images=true"):
+        LlavaDataset(write_records(tmp_path, recs, "llava_v1_5_mix.json"), image_folder)
+    data = LlavaDataset(tmp_path / "llava_v1_5_mix.json", image_folder, absolute_images=True)
     assert len(data) == 4
     bus = data[0]
     assert bus["id"] == "000000033471" and bus["qtypes"] == []

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError  # transformers' config validation
 from torch import nn
 
 from losses.combine import WeightedLoss
@@ -143,7 +144,7 @@ def build_student(cfg: RunConfig, processor) -> nn.Module:
                              f"{type(processor).__name__} has none (an encoder-free student's processor?)")
     try:
         return STUDENTS.build(s.type, "student.kwargs", fixed=fixed, **s.kwargs)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RuntimeError, StrictDataclassError) as e:  # a negative width, heads not dividing it
         raise WorkbenchError(f"config key 'student.kwargs': cannot build {s.type}: {e}".splitlines()[0]) from None
 
 
@@ -461,6 +462,10 @@ def build(cfg: RunConfig) -> Built:
     loss = build_loss(cfg, cfg.teacher is not None)
     student = build_student(cfg, processor)
     notes: dict[str, Any] = {}
+    skipped = {name: ds.skipped_images for name, ds in (("train", splits.train), ("val", splits.val))
+               if getattr(ds, "skipped_images", None)}
+    if skipped:  # data.bad_images=skip: counted, with the first few reasons
+        notes["skipped_images"] = {name: {"count": len(s), "first": s[:5]} for name, s in skipped.items()}
     apply_hybrid(cfg, student, notes)  # before init_from: a converted stage's weights load by name
     if cfg.init_from:
         if cfg.init_from == "teacher" and cfg.teacher is None:
@@ -473,6 +478,8 @@ def build(cfg: RunConfig) -> Built:
     processor = student_processor(student, processor)
     check_vocabularies(student, processor)
     collator = VLMCollator(processor, max_length=cfg.data.max_length)
+    if cfg.data.max_length is not None:  # a length that cuts every answer fails here, before any write
+        collator([splits.train[i] for i in range(min(len(splits.train), cfg.data.batch_size))])
     built = attach_teacher(cfg, Built(splits, processor, collator, student, loss, notes=notes))
     attach_vision_terms(built)
     if loss.tapped_terms():

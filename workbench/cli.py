@@ -50,10 +50,8 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> None:
     from workbench.config import load_config
     from workbench.teacher_data import cache_teacher
 
-    overrides = [*args.overrides, f"teacher.top_k={args.top_k}"] if args.top_k else list(args.overrides)
-    if args.out:
-        overrides.append(f"teacher.cache={args.out}")
-    directory, stats = cache_teacher(load_config(args.config, overrides), stage=args.stage)
+    directory, stats = cache_teacher(load_config(args.config, args.overrides), stage=args.stage, top_k=args.top_k,
+                                     out=args.out)
     print(f"teacher cache {directory}: {stats}")
 
 

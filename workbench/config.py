@@ -95,6 +95,8 @@ class DataConfig:
     train: str | None = None  # LLaVA-format JSON (image_folder: a folder of <class>/<image>)
     val: str | None = None
     image_folder: str | None = None  # image paths are relative to this (default: the JSON's folder)
+    absolute_images: bool = False  # allow absolute image paths in records (else they are refused)
+    bad_images: str = "error"  # error | skip: records whose image is missing or unreadable (skipped are counted)
     root: str = "data"  # where the wind tunnel is generated (one sub-folder per world)
     windtunnel: WindTunnelConfig = field(default_factory=WindTunnelConfig)
     batch_size: int = 32
@@ -203,6 +205,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "wsd", "constant"),
     "data.unlabeled": ("auto", "pseudo", "drop"),
     "trainer.on_nonfinite": ("stop", "skip"),
+    "data.bad_images": ("error", "skip"),
     "trainer.precision": ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true"),
 }
 
@@ -214,7 +217,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in seen:
         raise WorkbenchError(f"config file {path}: `base:` chain loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise WorkbenchError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
@@ -224,6 +227,22 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return data
     parent = _read_yaml((path.parent / base), seen + (path.resolve(),))
     return OmegaConf.to_container(OmegaConf.merge(parent, data))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat keys on purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -279,7 +298,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     rest = []
     for override in overrides:
         key, value = _one_override(override)
-        if isinstance(value, dict) or (value is None and _is_mapping_key(key)):
+        kind = _schema_type(key)
+        if is_dataclass(kind) and value is not None and not isinstance(value, dict):
+            raise WorkbenchError(f"config key '{key}' is a section, not a value; set its keys ({key}.<name>=...)")
+        if isinstance(value, dict) or (value is None and kind is dict):
             _set_path(data, key, value or {})
         else:
             rest.append(override)
@@ -293,15 +315,16 @@ def _one_override(override: str) -> tuple[str, Any]:
     return key, OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
-def _is_mapping_key(key: str) -> bool:
-    """Whether `key` is a free-form mapping in the config schema (kwargs, loss, stages, ...)."""
+def _schema_type(key: str) -> Any:
+    """The type the config schema gives `key`: dict for free-form mappings (kwargs, loss,
+    stages), a dataclass for a section, None when the schema does not know it."""
     parent, _, leaf = key.rpartition(".")
     schema = OmegaConf.structured(RunConfig)
     try:
         node = OmegaConf.select(schema, parent) if parent else schema
-        return node is not None and OmegaConf.get_type(node, leaf) is dict
+        return OmegaConf.get_type(node, leaf) if isinstance(node, DictConfig) else None
     except (OmegaConfBaseException, AttributeError, KeyError):
-        return False
+        return None
 
 
 def _set_path(data: dict, key: str, value: Any) -> None:
@@ -381,6 +404,15 @@ def _choice(key: str, value: str, options=None) -> None:
         raise WorkbenchError(f"config key '{key}' is {value!r}; expected one of {', '.join(options)}")
 
 
+def _check_folder_name(key: str, value: str | None) -> None:
+    """`name` / `run_id` become folders under out_root: one plain path component each."""
+    if value is None:
+        return
+    if not value or value in (".", "..") or "/" in value or "\\" in value or value.startswith(".") or "\0" in value:
+        raise WorkbenchError(f"config key '{key}' is {value!r}: it names a folder under out_root, so it must be a "
+                             "plain name (no '/', no leading '.')")
+
+
 def _nonfinite_key(value: Any, key: str) -> str | None:
     """The dotted key of the first nan / inf number in a config tree, or None."""
     if isinstance(value, float):
@@ -401,6 +433,8 @@ def validate(cfg: RunConfig) -> None:
     bad = _nonfinite_key(cfg, "")
     if bad is not None:
         raise WorkbenchError(f"config key '{bad}' is not a finite number (nan or inf)")
+    _check_folder_name("name", cfg.name)
+    _check_folder_name("run_id", cfg.run_id)
     for key, values in cfg.sweep.items():
         if not isinstance(values, list) or not values:
             raise WorkbenchError(f"config key 'sweep.{key}' must be a non-empty list of values")
@@ -473,6 +507,7 @@ def validate(cfg: RunConfig) -> None:
     if not 0.0 <= cfg.data.labeled_fraction <= 1.0:
         raise WorkbenchError("config key 'data.labeled_fraction' must be in [0, 1]")
     _choice("data.unlabeled", cfg.data.unlabeled)
+    _choice("data.bad_images", cfg.data.bad_images)
     if cfg.teacher is not None and cfg.teacher.top_k < 1:
         raise WorkbenchError("config key 'teacher.top_k' must be >= 1")
 
@@ -481,7 +516,7 @@ def _validate_trainer(t: TrainerConfig) -> None:
     _choice("trainer.on_nonfinite", t.on_nonfinite)
     _choice("trainer.precision", str(t.precision))
     at_least_1 = {"accumulate_grad_batches": t.accumulate_grad_batches, "log_every_n_steps": t.log_every_n_steps,
-                  "checkpoint_every_n_steps": t.checkpoint_every_n_steps or 1}
+                  "checkpoint_every_n_steps": 1 if t.checkpoint_every_n_steps is None else t.checkpoint_every_n_steps}
     if isinstance(t.devices, int):  # also "auto", a list of ids or Lightning's "0,1"
         at_least_1["devices"] = t.devices
     for key, value in at_least_1.items():

@@ -61,16 +61,19 @@ def open_run_dir(cfg: RunConfig, run_dir: Path | None = None) -> Path:
         run_dir = Path(cfg.out_root) / cfg.name / (cfg.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{digest}")
     if chosen and run_dir.exists():
         raise WorkbenchError(f"run directory {run_dir} already exists; choose another run_id (nothing was written)")
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
     base = run_dir
-    for n in range(2, 10_000):
-        try:
-            run_dir.mkdir()  # exclusive: of two identical runs started together, one gets `-2`
-            break
-        except FileExistsError:
-            if chosen:
-                raise WorkbenchError(f"run directory {run_dir} already exists; choose another run_id") from None
-            run_dir = base.with_name(f"{base.name}-{n}")
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(2, 10_000):
+            try:
+                run_dir.mkdir()  # exclusive: of two identical runs started together, one gets `-2`
+                break
+            except FileExistsError:
+                if chosen:
+                    raise WorkbenchError(f"run directory {run_dir} already exists; choose another run_id") from None
+                run_dir = base.with_name(f"{base.name}-{n}")
+    except OSError as e:  # read-only, not a folder, no permission, disk full
+        raise WorkbenchError(f"cannot create run directory {run_dir} ({e.strerror or e}); check out_root") from None
     os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
     return run_dir
 

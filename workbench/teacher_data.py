@@ -101,9 +101,29 @@ def cache_fingerprint(cfg, processor, train: LlavaDataset, split: LabelSplit) ->
 def cache_dir_for(cfg, fingerprint: dict[str, Any]) -> Path:
     """`teacher.cache` if it names a folder; for `auto`, one folder per fingerprint under out_root."""
     if cfg.teacher.cache and cfg.teacher.cache != "auto":
-        return Path(cfg.teacher.cache)
+        path = Path(cfg.teacher.cache)
+        if path.exists() and not path.is_dir():
+            raise WorkbenchError(f"teacher.cache (--out) {path} is a file; name a folder for the cache")
+        return path
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return Path(cfg.out_root) / "teacher-cache" / digest
+
+
+def _existing_writer(directory: Path, fingerprint: dict[str, Any]) -> CacheWriter | None:
+    """The cache at `directory` reopened (checksums verified, changed shards dropped), or None."""
+    return CacheWriter(directory, fingerprint) if (directory / "manifest.json").is_file() else None
+
+
+def _checked_teacher(cfg):
+    """The teacher, built, with `teacher.top_k` checked against its vocabulary."""
+    from workbench.build import build_teacher
+
+    teacher = build_teacher(cfg)
+    vocab = getattr(teacher, "vocab_size", None)
+    if vocab is not None and cfg.teacher.top_k > vocab:
+        raise WorkbenchError(f"teacher.top_k (--top-k) is {cfg.teacher.top_k} but the teacher's vocabulary has "
+                             f"{vocab} tokens")
+    return teacher
 
 
 def attach_teacher(cfg, built):
@@ -144,10 +164,11 @@ def attach_teacher(cfg, built):
     if cfg.teacher.cache not in (None, "auto") and not directory.exists():
         raise WorkbenchError(f"config key 'teacher.cache': {directory} does not exist; "
                              "make it with `workbench cache-teacher CONFIG` or set teacher.cache=auto")
-    writer = CacheWriter(directory, fingerprint)  # resumes a partial cache; drops shards that fail their checksum
-    if not writer.complete:
-        teacher = build_teacher(cfg)
+    writer = _existing_writer(directory, fingerprint)
+    if writer is None or not writer.complete:
+        teacher = _checked_teacher(cfg)
         check_vocabularies(built.student, built.processor, teacher)
+        writer = writer or CacheWriter(directory, fingerprint)
         note.update(made_by_this_run=True, **make_teacher_cache(cfg, teacher, built.collator, train, split, writer))
         del teacher
     cache = TeacherCache(directory)
@@ -173,9 +194,13 @@ def attach_teacher(cfg, built):
     return built
 
 
-def cache_teacher(cfg, stage: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """`workbench cache-teacher`: make (or finish) the cache a run of `cfg` would read."""
-    from workbench.build import build_teacher, resolve_processor
+def cache_teacher(cfg, stage: str | None = None, top_k: int | None = None,
+                  out: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """`workbench cache-teacher`: make (or finish, or repair) the cache a run of `cfg` would read;
+    `top_k` and `out` override the (stage's) `teacher.top_k` and `teacher.cache`."""
+    from dataclasses import replace
+
+    from workbench.build import resolve_processor
     from workbench.config import STAGE_REF, stage_configs
     from workbench.registry import DATASETS
 
@@ -194,6 +219,10 @@ def cache_teacher(cfg, stage: str | None = None) -> tuple[Path, dict[str, Any]]:
                                  "its cache is made by the run itself (teacher.cache=auto)")
     if cfg.teacher is None:
         raise WorkbenchError("config key 'teacher' is null: there is no teacher to cache")
+    if top_k is not None and top_k < 1:
+        raise WorkbenchError(f"--top-k must be >= 1, got {top_k}")
+    cfg = replace(cfg, teacher=replace(cfg.teacher, top_k=top_k or cfg.teacher.top_k,
+                                       cache=out if out is not None else cfg.teacher.cache))
     from workbench.build import is_feature_teacher
 
     if is_feature_teacher(cfg.teacher):
@@ -205,10 +234,12 @@ def cache_teacher(cfg, stage: str | None = None) -> tuple[Path, dict[str, Any]]:
     split = label_split(splits.train.records, cfg.data.labeled_fraction, cfg.data.split_seed, mode)
     fingerprint = cache_fingerprint(cfg, processor, splits.train, split)
     directory = cache_dir_for(cfg, fingerprint)
-    writer = CacheWriter(directory, fingerprint)  # resumes a partial cache; drops shards that fail their checksum
-    if writer.complete:
+    writer = _existing_writer(directory, fingerprint)
+    if writer is not None and writer.complete:
         return directory, {"status": "already complete"}
-    stats = make_teacher_cache(cfg, build_teacher(cfg), VLMCollator(processor, max_length=cfg.data.max_length),
+    teacher = _checked_teacher(cfg)
+    writer = writer or CacheWriter(directory, fingerprint)
+    stats = make_teacher_cache(cfg, teacher, VLMCollator(processor, max_length=cfg.data.max_length),
                                splits.train, split, writer)
     return directory, stats
 

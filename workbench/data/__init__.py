@@ -35,8 +35,9 @@ def llava_splits(cfg) -> Splits:
     """`data.train` / `data.val` LLaVA-format JSON files, images under `data.image_folder`."""
     if cfg.image_folder is not None and not Path(cfg.image_folder).is_dir():
         raise WorkbenchError(f"config key 'data.image_folder': folder {cfg.image_folder} does not exist")
-    train = LlavaDataset(cfg.train, cfg.image_folder, limit=cfg.limit_train)
-    val = LlavaDataset(cfg.val, cfg.image_folder, limit=cfg.limit_val) if cfg.val else None
+    images = dict(bad_images=cfg.bad_images, absolute_images=cfg.absolute_images)
+    train = LlavaDataset(cfg.train, cfg.image_folder, limit=cfg.limit_train, **images)
+    val = LlavaDataset(cfg.val, cfg.image_folder, limit=cfg.limit_val, **images) if cfg.val else None
     return Splits(train, val)
 
 

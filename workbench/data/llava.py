@@ -57,40 +57,88 @@ class LlavaDataset(Dataset):
         limit: keep only the first `limit` records (quick experiments).
     """
 
-    def __init__(self, json_path: str | Path, image_folder: str | Path | None = None, limit: int | None = None):
+    def __init__(self, json_path: str | Path, image_folder: str | Path | None = None, limit: int | None = None,
+                 bad_images: str = "error", absolute_images: bool = False):
         self.json_path = Path(json_path)
         if not self.json_path.is_file():
             raise WorkbenchError(f"data file {self.json_path} does not exist")
         try:
             records = json.loads(self.json_path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise WorkbenchError(f"data file {self.json_path} is not valid JSON: {e}") from None
         if not isinstance(records, list):
             raise WorkbenchError(f"data file {self.json_path} must hold a JSON list of records")
         self.image_folder = Path(image_folder) if image_folder else self.json_path.parent
-        self.records = records[:limit] if limit else records
-        if not self.records:
+        self.absolute_images = absolute_images
+        records = records[:limit] if limit else records
+        if not records:
             raise WorkbenchError(f"data file {self.json_path} holds no records (empty dataset)")
-        for i, rec in enumerate(self.records):
+        seen: dict[str, int] = {}
+        self.records, self.skipped_images = [], []
+        for i, rec in enumerate(records):
             self._check(i, rec)
+            key = str(rec.get("id", i))
+            if key in seen:
+                raise WorkbenchError(f"{self.json_path} records {seen[key]} and {i} share the id {key!r}; ids must be "
+                                     "unique (teacher caches and pseudo-labels are looked up by id)")
+            seen[key] = i
+            problem = self._image_problem(rec)
+            if problem is None:
+                self.records.append(rec)
+            elif bad_images == "skip":
+                self.skipped_images.append({"id": key, "problem": problem})
+            else:
+                raise WorkbenchError(f"{self.json_path} record {i} (id {key!r}): {problem}; fix or remove it, or set "
+                                     "data.bad_images=skip")
+        if not self.records:
+            raise WorkbenchError(f"data file {self.json_path}: every record's image was skipped (data.bad_images=skip)")
 
     def _check(self, i: int, rec: Any) -> None:
+        """The record's structure: turns, roles, answers, the image field."""
         where = f"{self.json_path} record {i}"
-        if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list) or not rec["conversations"]:
+        if not isinstance(rec, dict):
+            raise WorkbenchError(f"{where}: is a {type(rec).__name__}, not a JSON object")
+        where = f"{where} (id {rec.get('id', i)!r})"
+        turns = rec.get("conversations")
+        if not isinstance(turns, list) or not turns:
             raise WorkbenchError(f"{where}: needs a non-empty 'conversations' list")
-        for turn in rec["conversations"]:
-            if turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
-                raise WorkbenchError(f"{where}: each turn needs 'from' in {sorted(ROLES)} and a string 'value'")
-        if not any(ROLES[t["from"]] == "assistant" for t in rec["conversations"]):
+        for turn in turns:
+            if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+                raise WorkbenchError(f"{where}: each turn must be an object with 'from' in {sorted(ROLES)} and a "
+                                     f"string 'value', got {str(turn)[:60]!r}")
+        answers = [t["value"] for t in turns if ROLES[t["from"]] == "assistant"]
+        if not answers:
             raise WorkbenchError(f"{where}: has no assistant ('gpt') turn to learn from")
-        if rec.get("image") and not any(
-            ROLES[t["from"]] == "user" and IMAGE_PLACEHOLDER in t["value"] for t in rec["conversations"]
-        ):
-            raise WorkbenchError(f"{where} (id {rec.get('id', i)!r}): has an image but no '<image>' in a human turn")
-        if rec.get("image") and not (self.image_folder / rec["image"]).is_file():
-            raise WorkbenchError(
-                f"{where} (id {rec.get('id', i)!r}): image file {self.image_folder / rec['image']} does not exist"
-            )
+        if any(not a.strip() for a in answers):
+            raise WorkbenchError(f"{where}: has an empty assistant answer (nothing to learn from it)")
+        image = rec.get("image")
+        if image is not None and not isinstance(image, str):
+            raise WorkbenchError(f"{where}: 'image' must be a path string, got {type(image).__name__} {image!r}")
+        if image and not any(ROLES[t["from"]] == "user" and IMAGE_PLACEHOLDER in t["value"] for t in turns):
+            raise WorkbenchError(f"{where}: has an image but no '<image>' in a human turn")
+        if image and Path(image).is_absolute() and not self.absolute_images:
+            raise WorkbenchError(f"{where}: image path {image} is absolute; image paths are relative to "
+                                 f"data.image_folder ({self.image_folder}) unless data.absolute_images=true")
+        if image and not Path(image).is_absolute() and not self._image_path(image).resolve().is_relative_to(
+                self.image_folder.resolve()):
+            raise WorkbenchError(f"{where}: image path {image!r} leaves data.image_folder ({self.image_folder})")
+
+    def _image_path(self, image: str) -> Path:
+        return Path(image) if Path(image).is_absolute() else self.image_folder / image
+
+    def _image_problem(self, rec: dict) -> str | None:
+        """Why the record's image cannot be used (missing, not an image), or None. Reads headers only."""
+        if not rec.get("image"):
+            return None
+        path = self._image_path(rec["image"])
+        if not path.is_file():
+            return f"image file {path} does not exist"
+        try:
+            with Image.open(path) as im:
+                im.size  # noqa: B018 - parses the header
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return f"image file {path} is not a readable image ({type(e).__name__})"
+        return None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -99,8 +147,13 @@ class LlavaDataset(Dataset):
         rec = self.records[i]
         image = None
         if rec.get("image"):
-            with Image.open(self.image_folder / rec["image"]) as im:
-                image = im.convert("RGB")
+            path = self._image_path(rec["image"])
+            try:
+                with Image.open(path) as im:
+                    image = im.convert("RGB")
+            except OSError as e:  # a header that parses over a body that does not
+                raise WorkbenchError(f"image file {path} (record id {rec.get('id', i)!r}) cannot be decoded: {e}") \
+                    from None
         return {
             "id": str(rec.get("id", i)),
             "image": image,
@@ -246,6 +299,12 @@ class VLMCollator:
             raise WorkbenchError(
                 f"sample {bad}: data.max_length={n} would cut through its image tokens; raise data.max_length"
             )
+        answered = (batch["labels"] != IGNORE_INDEX).any(1)
         for key in ("input_ids", "attention_mask", "labels"):
             batch[key] = batch[key][:, :n]
+        lost = answered & ~(batch["labels"] != IGNORE_INDEX).any(1)
+        if lost.any():
+            bad = samples[int(lost.nonzero()[0])]["id"]
+            raise WorkbenchError(f"sample {bad}: data.max_length={n} cuts off every answer token (nothing left "
+                                 "to learn from); raise data.max_length")
         return batch

@@ -38,7 +38,7 @@ def test_a_signal_mid_training_ends_interrupted_and_resumes(tmp_path, signum, co
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
-    assert "Traceback" not in err and "--resume" in err
+    assert "Traceback" not in err and f"--resume {run_dir}" in err
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["error"] == signal.Signals(signum).name
     assert not (run_dir.parent / "latest").exists()

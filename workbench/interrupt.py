@@ -23,8 +23,8 @@ _received: list[str] = []  # signal names seen by this process, latest last
 class Interrupted(WorkbenchError):
     """The run was stopped by a signal; resume it with `workbench run --resume RUN_DIR`."""
 
-    def __init__(self, signame: str):
-        super().__init__(f"interrupted by {signame}; resume with `workbench run --resume RUN_DIR`")
+    def __init__(self, signame: str, run_dir: object = "RUN_DIR"):
+        super().__init__(f"interrupted by {signame}; resume with `workbench run --resume {run_dir}`")
         self.signame = signame
         self.exit_code = 128 + getattr(signal, signame)
 
@@ -81,9 +81,9 @@ def ending(exc: BaseException) -> tuple[str, str]:
     return "failed", f"{type(exc).__name__}: {exc}"
 
 
-def reraise(exc: BaseException) -> BaseException:
-    """What to raise after recording `exc`: Lightning's exits become `Interrupted`."""
+def reraise(exc: BaseException, run_dir: object = "RUN_DIR") -> BaseException:
+    """What to raise after recording `exc`: signals become `Interrupted` (naming the run to resume)."""
     status, reason = ending(exc)
-    if status == "interrupted" and isinstance(exc, (SystemExit, Terminated)):
-        return Interrupted(reason)
+    if status == "interrupted" and isinstance(exc, (SystemExit, Terminated, KeyboardInterrupt)):
+        return Interrupted(reason, run_dir)
     return exc

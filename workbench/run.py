@@ -299,7 +299,7 @@ def train(cfg: RunConfig, built: Built, run_dir: Path, resume: bool = False,
             status, reason = ending(e)
             summary.update(status=status, error=reason, wall_time_s=round(time.time() - start, 2))
             _record(run_dir, summary)
-        replacement = reraise(e)
+        replacement = reraise(e, run_dir.parent.parent if run_dir.parent.name == "stages" else run_dir)
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
             replacement = WorkbenchError(f"{e}; the last checkpoint is whole: free space (or make {run_dir} "
                                          f"writable) and resume with `workbench run --resume {run_dir}`")

@@ -132,7 +132,8 @@ def build_student(cfg: RunConfig, processor) -> nn.Module:
         import students
 
         if s.kwargs:
-            raise WorkbenchError("config keys 'student.kwargs' and 'student.path' exclude each other")
+            raise WorkbenchError("config keys 'student.kwargs' and 'student.path' exclude each other; to load a "
+                                 "folder with a recipe that sets kwargs, clear them: student.kwargs={}")
         return students.load(s.path)
     builder = STUDENTS.get(s.type, "student.type")
     fixed = processor_fields(processor)
@@ -398,7 +399,8 @@ def build_vision_student(cfg: RunConfig, splits: ImageSplits) -> nn.Module:
     s = cfg.student
     if s.path:
         if s.kwargs:
-            raise WorkbenchError("config keys 'student.kwargs' and 'student.path' exclude each other")
+            raise WorkbenchError("config keys 'student.kwargs' and 'student.path' exclude each other; to load a "
+                                 "folder with a recipe that sets kwargs, clear them: student.kwargs={}")
         return students.load(s.path)
     import students.minivit  # noqa: F401 - registers the MiniViT models
 

@@ -83,7 +83,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a part."""
     fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent)
     try:
@@ -402,7 +402,7 @@ class CacheWriter:
                 "temperature": float(temperature), "shard_size": shard_size, "complete": False,
                 "n_samples": 0, "n_positions": 0, "shards": [],
             }
-            _write_atomic(self.directory / MANIFEST, _json_bytes(self.manifest))
+            write_atomic(self.directory / MANIFEST, _json_bytes(self.manifest))
 
     def _setting(self, name: str, value: Any, required: bool) -> Any:
         in_fingerprint = self.fingerprint.get(name)
@@ -436,7 +436,7 @@ class CacheWriter:
             manifest["complete"] = False
             manifest["n_samples"] = sum(entry["n_samples"] for entry in manifest["shards"])
             manifest["n_positions"] = sum(entry["n_positions"] for entry in manifest["shards"])
-            _write_atomic(self.directory / MANIFEST, _json_bytes(manifest))
+            write_atomic(self.directory / MANIFEST, _json_bytes(manifest))
             self.repaired = [entry["file"] for entry in bad]
         listed = {entry[key] for entry in manifest["shards"] for key in ("file", "sidecar") if entry.get(key)}
         if not manifest["complete"]:
@@ -553,12 +553,12 @@ class CacheWriter:
         if any(a is not None for a in answers):
             sidecar = _json_bytes({"sample_ids": ids, "answers": answers})
             entry.update(sidecar=f"{name}.json", sidecar_sha256=hashlib.sha256(sidecar).hexdigest())
-            _write_atomic(self.directory / entry["sidecar"], sidecar)
-        _write_atomic(self.directory / entry["file"], data)
+            write_atomic(self.directory / entry["sidecar"], sidecar)
+        write_atomic(self.directory / entry["file"], data)
         self.manifest["shards"].append(entry)
         self.manifest["n_samples"] += entry["n_samples"]
         self.manifest["n_positions"] += entry["n_positions"]
-        _write_atomic(self.directory / MANIFEST, _json_bytes(self.manifest))
+        write_atomic(self.directory / MANIFEST, _json_bytes(self.manifest))
         self._done.update(ids)
         self._buffer, self._buffered_ids = [], set()
 
@@ -568,7 +568,7 @@ class CacheWriter:
             return
         self._flush()
         self.manifest["complete"] = True
-        _write_atomic(self.directory / MANIFEST, _json_bytes(self.manifest))
+        write_atomic(self.directory / MANIFEST, _json_bytes(self.manifest))
 
     def __enter__(self) -> CacheWriter:
         return self

@@ -1,5 +1,6 @@
 """Atomic checkpoints (workbench/checkpoint.py): a write that fails - a full disk simulated
-with ENOSPC half-way through - leaves the previous checkpoint whole and no temporary file; a run
+with ENOSPC while serialising or while flushing to disk - leaves the previous checkpoint whole
+and no temporary file; a run
 that hits it ends `failed` with exit 2 and resumes from that checkpoint."""
 
 import errno
@@ -8,6 +9,7 @@ import json
 import pytest
 import torch
 
+import teachers.cache as cache_module
 import workbench.checkpoint as ckpt_io
 from conftest import tiny_run_args
 from workbench.checkpoint import AtomicCheckpointIO
@@ -36,6 +38,15 @@ def test_a_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
     _full_disk_after(monkeypatch, 0)
     with pytest.raises(OSError, match="No space left"):
         io.save_checkpoint({"step": 2, "w": torch.zeros(5)}, path)
+    assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+    monkeypatch.undo()
+
+    def full_disk(_fd):  # the bytes went to the temporary file, flushing them to disk fails
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_module.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"step": 3, "w": torch.ones(5)}, path)
     assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
     assert torch.load(path, weights_only=True)["step"] == 1
 

@@ -113,3 +113,10 @@ def test_nonfinite_and_bad_guard_settings_exit_2_before_writing(tmp_path, capsys
     assert main(["run", TEACHER, *tiny_run_args(tmp_path), override]) == 2
     assert f"'{key}'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_absurd_temperature_is_caught_at_the_first_step(tmp_path, tiny_vlm_dir, capsys):
+    args = tiny_run_args(tmp_path, f"teacher.path={tiny_vlm_dir}", "loss.kd.temperature=1e30")
+    assert main(["run", "experiments/windtunnel/student_kd.yaml", *args]) == 3
+    assert "diverged at step 0: loss term 'kd'" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "windtunnel-student-kd" / "latest").exists()

@@ -5,7 +5,8 @@ training reads it with `TeacherCache` (by sample id) and feeds `LossInputs.teach
 manifest carries a fingerprint of teacher weights, tokenizer and data, so a cache made for a
 different run is refused; every file is written atomically, so a killed job resumes; and each
 shard's SHA-256 is in the manifest, checked whenever the shard is read: a shard changed after
-it was written is refused, and `cache-teacher` (or a run with `teacher.cache`) recomputes it.
+it was written is refused, and reopening the cache with `CacheWriter` (`workbench cache-teacher`)
+drops it so that it is recomputed.
 """
 
 from __future__ import annotations

@@ -114,6 +114,13 @@ def _existing_writer(directory: Path, fingerprint: dict[str, Any]) -> CacheWrite
     return CacheWriter(directory, fingerprint) if (directory / "manifest.json").is_file() else None
 
 
+def _manifest_says_complete(directory: Path) -> bool:
+    try:
+        return bool(json.loads((directory / "manifest.json").read_text()).get("complete", False))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _checked_teacher(cfg):
     """The teacher, built, with `teacher.top_k` checked against its vocabulary."""
     from workbench.build import build_teacher
@@ -164,8 +171,10 @@ def attach_teacher(cfg, built):
     if cfg.teacher.cache not in (None, "auto") and not directory.exists():
         raise WorkbenchError(f"config key 'teacher.cache': {directory} does not exist; "
                              "make it with `workbench cache-teacher CONFIG` or set teacher.cache=auto")
-    writer = _existing_writer(directory, fingerprint)
-    if writer is None or not writer.complete:
+    # A finished cache is read as it is (each shard checked against its SHA-256 when first
+    # loaded, refused if changed); an unfinished one is resumed here.
+    if not _manifest_says_complete(directory):
+        writer = _existing_writer(directory, fingerprint)
         teacher = _checked_teacher(cfg)
         check_vocabularies(built.student, built.processor, teacher)
         writer = writer or CacheWriter(directory, fingerprint)

@@ -259,38 +259,7 @@ def train(cfg: RunConfig, built: Built, run_dir: Path, resume: bool = False,
                 _merge_metrics(run_dir, earlier_metrics, resumed_step)
         if not trainer.is_global_zero:
             return summary
-        train_time = time.time() - fit_start
-        bad = first_nonfinite(built.student.state_dict().items())
-        if bad is not None:  # e.g. the last step's update overflowed after its checkpoint was checked
-            raise Diverged(f"training diverged: weight {bad} is not finite after step {trainer.global_step}; "
-                           "nothing was exported")
-        built.student.cpu()
-        export_student(built, run_dir / "student")
-        samples = trainer.global_step * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
-        summary.update(
-            status="completed",
-            steps=trainer.global_step,
-            samples_seen=samples,
-            train_time_s=round(train_time, 2),
-            samples_per_s=round(samples / max(train_time, 1e-9), 2),
-            final_train={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
-        )
-        if getattr(module, "distributed_check", None):
-            summary["distributed"] = module.distributed_check
-        guard = next(cb for cb in trainer.callbacks if isinstance(cb, DivergenceGuard))
-        if guard.skipped:
-            summary["skipped_steps"] = guard.skipped
-        if val_loader is not None:
-            summary["student"] = evaluate(built.student, val_loader)
-            if cfg.matformer is not None:  # every uniform granularity of the universal model
-                from students.matformer import active_config, set_uniform, submodel_params
-
-                summary["granularities"] = {}
-                for g in sorted(cfg.matformer.granularities, reverse=True):
-                    set_uniform(built.student, g)
-                    params = submodel_params(built.student, active_config(built.student))
-                    summary["granularities"][f"{g:g}"] = {"params": params, **evaluate(built.student, val_loader)}
-                set_uniform(built.student, 1.0)
+        _finish(cfg, built, run_dir, trainer, module, summary, time.time() - fit_start, val_loader)
         summary["wall_time_s"] = round(time.time() - start, 2)
         _write_json(run_dir / "summary.json", summary)
         return summary
@@ -299,13 +268,51 @@ def train(cfg: RunConfig, built: Built, run_dir: Path, resume: bool = False,
             status, reason = ending(e)
             summary.update(status=status, error=reason, wall_time_s=round(time.time() - start, 2))
             _record(run_dir, summary)
-        replacement = reraise(e, run_dir.parent.parent if run_dir.parent.name == "stages" else run_dir)
+        whole_run = run_dir.parent.parent if run_dir.parent.name == "stages" else run_dir  # what --resume takes
+        replacement = reraise(e, whole_run)
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
             replacement = WorkbenchError(f"{e}; the last checkpoint is whole: free space (or make {run_dir} "
-                                         f"writable) and resume with `workbench run --resume {run_dir}`")
+                                         f"writable) and resume with `workbench run --resume {whole_run}`")
         if replacement is e:
             raise
         raise replacement from None
+
+
+def _finish(cfg: RunConfig, built: Built, run_dir: Path, trainer: pl.Trainer, module: DistillModule,
+            summary: dict[str, Any], train_time: float, val_loader: DataLoader | None) -> None:
+    """Rank 0 after a fit: refuse non-finite weights, export the student, fill the summary
+    (steps, throughput, final losses, held-out scores, every MatFormer granularity)."""
+    bad = first_nonfinite(built.student.state_dict().items())
+    if bad is not None:  # e.g. the last step's update overflowed after its checkpoint was checked
+        raise Diverged(f"training diverged: weight {bad} is not finite after step {trainer.global_step}; "
+                       "nothing was exported")
+    built.student.cpu()
+    export_student(built, run_dir / "student")
+    samples = trainer.global_step * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
+    summary.update(
+        status="completed",
+        steps=trainer.global_step,
+        samples_seen=samples,
+        train_time_s=round(train_time, 2),
+        samples_per_s=round(samples / max(train_time, 1e-9), 2),
+        final_train={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
+    )
+    if getattr(module, "distributed_check", None):
+        summary["distributed"] = module.distributed_check
+    guard = next(cb for cb in trainer.callbacks if isinstance(cb, DivergenceGuard))
+    if guard.skipped:
+        summary["skipped_steps"] = guard.skipped
+    if val_loader is not None:
+        summary["student"] = evaluate(built.student, val_loader)
+        if cfg.matformer is not None:  # every uniform granularity of the universal model
+            from students.matformer import active_config, set_uniform, submodel_params
+
+            summary["granularities"] = {}
+            for g in sorted(cfg.matformer.granularities, reverse=True):
+                set_uniform(built.student, g)
+                params = submodel_params(built.student, active_config(built.student))
+                summary["granularities"][f"{g:g}"] = {"params": params, **evaluate(built.student, val_loader)}
+            set_uniform(built.student, 1.0)
 
 
 def run(cfg: RunConfig, run_dir: Path | None = None) -> Path:

@@ -380,7 +380,7 @@ class MDistTerm(nn.Module):
     """LLaVA-KD's multimodal distillation: KL on answer tokens + KL at image-token positions.
 
     Each part is a per-token mean over its own positions (the unofficial re-implementation
-    averages the response and visual KL separately and adds them, weights 1; METHODS.md §8);
+    averages the response and visual KL separately and adds them, weights 1; docs/methods.md §8);
     the image part distils the LM-head outputs at the positions holding image tokens.
 
     Args:

@@ -144,7 +144,7 @@ def image_groups(rows: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
 class RDistTerm(nn.Module):
     """LLaVA-KD RDist on the LM-head outputs at image-token positions, per image.
 
-    This is the unofficial re-implementation's choice (METHODS.md §8): V = the image
+    This is the unofficial re-implementation's choice (docs/methods.md §8): V = the image
     positions' logits (N_v x |V|), R = V V^T. `RDistTapTerm` takes the relation over a tapped
     module instead. In fused mode only the image rows' student logits are computed.
     """

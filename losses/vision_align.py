@@ -1,4 +1,4 @@
-"""Vision-feature supervision of encoder-free students (METHODS.md §6.2, §7.2): the language
+"""Vision-feature supervision of encoder-free students (docs/methods.md §6.2, §7.2): the language
 model's hidden states at image positions are aligned, by 1 - cosine, with the patch features
 of a frozen vision encoder (`teachers/vision_encoder.py`) on the same images.
 
@@ -113,7 +113,7 @@ class BREENQueryTerm(VisionAlignTerm):
     """BREEN's query supervision: the final hidden state before each query (label shift) against
     the vision encoder's features pooled to the query group's grid, through LayerNorm + Linear
     to the LM's width. As in BREEN's code that projection is frozen (its name holds "clip",
-    which every stage excludes; METHODS.md §10.5a): a fixed random map, drawn from `seed` so
+    which every stage excludes; docs/methods.md §10.5a): a fixed random map, drawn from `seed` so
     that every stage of a recipe uses the same one.
 
     Args:

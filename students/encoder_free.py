@@ -1,4 +1,4 @@
-"""Encoder-free VLM students (EVE v1 and BREEN, METHODS.md §6-§7): image patches go straight
+"""Encoder-free VLM students (EVE v1 and BREEN, docs/methods.md §6-§7): image patches go straight
 into the language model through a light patch tokenizer instead of a vision encoder, and a
 frozen vision encoder teaches the model, during training only, what it would have seen.
 
@@ -176,7 +176,7 @@ class ImageExpertMLP(nn.Module):
     and query tokens through `image_expert` (initialised as a copy of the FFN), text through
     `text_expert` (the FFN itself) - and each path's output scaled by its own per-token gate
     sigmoid(Linear(hidden, 1)(x)). As in BREEN's code the text path is gated too, so text
-    outputs change from step 0 (METHODS.md §10.5d); both gates start at PyTorch's Linear init.
+    outputs change from step 0 (docs/methods.md §10.5d); both gates start at PyTorch's Linear init.
 
     The routing mask is set on the model for one forward with `route_image_tokens`.
     """

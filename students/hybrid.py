@@ -1,4 +1,4 @@
-"""Attention -> Mamba-2 conversion of Hugging Face decoders (MaTVLM, mmMamba; METHODS.md §4-§5).
+"""Attention -> Mamba-2 conversion of Hugging Face decoders (MaTVLM, mmMamba; docs/methods.md §4-§5).
 
 `convert(model, layers)` swaps the self-attention of the chosen decoder layers of a causal LM
 or of the language model inside a VLM (Llama, Qwen2, Phi, ... - anything whose decoder layers

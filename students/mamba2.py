@@ -1,7 +1,7 @@
 """Mamba-2 mixer: SSD scan computed chunk-wise in torch, a recurrent step for decoding, and
 mamba-ssm's fused chunk scan on CUDA when the `cuda` extra is installed.
 
-Per head h the state-space recurrence (METHODS.md §3) is
+Per head h the state-space recurrence (docs/methods.md §3) is
 
     h_t = exp(dt_t * A) h_{t-1} + dt_t * x_t B_t^T        (P x N state)
     y_t = h_t C_t + D x_t
@@ -185,7 +185,7 @@ def scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int
 class Mamba2Config:
     """Sizes and options of one `Mamba2Mixer` (saved with converted models, so plain data).
 
-    Defaults follow mamba-ssm's Mamba2 (METHODS.md §3) except where noted.
+    Defaults follow mamba-ssm's Mamba2 (docs/methods.md §3) except where noted.
     """
 
     d_model: int

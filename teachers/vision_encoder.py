@@ -1,4 +1,4 @@
-"""Frozen vision encoders as feature teachers for encoder-free students (METHODS.md §6-§7):
+"""Frozen vision encoders as feature teachers for encoder-free students (docs/methods.md §6-§7):
 the vision tower of a Hugging Face VLM, a CLIP / SigLIP dual encoder's image side, or a bare
 CLIP / SigLIP vision model, loaded from a folder or the hub, returning one layer's patch
 features. EVE aligns its patch-aligning layer with CLIP's penultimate layer (`layer=-2`),

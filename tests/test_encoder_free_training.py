@@ -93,7 +93,7 @@ def test_breen_recipe_three_stages(tmp_path, tiny_vlm_dir):
     assert torch.equal(w1[layer + "self_attn.q_proj.weight"], teacher[layer + "self_attn.q_proj.weight"])
     assert torch.equal(w1[layer + "mlp.text_expert.up_proj.weight"], teacher[layer + "mlp.up_proj.weight"])
     assert not torch.equal(w1[layer + "mlp.image_expert.up_proj.weight"], teacher[layer + "mlp.up_proj.weight"])
-    # BREEN's stage-1 whitelist leaves the queries at their random init (METHODS.md §10.5b); stage 2 trains them
+    # BREEN's stage-1 whitelist leaves the queries at their random init (docs/methods.md §10.5b); stage 2 trains them
     whitelist = ("model.vision_tokenizer.", ".mlp.image_expert.", ".mlp.image_gate.", ".mlp.text_gate.")
     trained = sum(p.numel() for n, p in loaded["pre_align"].named_parameters() if any(w in n for w in whitelist))
     assert summary["stages"]["pre_align"]["params"]["student_trainable"] == trained  # no queries among them

@@ -1,6 +1,6 @@
 """Attention -> Mamba-2 conversion of Hugging Face decoders: layer choice, MaTVLM's
 initialisation from Q/K/V/O, mmMamba's mimic seeding and kept attention, cached greedy
-decoding against a full recompute, save / load, and the parameter arithmetic of METHODS.md §4.4."""
+decoding against a full recompute, save / load, and the parameter arithmetic of docs/methods.md §4.4."""
 
 import pytest
 import torch
@@ -229,7 +229,7 @@ def test_vlm_language_model_conversion_round_trip(tmp_path):
 
 
 def test_phi2_layer_parameter_arithmetic():
-    """METHODS.md §4.4: a Phi-2 attention (d 2560, 32 heads of 80, biases) has 26.2 M
+    """docs/methods.md §4.4: a Phi-2 attention (d 2560, 32 heads of 80, biases) has 26.2 M
     parameters and the Mamba-2 layer that replaces it 32.9 M (+ the z projection)."""
     d, h, hd = 2560, 32, 80
     attention = 4 * (d * d + d)

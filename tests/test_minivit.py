@@ -16,7 +16,7 @@ from students import minivit
 from students.minivit import MODELS, SharedLinear, init_from_dense, minivit_params, shared_groups
 from workbench.taps import FeatureTaps, TapPoint, layer_taps
 
-# the paper's tables (millions); METHODS.md §1.4
+# the paper's tables (millions); docs/methods.md §1.4
 PAPER_PARAMS = {
     "mini_deit_base_patch16_224": 44.1,
     "mini_swin_tiny_patch4_window7_224": 12.0,

@@ -153,7 +153,7 @@ class TrainerConfig:
 
 @dataclass
 class MatFormerConfig:
-    """Nested FFNs trained jointly (students/matformer.py, METHODS.md §2)."""
+    """Nested FFNs trained jointly (students/matformer.py, docs/methods.md §2)."""
 
     granularities: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125])  # fractions of each FFN
     sample: int | None = None  # per step: the full width + this many sampled smaller ones (null: all, MatFormer-OLMo)
@@ -165,7 +165,7 @@ class MatFormerConfig:
 @dataclass
 class HybridConfig:
     """Attention -> Mamba-2 conversion of the student's language model (students/hybrid.py,
-    METHODS.md §4-§5), applied after the student is built and before `init_from` loads."""
+    docs/methods.md §4-§5), applied after the student is built and before `init_from` loads."""
 
     layers: Any = "ratio:0.25"  # all | every:K | ratio:R | not:<spec> | [indices]; MaTVLM-0.25 = ratio:0.25
     init: str = "attention"  # attention (C<-W_Q, B<-W_K, x<-W_V, out<-W_O) | random

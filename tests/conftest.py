@@ -15,6 +15,15 @@ TINY_STUDENT = dict(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidd
 TINY_MODEL = [f"student.kwargs.{k}={v}" for k, v in TINY_STUDENT.items()]
 
 
+def subprocess_env() -> dict[str, str]:
+    """The environment for a `workbench` child process: no DDP rank or run-directory hand-over
+    variables leaking in from the test process."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for key in ("LOCAL_RANK", "NODE_RANK", "WB_RUN_DIR", "WB_LAUNCH"):
+        env.pop(key, None)
+    return env
+
+
 def tiny_run_args(root, *extra) -> list[str]:
     """Overrides that shrink a wind-tunnel recipe to seconds: 48 + 16 records, 6 steps, a tiny model."""
     return [

@@ -85,6 +85,7 @@ def test_skipped_step_leaves_every_weight_and_the_optimizer_alone():
 
     class Trainer:
         global_step = 7
+        precision_plugin = None
 
     guard = DivergenceGuard("skip", max_skips=1)
     guard.on_before_optimizer_step(Trainer, Module, opt)
@@ -120,3 +121,24 @@ def test_an_absurd_temperature_is_caught_at_the_first_step(tmp_path, tiny_vlm_di
     assert main(["run", "experiments/windtunnel/student_kd.yaml", *args]) == 3
     assert "diverged at step 0: loss term 'kd'" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "windtunnel-student-kd" / "latest").exists()
+
+
+def test_with_a_grad_scaler_inf_gradients_are_left_to_it_but_nan_terms_are_not():
+    """fp16 mixed precision: an overflowing loss scale gives inf gradients that GradScaler
+    skips on its own; the guard must not stop the run for them."""
+    model = torch.nn.Linear(3, 2)
+    model(torch.randn(4, 3)).sum().mul(float("inf")).backward()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    class Module:
+        step_values = [("loss", torch.tensor(1.0))]
+        named_parameters = model.named_parameters
+
+    class Scaled:
+        global_step = 5
+        precision_plugin = type("AMP", (), {"scaler": object()})()
+
+    DivergenceGuard().on_before_optimizer_step(Scaled, Module, opt)  # no raise
+    Module.step_values = [("loss", torch.tensor(float("nan")))]
+    with pytest.raises(Diverged, match="step 5: loss term 'loss'"):
+        DivergenceGuard().on_before_optimizer_step(Scaled, Module, opt)

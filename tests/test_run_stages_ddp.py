@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from conftest import subprocess_env
+
 QUICKSTART = "experiments/windtunnel/quickstart.yaml"
 
 
@@ -24,16 +26,10 @@ def _args(root, *extra):
     ]
 
 
-def _env():
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    for key in ("LOCAL_RANK", "NODE_RANK", "WB_RUN_DIR", "WB_LAUNCH"):
-        env.pop(key, None)
-    return env
-
 
 def _workbench(*argv, timeout=300):
     return subprocess.run([sys.executable, "-m", "workbench.cli", *argv], capture_output=True, text=True,
-                          env=_env(), timeout=timeout)
+                          env=subprocess_env(), timeout=timeout)
 
 
 def _summary(path):
@@ -60,7 +56,7 @@ def test_three_stages_under_ddp_run_once_each(tmp_path):
 def test_a_killed_ddp_stage_resumes(tmp_path):
     args = _args(tmp_path, "run_id=killed", "stages.kd.trainer.max_steps=60", "stages.kd.trainer.val_every_n_steps=60",
                  "stages.kd.trainer.checkpoint_every_n_steps=5")
-    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "run", QUICKSTART, *args], env=_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "run", QUICKSTART, *args], env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     run_dir = tmp_path / "runs" / "windtunnel-quickstart" / "killed"
     ckpt = run_dir / "stages" / "kd" / "checkpoints" / "last.ckpt"

@@ -11,24 +11,18 @@ import time
 
 import pytest
 
-from conftest import tiny_run_args
+from conftest import subprocess_env, tiny_run_args
 from workbench.cli import main
 
 TEACHER = "experiments/windtunnel/teacher.yaml"
 
-
-def _env():
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    for key in ("LOCAL_RANK", "NODE_RANK", "WB_RUN_DIR", "WB_LAUNCH"):
-        env.pop(key, None)
-    return env
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_mid_training_ends_interrupted_and_resumes(tmp_path, signum, code):
     args = tiny_run_args(tmp_path, "trainer.max_steps=100", "trainer.val_every_n_steps=100",
                          "trainer.checkpoint_every_n_steps=3", "run_id=r")
-    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "run", TEACHER, *args], env=_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "run", TEACHER, *args], env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "runs" / "windtunnel-teacher" / "r"
     deadline = time.time() + 120
@@ -43,7 +37,7 @@ def test_a_signal_mid_training_ends_interrupted_and_resumes(tmp_path, signum, co
     assert summary["status"] == "interrupted" and summary["error"] == signal.Signals(signum).name
     assert not (run_dir.parent / "latest").exists()
     assert main(["run", "--resume", str(run_dir), "trainer.max_steps=5"]) == 2  # no overrides on resume
-    env = _env()
+    env = subprocess_env()
     out = subprocess.run([sys.executable, "-m", "workbench.cli", "run", "--resume", str(run_dir)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -6,6 +6,8 @@ parameter whose gradient or weight is not finite); the run ends `failed` and its
 checkpoint stays as it was. `skip` drops that optimizer step instead (every gradient cleared,
 so AdamW moves nothing) up to `trainer.max_skipped_steps` times, then stops. Under DDP the
 gradients are already all-reduced when the guard looks, so every rank takes the same decision.
+With fp16 mixed precision, gradient overflows are the GradScaler's to skip; loss terms and
+weights are still checked.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ class DivergenceGuard(pl.Callback):
         bad = first_nonfinite(values)
         if bad is not None:
             what = f"loss term {bad!r}"
-        else:
+        elif getattr(trainer.precision_plugin, "scaler", None) is None:
             bad = first_nonfinite((n, p.grad) for n, p in pl_module.named_parameters())
             what = f"the gradient of {bad}"
+        # else: fp16 mixed precision - an inf gradient is the loss scale overflowing, and the
+        # GradScaler skips that step and lowers the scale itself; the weights are still checked
         if bad is None:
             return
         step = trainer.global_step

@@ -1,7 +1,9 @@
-"""Fused kernels for distillation losses, one folder per op (ref.py / triton.py / dispatch).
+"""Fused kernels, one folder per op (ref.py / triton.py / dispatch): the distillation losses and
+the SSD scan of the Mamba-2 students (`ssd/`, whose native path is mamba-ssm's fused scan).
 
-Dispatch picks Triton on CUDA and the torch reference otherwise; `WB_KERNELS=ref|triton|auto`
-forces a path. `backend()` tells which path is active; `workbench doctor` prints it.
+Dispatch picks the native path on CUDA and the torch reference otherwise; `WB_KERNELS=ref|triton|auto`
+forces a path. `backend()` tells which path is active; `workbench doctor` prints it. Each op logs
+its path once (`announce`) under the "kernels" logger.
 """
 
 from __future__ import annotations
@@ -36,6 +38,13 @@ _log = logging.getLogger("kernels")
 _announced: set[tuple[str, str]] = set()
 
 
+def announce(op: str, path: str) -> None:
+    """Log "`op`: using the `path` path" the first time `op` takes `path`."""
+    if (op, path) not in _announced:
+        _announced.add((op, path))
+        _log.info("%s: using the %s path", op, path)
+
+
 def use_triton(op: str, tensor) -> bool:
     """Whether `op` runs its Triton path on tensors like `tensor`; the choice is logged once per op.
 
@@ -50,8 +59,5 @@ def use_triton(op: str, tensor) -> bool:
             f"{op}: WB_KERNELS=triton with CPU tensors needs TRITON_INTERPRET=1 (set before triton is "
             "imported); use WB_KERNELS=ref or auto for the torch path, or move the tensors to CUDA"
         )
-    path = "triton" if triton else "torch (ref)"
-    if (op, path) not in _announced:
-        _announced.add((op, path))
-        _log.info("%s: using the %s path", op, path)
+    announce(op, "triton" if triton else "torch (ref)")
     return triton

@@ -18,7 +18,8 @@ from torch import Tensor
 RowDivergence = Callable[[Tensor, Tensor], Tensor]
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def divergence_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype divergences are computed in: float32, or wider when the inputs are."""
     # bf16/fp16 softmax over a large vocabulary loses the tail mass the divergences live on;
     # float64 inputs (tests) stay float64.
     return torch.promote_types(dtype, torch.float32)
@@ -90,7 +91,7 @@ def _divergence_loss(
     _check_logits(student_logits, teacher_logits)
     _check_mask(mask, student_logits.shape[:-1])
     vocab = (student_logits.shape[-1],)
-    dtype = _compute_dtype(student_logits.dtype)
+    dtype = divergence_dtype(student_logits.dtype)
     student = _keep_rows(student_logits, mask, vocab).to(dtype)  # (N, V)
     teacher = _keep_rows(teacher_logits.detach(), mask, vocab).to(dtype)  # (N, V)
     if student.shape[0] == 0:
@@ -267,7 +268,7 @@ def cross_entropy(student_logits: Tensor, targets: Tensor, mask: Tensor | None =
         )
     _check_mask(mask, targets.shape)
     logits = _keep_rows(student_logits, mask, (student_logits.shape[-1],))  # (N, V)
-    logits = logits.to(_compute_dtype(logits.dtype))
+    logits = logits.to(divergence_dtype(logits.dtype))
     kept_targets = _keep_rows(targets, mask, ())  # (N,)
     if logits.shape[0] == 0:
         return logits.sum()  # empty sum: an exact 0 whose backward gives zero gradients
@@ -430,7 +431,7 @@ def sparse_divergence(
     _check_sparse_target(student_logits, topk_ids, topk_logp)
     if kind == "jsd" and beta in (0.0, 1.0):  # the endpoints, as in the dense `jsd`
         kind = "forward_kl" if beta == 0.0 else "reverse_kl"
-    student = student_logits.to(_compute_dtype(student_logits.dtype))  # (N, V)
+    student = student_logits.to(divergence_dtype(student_logits.dtype))  # (N, V)
     rest_floor = _MIN_REST_MASS if kind == "reverse_kl" else 0.0
     log_s, log_t = _sparse_log_probs(student, topk_ids, topk_logp, temperature, rest_floor, rest_logp)  # (N, K + 1)
     if kind == "forward_kl":

@@ -1,5 +1,5 @@
-"""Mamba-2 mixer: SSD scan computed chunk-wise in torch, a recurrent step for decoding, and
-mamba-ssm's fused chunk scan on CUDA when the `cuda` extra is installed.
+"""Mamba-2 mixer: the layer around the SSD scan of `kernels/ssd/` (chunk-wise in torch, a
+recurrent step for decoding, mamba-ssm's fused chunk scan on CUDA when the `cuda` extra is installed).
 
 Per head h the state-space recurrence (docs/methods.md §3) is
 
@@ -11,12 +11,9 @@ y = (L o C B^T) (dt x) with the causal decay mask L_ts = exp(sum_{r=s+1..t} dt_r
 attention form with C <-> Q, B <-> K, x <-> V, which is why MaTVLM and mmMamba can start a
 Mamba layer from an attention layer's projections (`students/hybrid.py`).
 
-Three implementations, one contract (`x` (B, L, H, P), `dt` (B, L, H), `A` (H,), `B`/`C`
-(B, L, H, N), optional initial state (B, H, P, N); returns y (B, L, H, P) and the final state):
-- `ssd_chunked`: the chunked algorithm of mamba's `ssd_minimal` (quadratic inside a chunk,
-  a recurrence over chunk states between chunks); the CPU path and the training path.
-- `ssd_step`: one token, for decoding; `ssd_recurrent` loops it (the test oracle).
-- mamba-ssm's `mamba_chunk_scan_combined` (CUDA only), picked by `scan()`.
+The scan itself (`x` (B, L, H, P), `dt` (B, L, H), `A` (H,), `B`/`C` (B, L, H, N), optional
+initial state (B, H, P, N) -> y (B, L, H, P) and the final state) is `kernels.ssd.ssd_scan`
+(torch `ssd_chunked` or mamba-ssm's fused scan); decoding one token uses `kernels.ssd.ssd_step`.
 
 `Mamba2Mixer` is the layer: in_proj -> [z, x, B, C, dt]; depthwise causal conv + SiLU over
 [x, B, C]; the scan; D skip; gated RMSNorm; out_proj. x and B may have fewer heads than the
@@ -29,9 +26,7 @@ part (z_proj, x_proj, B_proj, C_proj, dt_proj) so a training stage can freeze so
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,146 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_log = logging.getLogger("students.mamba2")
-_announced: set[str] = set()
-
-
-# --------------------------------------------------------------------------- scans
-
-
-def _segsum(x: Tensor) -> Tensor:
-    """(..., T) -> (..., T, T): out[i, j] = sum_{k=j+1..i} x_k for j <= i, -inf above the
-    diagonal. Built by masked cumsum, so no large values cancel (exp of it is the decay mask)."""
-    t = x.shape[-1]
-    x = x[..., None].expand(*x.shape, t)  # (..., T, T): column j holds x
-    strict = torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device), diagonal=-1)
-    x = x.masked_fill(~strict, 0)
-    out = torch.cumsum(x, dim=-2)
-    keep = torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device))
-    return out.masked_fill(~keep, float("-inf"))
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int = 256,
-                initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The SSD scan, chunk by chunk.
-
-    Args:
-        x: (B, L, H, P) inputs.
-        dt: (B, L, H) positive step sizes (after softplus).
-        A: (H,) negative decay rates.
-        B, C: (B, L, H, N) input and output projections of the state, already per head.
-        chunk_size: tokens per chunk; L need not be a multiple (the tail is padded with
-            dt = 0, which neither decays nor writes the state).
-        initial_state: (B, H, P, N) state before the first token, or None (zeros).
-    Returns:
-        y: (B, L, H, P) in x's dtype; final_state: (B, H, P, N) in float32 (float64 for float64 inputs).
-    """
-    b, length, h, p = x.shape
-    n = B.shape[-1]
-    dtype = _compute_dtype(x)
-    pad = (-length) % chunk_size
-    x, dt, B, C = (t.to(dtype) for t in (x, dt, B, C))
-    if pad:
-        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
-        dt = F.pad(dt, (0, 0, 0, pad))
-    c = x.shape[1] // chunk_size
-    xdt = (x * dt[..., None]).reshape(b, c, chunk_size, h, p)  # (B, c, l, H, P)
-    B = B.reshape(b, c, chunk_size, h, n)
-    C = C.reshape(b, c, chunk_size, h, n)
-    a = (dt * A.to(dtype)).reshape(b, c, chunk_size, h).permute(0, 3, 1, 2)  # (B, H, c, l)
-    a_cum = torch.cumsum(a, dim=-1)  # (B, H, c, l)
-
-    # 1. inside each chunk: y = (L o C B^T) x dt, the attention-like quadratic form
-    decay = torch.exp(_segsum(a))  # (B, H, c, l, l)
-    scores = torch.einsum("bclhn,bcshn->bhcls", C, B) * decay  # (B, H, c, l, s)
-    y = torch.einsum("bhcls,bcshp->bclhp", scores, xdt)  # (B, c, l, H, P)
-
-    # 2. each chunk's contribution to the state at its end
-    to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (B, H, c, l)
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, to_end, xdt)  # (B, c, H, P, N)
-
-    # 3. states at chunk boundaries: a recurrence over chunks (segsum over chunk totals)
-    if initial_state is None:
-        initial_state = torch.zeros(b, h, p, n, dtype=dtype, device=x.device)
-    states = torch.cat([initial_state.to(dtype)[:, None], states], dim=1)  # (B, c+1, H, P, N)
-    chunk_decay = torch.exp(_segsum(F.pad(a_cum[..., -1], (1, 0))))  # (B, H, c+1, c+1)
-    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)  # (B, c+1, H, P, N)
-    states, final = states[:, :-1], states[:, -1]
-
-    # 4. the state entering each chunk, read out at every position of it
-    from_start = torch.exp(a_cum)  # (B, H, c, l)
-    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, from_start)
-    y = y.reshape(b, c * chunk_size, h, p)[:, :length]
-    return y, final
-
-
-def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
-    """One token of the recurrence.
-
-    Args:
-        state: (B, H, P, N) state after the previous token.
-        x: (B, H, P); dt: (B, H); A: (H,); B, C: (B, H, N).
-    Returns:
-        y: (B, H, P) in x's dtype, and the new state (state's dtype).
-    """
-    dtype = state.dtype
-    dt = dt.to(dtype)
-    decay = torch.exp(dt * A.to(dtype))  # (B, H)
-    write = (dt[..., None] * x.to(dtype))[..., None] * B.to(dtype)[:, :, None, :]  # (B, H, P, N)
-    state = state * decay[..., None, None] + write
-    y = torch.einsum("bhpn,bhn->bhp", state, C.to(dtype))
-    return y.to(x.dtype), state
-
-
-def ssd_recurrent(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                  initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The recurrence token by token (the oracle `ssd_chunked` is tested against); same
-    arguments and returns as `ssd_chunked`."""
-    b, length, h, p = x.shape
-    dtype = _compute_dtype(x)
-    state = torch.zeros(b, h, p, B.shape[-1], dtype=dtype, device=x.device) if initial_state is None \
-        else initial_state.to(dtype)
-    ys = []
-    for t in range(length):
-        y, state = ssd_step(state, x[:, t].to(dtype), dt[:, t], A, B[:, t], C[:, t])
-        ys.append(y)
-    return torch.stack(ys, dim=1).to(x.dtype), state
-
-
-def scan_backend() -> str:
-    """"mamba_ssm" when CUDA and the `cuda` extra are there (and `WB_KERNELS` is not "ref"),
-    else "torch"."""
-    if os.environ.get("WB_KERNELS", "auto").strip().lower() == "ref" or not torch.cuda.is_available():
-        return "torch"
-    try:
-        import mamba_ssm.ops.triton.ssd_combined  # noqa: F401
-    except Exception:  # noqa: BLE001 - missing, or built against another CUDA/torch
-        return "torch"
-    return "mamba_ssm"
-
-
-def scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-         initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """`ssd_chunked`, or mamba-ssm's fused chunk scan for CUDA tensors when it is installed;
-    which one runs is logged once."""
-    path = scan_backend() if x.is_cuda else "torch"
-    if path not in _announced:
-        _announced.add(path)
-        _log.info("Mamba-2 scan: %s", "mamba-ssm fused chunk scan" if path == "mamba_ssm" else "torch chunked SSD")
-    if path == "mamba_ssm":
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
-        y, final = mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, initial_states=initial_state,
-                                             return_final_states=True)
-        return y, final
-    return ssd_chunked(x, dt, A, B, C, chunk_size, initial_state)
-
-
-# --------------------------------------------------------------------------- the layer
+from kernels.ssd import compute_dtype, ssd_scan, ssd_step
 
 
 @dataclass
@@ -257,7 +113,7 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, y: Tensor, z: Tensor | None = None) -> Tensor:
-        dtype, f = y.dtype, _compute_dtype(y)
+        dtype, f = y.dtype, compute_dtype(y)
         y = y.to(f)
         if z is not None and not self.norm_before_gate:
             y = y * F.silu(z.to(f))
@@ -368,7 +224,7 @@ class Mamba2Mixer(nn.Module):
         x = x.reshape(b, length, c.n_x_heads, c.head_dim).repeat_interleave(h // c.n_x_heads, dim=2)
         bb = bb.reshape(b, length, c.n_b_groups, c.d_state).repeat_interleave(h // c.n_b_groups, dim=2)
         cc = cc.reshape(b, length, c.n_c_groups, c.d_state).repeat_interleave(h // c.n_c_groups, dim=2)
-        f = _compute_dtype(u)  # float32 for half-precision models
+        f = compute_dtype(u)  # float32 for half-precision models
         dt = F.softplus(dt.to(f) + self.dt_bias.to(f))  # (B, L, H)
         A = -torch.exp(self.A_log.to(f))  # (H,)
         initial = state.ssm if state is not None else None
@@ -376,7 +232,7 @@ class Mamba2Mixer(nn.Module):
             y, ssm = ssd_step(initial, x[:, 0], dt[:, 0], A, bb[:, 0], cc[:, 0])
             y = y[:, None]
         else:
-            y, ssm = scan(x, dt, A, bb, cc, c.chunk_size, initial)
+            y, ssm = ssd_scan(x, dt, A, bb, cc, c.chunk_size, initial)
         y = y.to(u.dtype)
         if self.D is not None:
             y = y + x * self.D.to(u.dtype)[:, None]

@@ -2,12 +2,15 @@
 full scan, parity with transformers' Mamba2 (an independent implementation), and the
 A = 0 identity with causal linear attention that the attention initialisation relies on."""
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from students.mamba2 import (GatedRMSNorm, Mamba2Config, Mamba2Mixer, scan_backend, ssd_chunked, ssd_recurrent,
-                             ssd_step)
+import kernels
+from kernels.ssd import scan_backend, ssd_chunked, ssd_recurrent, ssd_scan, ssd_step
+from students.mamba2 import GatedRMSNorm, Mamba2Config, Mamba2Mixer
 
 
 def _inputs(b, length, h, p, n, dtype, seed=0):
@@ -156,13 +159,31 @@ def test_cpu_uses_the_torch_scan():
     assert scan_backend() == "torch" or torch.cuda.is_available()
 
 
+def test_scan_shares_the_kernels_setting_and_log(monkeypatch, caplog):
+    monkeypatch.setenv("WB_KERNELS", "bogus")
+    with pytest.raises(ValueError) as ours:
+        scan_backend()
+    with pytest.raises(ValueError) as shared:
+        kernels.backend()
+    assert str(ours.value) == str(shared.value)
+    x, dt, A, B, C, s0 = _inputs(1, 5, 2, 3, 4, torch.float32)
+    with pytest.raises(ValueError, match="WB_KERNELS='bogus'"):
+        ssd_scan(x, dt, A, B, C, 4, s0)  # CPU tensors too
+    monkeypatch.setenv("WB_KERNELS", "auto")
+    monkeypatch.setattr(kernels, "_announced", set())
+    with caplog.at_level(logging.INFO, logger="kernels"):
+        y, s = ssd_scan(x, dt, A, B, C, 4, s0)
+        ssd_scan(x, dt, A, B, C, 4, s0)
+    assert caplog.text.count("ssd_scan: using the torch (ref) path") == 1  # once per op and path
+    y_ref, s_ref = ssd_chunked(x, dt, A, B, C, 4, s0)
+    assert torch.equal(y, y_ref) and torch.equal(s, s_ref)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_scan_matches_the_torch_scan():
     x, dt, A, B, C, s0 = _inputs(2, 300, 4, 16, 16, torch.float32)
     x, dt, A, B, C, s0 = (t.cuda() for t in (x, dt, A, B, C, s0))
-    from students.mamba2 import scan
-
-    y, s = scan(x, dt, A, B, C, 64, s0)
+    y, s = ssd_scan(x, dt, A, B, C, 64, s0)
     y_ref, s_ref = ssd_chunked(x, dt, A, B, C, 64, s0)
     assert _rel(y, y_ref) < 1e-3 and _rel(s, s_ref) < 1e-3

@@ -54,7 +54,7 @@ def _mamba_ssm_status(has_cuda: bool) -> str:
         return "not installed (optional extra [cuda]); using the torch SSD path"
     if not has_cuda:
         return "installed, unusable without CUDA; using the torch SSD path"
-    from students.mamba2 import scan_backend
+    from kernels.ssd import scan_backend
 
     return "installed: the fused chunk scan runs CUDA tensors" if scan_backend() == "mamba_ssm" else \
         "installed but not importable (or WB_KERNELS=ref); using the torch SSD path"

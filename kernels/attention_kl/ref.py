@@ -3,11 +3,14 @@
 `attention_kl_naive` builds the full (B, H, N, M) score and probability tensors; it is the test
 oracle and the benchmark's naive baseline. `attention_kl_ref` has the public signature and walks
 query blocks, saving only per-row log-sum-exps and recomputing each block's scores in backward,
-so its peak memory is O(B * H * block * M). The Triton path (`triton.py`) shares the input checks
-and the counted-row rule defined here.
+so its peak memory is O(B * H * block * M). The Triton path (`triton.py`) shares the input checks,
+the counted-row rule and the autograd Function (`AttentionKLFn`) defined here.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -146,59 +149,93 @@ def attention_kl_naive(
     return torch.where(counted, rows, 0.0).sum() / counted.sum().clamp(min=1)
 
 
-class AttentionKLRefFn(torch.autograd.Function):
-    """Query-block loop: forward keeps per-row lse only, backward recomputes each block's scores.
+# The two paths of `AttentionKLFn` (functools.partial binds their block sizes):
+# forward (q_s, k_s, q_t, k_t, scale_s, scale_t, causal, key_mask, counted (B, N), kind)
+#     -> (sum of the counted rows' values, lse_s (B, H, N), lse_t (B, H, N));
+# backward (q_s, k_s, q_t, k_t, lse_s, lse_t, counted, grad_scale, scale_s, scale_t, causal, key_mask)
+#     -> (dq_s, dk_s), for d(loss)/d(student score) = grad_scale * (p_s - p_t) on counted rows.
+AttentionKLForward = Callable[..., tuple[Tensor, Tensor, Tensor]]
+AttentionKLBackward = Callable[..., tuple[Tensor, Tensor]]
 
-    Block tensors are updated in place so that only two or three (B, H, block, M) tiles are live.
+
+class AttentionKLFn(torch.autograd.Function):
+    """Forward saves the inputs and per-row lse's only; backward recomputes the score tiles.
+
+    The mean over counted rows and the upstream gradient are handled here once; `fwd` and `bwd`
+    are the torch block loop (`attention_kl_fwd_ref`/`attention_kl_bwd_ref`) or the Triton
+    launchers (`triton.py`).
     """
 
     @staticmethod
-    def forward(ctx, q_s, k_s, q_t, k_t, scale_s, scale_t, causal, key_mask, query_mask, kind, block_rows):
+    def forward(ctx, q_s, k_s, q_t, k_t, scale_s, scale_t, causal, key_mask, query_mask, kind,
+                fwd: AttentionKLForward, bwd: AttentionKLBackward):
         B, H, N, _ = q_s.shape
-        M = k_s.shape[2]
-        dtype = compute_dtype(q_s.dtype)
-        counted = counted_rows(B, N, M, causal, key_mask, query_mask, q_s.device)  # (B, N)
-        lse_s = q_s.new_zeros(B, H, N, dtype=dtype)
-        lse_t = q_s.new_zeros(B, H, N, dtype=dtype)
-        total = q_s.new_zeros((), dtype=dtype)
-        for start in range(0, N, block_rows):
-            stop = min(start + block_rows, N)
-            s_s, s_t = _block_scores(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, key_mask, start, stop, dtype)
-            lse_s[:, :, start:stop] = _finite_lse(s_s)
-            lse_t[:, :, start:stop] = _finite_lse(s_t)
-            logp_s = s_s.sub_(lse_s[:, :, start:stop, None])  # (B, H, n, m)
-            logp_t = s_t.sub_(lse_t[:, :, start:stop, None])  # (B, H, n, m)
-            p_t = logp_t.exp()  # (B, H, n, m)
-            terms = logp_t.sub_(logp_s) if kind == "kl" else logp_s.neg_()
-            terms = terms.mul_(p_t).masked_fill_(p_t == 0, 0.0)  # 0 log 0 = 0, hidden keys included
-            total += terms.sum(dim=-1).masked_fill_(~counted[:, None, start:stop], 0.0).sum()
+        counted = counted_rows(B, N, k_s.shape[2], causal, key_mask, query_mask, q_s.device)  # (B, N)
+        total, lse_s, lse_t = fwd(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, key_mask, counted, kind)
         n_rows = counted.sum() * H
         ctx.save_for_backward(q_s, k_s, q_t, k_t, key_mask, counted, lse_s, lse_t)
-        ctx.config = (scale_s, scale_t, causal, block_rows, n_rows)
+        ctx.config = (scale_s, scale_t, causal, n_rows, bwd)
         return total / n_rows.clamp(min=1)
 
     @staticmethod
     def backward(ctx, grad_out):
         q_s, k_s, q_t, k_t, key_mask, counted, lse_s, lse_t = ctx.saved_tensors
-        scale_s, scale_t, causal, block_rows, n_rows = ctx.config
-        dtype = lse_s.dtype
-        N = q_s.shape[2]
+        scale_s, scale_t, causal, n_rows, bwd = ctx.config
         # d(row value)/d(student score_ij) = p_s - p_t for both kinds, since sum_j p_t = 1; the
-        # chain rule through score = scale_s * q k^T folds scale_s into the row weight.
-        row_weight = counted.to(dtype) * (scale_s * grad_out.to(dtype) / n_rows.clamp(min=1))  # (B, N)
-        dq_s = torch.zeros_like(q_s, dtype=dtype)
-        dk_s = torch.zeros_like(k_s, dtype=dtype)
-        k_s_c = k_s.to(dtype)
-        for start in range(0, N, block_rows):
-            stop = min(start + block_rows, N)
-            s_s, s_t = _block_scores(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, key_mask, start, stop, dtype)
-            p_s = s_s.sub_(lse_s[:, :, start:stop, None]).exp_()  # (B, H, n, m)
-            p_t = s_t.sub_(lse_t[:, :, start:stop, None]).exp_()  # (B, H, n, m)
-            grad_scores = p_s.sub_(p_t).mul_(row_weight[:, None, start:stop, None])  # (B, H, n, m)
-            keys = _block_keys(causal, stop, k_s.shape[2])
-            dq_s[:, :, start:stop] = grad_scores @ k_s_c[:, :, keys]  # (B, H, n, Ds)
-            dk_s[:, :, keys] += grad_scores.transpose(-1, -2) @ q_s[:, :, start:stop].to(dtype)  # (B, H, m, Ds)
-        return dq_s.to(q_s.dtype), dk_s.to(k_s.dtype), None, None, None, None, None, None, None, None, None
+        # mean and score = scale_s * q k^T contribute one scalar factor.
+        grad_scale = scale_s * grad_out.to(lse_s.dtype) / n_rows.clamp(min=1)
+        dq_s, dk_s = bwd(q_s, k_s, q_t, k_t, lse_s, lse_t, counted, grad_scale, scale_s, scale_t, causal, key_mask)
+        return dq_s, dk_s, *([None] * 10)
+
+
+def attention_kl_fwd_ref(
+    q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, scale_s: float, scale_t: float, causal: bool,
+    key_mask: Tensor | None, counted: Tensor, kind: str, block_rows: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Query-block loop keeping per-row lse's only; see `AttentionKLForward`.
+
+    Block tensors are updated in place so that only two or three (B, H, block, M) tiles are live.
+    """
+    B, H, N, _ = q_s.shape
+    dtype = compute_dtype(q_s.dtype)
+    lse_s = q_s.new_zeros(B, H, N, dtype=dtype)
+    lse_t = q_s.new_zeros(B, H, N, dtype=dtype)
+    total = q_s.new_zeros((), dtype=dtype)
+    for start in range(0, N, block_rows):
+        stop = min(start + block_rows, N)
+        s_s, s_t = _block_scores(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, key_mask, start, stop, dtype)
+        lse_s[:, :, start:stop] = _finite_lse(s_s)
+        lse_t[:, :, start:stop] = _finite_lse(s_t)
+        logp_s = s_s.sub_(lse_s[:, :, start:stop, None])  # (B, H, n, m)
+        logp_t = s_t.sub_(lse_t[:, :, start:stop, None])  # (B, H, n, m)
+        p_t = logp_t.exp()  # (B, H, n, m)
+        terms = logp_t.sub_(logp_s) if kind == "kl" else logp_s.neg_()
+        terms = terms.mul_(p_t).masked_fill_(p_t == 0, 0.0)  # 0 log 0 = 0, hidden keys included
+        total += terms.sum(dim=-1).masked_fill_(~counted[:, None, start:stop], 0.0).sum()
+    return total, lse_s, lse_t
+
+
+def attention_kl_bwd_ref(
+    q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, lse_s: Tensor, lse_t: Tensor, counted: Tensor,
+    grad_scale: Tensor, scale_s: float, scale_t: float, causal: bool, key_mask: Tensor | None, block_rows: int,
+) -> tuple[Tensor, Tensor]:
+    """dq_s and dk_s block by block, each block's scores recomputed; see `AttentionKLBackward`."""
+    dtype = lse_s.dtype
+    N = q_s.shape[2]
+    row_weight = counted.to(dtype) * grad_scale  # (B, N)
+    dq_s = torch.zeros_like(q_s, dtype=dtype)
+    dk_s = torch.zeros_like(k_s, dtype=dtype)
+    k_s_c = k_s.to(dtype)
+    for start in range(0, N, block_rows):
+        stop = min(start + block_rows, N)
+        s_s, s_t = _block_scores(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, key_mask, start, stop, dtype)
+        p_s = s_s.sub_(lse_s[:, :, start:stop, None]).exp_()  # (B, H, n, m)
+        p_t = s_t.sub_(lse_t[:, :, start:stop, None]).exp_()  # (B, H, n, m)
+        grad_scores = p_s.sub_(p_t).mul_(row_weight[:, None, start:stop, None])  # (B, H, n, m)
+        keys = _block_keys(causal, stop, k_s.shape[2])
+        dq_s[:, :, start:stop] = grad_scores @ k_s_c[:, :, keys]  # (B, H, n, Ds)
+        dk_s[:, :, keys] += grad_scores.transpose(-1, -2) @ q_s[:, :, start:stop].to(dtype)  # (B, H, m, Ds)
+    return dq_s.to(q_s.dtype), dk_s.to(k_s.dtype)
 
 
 def _finite_lse(scores: Tensor) -> Tensor:
@@ -249,6 +286,7 @@ def attention_kl_ref(
     block_rows = default_block_rows(B, H, M) if block_rows is None else block_rows
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-    return AttentionKLRefFn.apply(
-        q_s, k_s, q_t.detach(), k_t.detach(), scale_s, scale_t, causal, key_mask, query_mask, kind, block_rows
+    return AttentionKLFn.apply(
+        q_s, k_s, q_t.detach(), k_t.detach(), scale_s, scale_t, causal, key_mask, query_mask, kind,
+        partial(attention_kl_fwd_ref, block_rows=block_rows), partial(attention_kl_bwd_ref, block_rows=block_rows),
     )

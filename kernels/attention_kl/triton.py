@@ -11,13 +11,14 @@ lazily by `kernels.attention_kl` only; the torch oracle and CPU path live in `re
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .ref import _default_scales, attention_kl_ref, check_inputs, counted_rows
+from .ref import AttentionKLFn, _default_scales, attention_kl_ref, check_inputs
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
@@ -310,33 +311,15 @@ def attention_kl_bwd(
     return dq_s, dk_s
 
 
-class AttentionKLFn(torch.autograd.Function):
-    """Autograd wrapper: forward saves inputs and per-row lse's; backward recomputes tiles."""
-
-    @staticmethod
-    def forward(ctx, q_s, k_s, q_t, k_t, scale_s, scale_t, causal, key_mask, query_mask, kind, block_n, block_m):
-        B, H, N, _ = q_s.shape
-        q_s, k_s, q_t, k_t = (_unit_last_stride(x) for x in (q_s, k_s, q_t, k_t))
-        row_value, lse_s, lse_t = attention_kl_fwd(
-            q_s, k_s, q_t, k_t, scale_s, scale_t, causal, key_mask, kind, block_n, block_m
-        )
-        counted = counted_rows(B, N, k_s.shape[2], causal, key_mask, query_mask, q_s.device)  # (B, N)
-        n_rows = counted.sum() * H
-        ctx.save_for_backward(q_s, k_s, q_t, k_t, key_mask, counted, lse_s, lse_t)
-        ctx.config = (scale_s, scale_t, causal, block_n, block_m, n_rows)
-        return torch.where(counted[:, None, :], row_value, 0.0).sum() / n_rows.clamp(min=1)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q_s, k_s, q_t, k_t, key_mask, counted, lse_s, lse_t = ctx.saved_tensors
-        scale_s, scale_t, causal, block_n, block_m, n_rows = ctx.config
-        # d(row value)/d(student score) = p_s - p_t for both kinds (sum_j p_t = 1); the mean and
-        # score = scale_s * q k^T contribute one scalar factor.
-        grad_scale = scale_s * grad_out.float() / n_rows.clamp(min=1)
-        dq_s, dk_s = attention_kl_bwd(
-            q_s, k_s, q_t, k_t, lse_s, lse_t, counted, grad_scale, scale_s, scale_t, causal, key_mask, block_n, block_m
-        )
-        return dq_s, dk_s, None, None, None, None, None, None, None, None, None, None
+def _counted_sum_fwd(
+    q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, scale_s: float, scale_t: float, causal: bool,
+    key_mask: Tensor | None, counted: Tensor, kind: str, block_n: int, block_m: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`attention_kl_fwd` in the shape `ref.AttentionKLFn` takes: the counted rows' sum and the lse's."""
+    row_value, lse_s, lse_t = attention_kl_fwd(
+        q_s, k_s, q_t, k_t, scale_s, scale_t, causal, key_mask, kind, block_n, block_m
+    )  # (B, H, N) x3
+    return torch.where(counted[:, None, :], row_value, 0.0).sum(), lse_s, lse_t
 
 
 def attention_kl_triton(
@@ -367,6 +350,9 @@ def attention_kl_triton(
         # Nothing to launch (a zero-size grid); the torch path returns the attached exact 0.
         return attention_kl_ref(q_s, k_s, q_t, k_t, scale_s=scale_s, scale_t=scale_t, causal=causal,
                                 key_mask=key_mask, query_mask=query_mask, kind=kind)
+    q_s, k_s, q_t, k_t = (_unit_last_stride(x) for x in (q_s, k_s, q_t.detach(), k_t.detach()))
+    blocks = dict(block_n=block_n, block_m=block_m)
     return AttentionKLFn.apply(
-        q_s, k_s, q_t.detach(), k_t.detach(), scale_s, scale_t, causal, key_mask, query_mask, kind, block_n, block_m
+        q_s, k_s, q_t, k_t, scale_s, scale_t, causal, key_mask, query_mask, kind,
+        partial(_counted_sum_fwd, **blocks), partial(attention_kl_bwd, **blocks),
     )

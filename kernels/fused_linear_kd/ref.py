@@ -3,7 +3,8 @@
 `fused_linear_kd_naive` materialises the student's (N, V) logits and calls `losses/logit.py`
 (the spec). `fused_linear_kd_ref` walks row chunks, computing each chunk's loss and gradients
 during the forward pass, so peak memory is O(chunk * V + V * H). The chunk loop, the input
-checks and the reduction live here once; `triton.py` only swaps the per-chunk divergence.
+checks, the reduction and the autograd Function (`FusedLinearKDFn`) live here once; `triton.py`
+only swaps the per-chunk divergence and the backward scaling.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor
 from losses.logit import (
     SPARSE_DIVERGENCES,
     TVD_TIE_RTOL,
-    _compute_dtype,
+    divergence_dtype,
     check_topk_ids,
     forward_kl,
     jsd,
@@ -69,6 +70,9 @@ class TeacherRows:
 # rows, options, a row's weight in the reduction, whether to return a gradient)
 # -> (sum of the n row values, d(row weight * sum)/d logits (n, V) or None).
 ChunkDivergence = Callable[[Tensor, TeacherRows, KDOptions, float, bool], tuple[Tensor, Tensor | None]]
+# Backward of a path: (grad_output, then grad_hidden, grad_weight, grad_bias as stored for
+# grad_output = 1, each possibly None) -> those gradients times grad_output.
+ScaleGrads = Callable[..., tuple[Tensor | None, ...]]
 
 
 def _shape(x: Tensor) -> tuple[int, ...]:
@@ -350,7 +354,7 @@ def chunked_forward(
     matmul_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     if bias is not None:
         matmul_dtype = torch.promote_types(matmul_dtype, bias.dtype)
-    compute_dtype = _compute_dtype(matmul_dtype)
+    compute_dtype = divergence_dtype(matmul_dtype)
     w = weight.detach().to(matmul_dtype)  # (V, H)
     b = None if bias is None else bias.detach().to(matmul_dtype)  # (V,)
     kept = None if labels is None else (labels != ignore_index).nonzero().squeeze(1)  # (M,)
@@ -399,24 +403,29 @@ def scale_grads(grad_output: Tensor, *grads: Tensor | None) -> tuple[Tensor | No
     return tuple(None if g is None else g * grad_output for g in grads)
 
 
-class FusedLinearKDRefFn(torch.autograd.Function):
-    """Computes loss and input gradients in forward; backward only scales them."""
+class FusedLinearKDFn(torch.autograd.Function):
+    """Computes loss and input gradients in forward (`chunked_forward` with the path's per-chunk
+    divergence); backward only scales them by grad_output (with the path's `scale`).
+
+    The torch path passes `torch_chunk_divergence` and `scale_grads`; the Triton path its
+    kernels' `triton_chunk_divergence` and `fused_linear_kd_bwd`.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_logits, topk_ids, topk_logp, rest_logp, labels,
-                ignore_index, options, grad_enabled):
+                ignore_index, options, grad_enabled, chunk_divergence: ChunkDivergence, scale: ScaleGrads):
         teacher = TeacherRows(teacher_logits, topk_ids, topk_logp, rest_logp)
         needs = tuple(grad_enabled and need for need in ctx.needs_input_grad[:3])
         loss, *grads = chunked_forward(
-            hidden, weight, bias, teacher, labels, ignore_index, options, needs, torch_chunk_divergence
+            hidden, weight, bias, teacher, labels, ignore_index, options, needs, chunk_divergence
         )
         ctx.save_for_backward(*grads)
+        ctx.scale = scale
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        grads = scale_grads(grad_output, *ctx.saved_tensors)
-        return *grads, *([None] * 8)
+        return *ctx.scale(grad_output, *ctx.saved_tensors), *([None] * 10)
 
 
 def fused_linear_kd_ref(
@@ -449,9 +458,9 @@ def fused_linear_kd_ref(
         hidden, weight, teacher_logits, topk_ids, topk_logp, rest_logp, bias, labels,
         kind, temperature, beta, reduction, chunk_size,
     )
-    return FusedLinearKDRefFn.apply(
+    return FusedLinearKDFn.apply(
         hidden, weight, bias, teacher_logits, topk_ids, topk_logp, rest_logp, labels,
-        ignore_index, options, torch.is_grad_enabled(),
+        ignore_index, options, torch.is_grad_enabled(), torch_chunk_divergence, scale_grads,
     )
 
 
@@ -495,7 +504,7 @@ def fused_linear_kd_naive(
         return loss * n_kept if options.reduction == "sum" else loss
     keep = slice(None) if mask is None else mask
     if n_kept == 0:
-        return logits[keep].to(_compute_dtype(logits.dtype)).sum()  # exact 0, attached to the graph
+        return logits[keep].to(divergence_dtype(logits.dtype)).sum()  # exact 0, attached to the graph
     rest = None if rest_logp is None else rest_logp[keep]
     rows = sparse_divergence(logits[keep], topk_ids[keep], topk_logp[keep], kind, temperature, beta, rest)  # (M,)
     return rows.mean() if options.reduction == "mean" else rows.sum()

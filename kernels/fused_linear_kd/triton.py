@@ -18,10 +18,10 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.fused_linear_kd.ref import (
+    FusedLinearKDFn,
     KDOptions,
     TeacherRows,
     check_inputs,
-    chunked_forward,
     sparse_compact_divergence,
 )
 from losses.logit import TVD_TIE_RTOL
@@ -259,22 +259,6 @@ def triton_chunk_divergence(
     return _dense_chunk(logits, teacher.logits, options, row_weight, need_grad)
 
 
-def fused_linear_kd_fwd(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    teacher: TeacherRows,
-    labels: Tensor | None,
-    ignore_index: int,
-    options: KDOptions,
-    needs_grad: tuple[bool, bool, bool],
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Loss and grad_output = 1 gradients of hidden, weight, bias (see `ref.chunked_forward`)."""
-    return chunked_forward(
-        hidden, weight, bias, teacher, labels, ignore_index, options, needs_grad, triton_chunk_divergence
-    )
-
-
 def fused_linear_kd_bwd(grad_output: Tensor, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
     """The stored gradients times grad_output, each a new tensor in its own dtype."""
     go = grad_output.detach().reshape(()).contiguous()
@@ -290,23 +274,6 @@ def fused_linear_kd_bwd(grad_output: Tensor, *grads: Tensor | None) -> tuple[Ten
             _fused_linear_kd_bwd_kernel[(triton.cdiv(numel, SCALE_BLOCK),)](grad, out, go, numel, BLOCK=SCALE_BLOCK)
         scaled.append(out)
     return tuple(scaled)
-
-
-class FusedLinearKDFn(torch.autograd.Function):
-    """Loss and input gradients in forward (chunked, Triton per chunk); backward scales them."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_logits, topk_ids, topk_logp, rest_logp, labels,
-                ignore_index, options, grad_enabled):
-        teacher = TeacherRows(teacher_logits, topk_ids, topk_logp, rest_logp)
-        needs = tuple(grad_enabled and need for need in ctx.needs_input_grad[:3])
-        loss, *grads = fused_linear_kd_fwd(hidden, weight, bias, teacher, labels, ignore_index, options, needs)
-        ctx.save_for_backward(*grads)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return *fused_linear_kd_bwd(grad_output, *ctx.saved_tensors), *([None] * 8)
 
 
 def fused_linear_kd_triton(
@@ -340,5 +307,5 @@ def fused_linear_kd_triton(
     )
     return FusedLinearKDFn.apply(
         hidden, weight, bias, teacher_logits, topk_ids, topk_logp, rest_logp, labels,
-        ignore_index, options, torch.is_grad_enabled(),
+        ignore_index, options, torch.is_grad_enabled(), triton_chunk_divergence, fused_linear_kd_bwd,
     )

@@ -1,13 +1,16 @@
 """Gram-relation distillation loss in torch: the readable oracle and the tiled CPU path.
 
 `relation_loss_naive` materialises both N x N Gram matrices per item (the test oracle and the
-benchmark's baseline). `relation_loss_ref` visits them in (tile x tile) blocks inside an
-`autograd.Function` and recomputes the blocks in backward, so no N x N matrix ever exists.
-The per-item reduction (`reduce_items`) is shared with `triton.py`, which runs the same tiles
-as Triton programs.
+benchmark's baseline). `relation_loss_ref` visits them in (tile x tile) blocks inside
+`RelationLossFn` and recomputes the blocks in backward, so no N x N matrix ever exists.
+`RelationLossFn` and the per-item reduction (`reduce_items`) are shared with `triton.py`, which
+runs the same tiles as Triton programs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -146,58 +149,76 @@ def _masked(x: Tensor, mask: Tensor | None, acc: torch.dtype) -> Tensor:
     return x * mask.to(acc)[..., None] if mask is not None else x
 
 
-class _RelationLossRef(torch.autograd.Function):
-    """Tiled forward (per-item Frobenius sums) and backward (tiles recomputed, dX_s accumulated).
+class RelationLossFn(torch.autograd.Function):
+    """Forward: per-item Frobenius sums, then `reduce_items`; backward: dX_s from the per-item
+    coefficients, the Gram tiles recomputed.
 
-    G is symmetric, so only tiles with j >= i are visited: an off-diagonal tile stands for its
-    transpose too (weight 2 in the sums, and its transpose's product in backward).
+    `fwd` (x_s, x_t, mask, kind) -> sums (B, 3) or (B, 1) and `bwd` (x_s, x_t, mask, coef (B, 2))
+    -> dX_s (B, N, Ds) are the torch tiles (`relation_loss_fwd_ref`/`relation_loss_bwd_ref`) or
+    the Triton launchers (`triton.py`), their tile size bound with functools.partial.
     """
 
     @staticmethod
-    def forward(ctx, x_s: Tensor, x_t: Tensor, mask: Tensor | None, kind: str, tile: int) -> Tensor:
-        acc = accumulate_dtype(x_s, x_t)
-        batch, n, _ = x_s.shape
-        sums = torch.zeros(batch, 3 if kind == "cosine" else 1, device=x_s.device, dtype=acc)
-        pairs = _tile_pairs(n, tile)
-        for items in _item_slices(batch, tile):
-            m = mask[items] if mask is not None else None
-            xs, xt = _masked(x_s[items], m, acc), _masked(x_t[items], m, acc)  # (b, N, Ds), (b, N, Dt)
-            for i, j, diagonal in pairs:
-                weight = 1.0 if diagonal else 2.0
-                g_s = xs[:, i] @ xs[:, j].mT  # (b, T, T)
-                g_t = xt[:, i] @ xt[:, j].mT  # (b, T, T)
-                if kind == "cosine":
-                    sums[items, 0] += weight * _frobenius(g_s, g_t)
-                    sums[items, 1] += weight * _frobenius(g_s, g_s)
-                    sums[items, 2] += weight * _frobenius(g_t, g_t)
-                else:
-                    diff = g_s.sub_(g_t)
-                    sums[items, 0] += weight * _frobenius(diff, diff)
-        loss, coef = reduce_items(sums, kind, valid_counts(x_s, mask))
+    def forward(ctx, x_s: Tensor, x_t: Tensor, mask: Tensor | None, kind: str,
+                fwd: Callable[..., Tensor], bwd: Callable[..., Tensor]) -> Tensor:
+        loss, coef = reduce_items(fwd(x_s, x_t, mask, kind), kind, valid_counts(x_s, mask))
         ctx.save_for_backward(x_s, x_t, mask, coef)
-        ctx.tile = tile
+        ctx.bwd = bwd
         return loss
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x_s, x_t, mask, coef = ctx.saved_tensors
-        acc = coef.dtype
-        coef = 2 * coef * grad.to(acc)  # (B, 2); the 2 of dX_s = 2 D X_s folded in
-        batch, n, width = x_s.shape
-        dx = torch.zeros(batch, n, width, device=x_s.device, dtype=acc)  # (B, N, Ds)
-        pairs = _tile_pairs(n, ctx.tile)
-        for items in _item_slices(batch, ctx.tile):
-            m = mask[items] if mask is not None else None
-            xs, xt = _masked(x_s[items], m, acc), _masked(x_t[items], m, acc)
-            alpha, beta = coef[items, 0, None, None], coef[items, 1, None, None]  # (b, 1, 1)
-            for i, j, diagonal in pairs:
-                g_s = xs[:, i] @ xs[:, j].mT  # (b, T, T)
-                d = g_s.mul_(alpha).addcmul_(xt[:, i] @ xt[:, j].mT, beta)  # (b, T, T) tile of 2 dL/dG_s
-                dx[items, i] += d @ xs[:, j]  # (b, T, Ds); bmm into a fresh block, as baddbmm_ on a
-                if not diagonal:  # strided view of dx falls back to one addmm per item
-                    dx[items, j] += d.mT @ xs[:, i]
-        # excluded tokens' rows of G are zero, so their rows of dx are zero too
-        return dx.to(x_s.dtype), None, None, None, None
+        return ctx.bwd(x_s, x_t, mask, coef * grad.to(coef.dtype)), None, None, None, None, None
+
+
+def relation_loss_fwd_ref(x_s: Tensor, x_t: Tensor, mask: Tensor | None, kind: str, tile: int) -> Tensor:
+    """Per-item Frobenius sums (B, 3) ((B, 1) for "mse"), tile by tile, in the accumulation dtype.
+
+    G is symmetric, so only tiles with j >= i are visited: an off-diagonal tile stands for its
+    transpose too (weight 2 in the sums).
+    """
+    acc = accumulate_dtype(x_s, x_t)
+    batch, n, _ = x_s.shape
+    sums = torch.zeros(batch, 3 if kind == "cosine" else 1, device=x_s.device, dtype=acc)
+    pairs = _tile_pairs(n, tile)
+    for items in _item_slices(batch, tile):
+        m = mask[items] if mask is not None else None
+        xs, xt = _masked(x_s[items], m, acc), _masked(x_t[items], m, acc)  # (b, N, Ds), (b, N, Dt)
+        for i, j, diagonal in pairs:
+            weight = 1.0 if diagonal else 2.0
+            g_s = xs[:, i] @ xs[:, j].mT  # (b, T, T)
+            g_t = xt[:, i] @ xt[:, j].mT  # (b, T, T)
+            if kind == "cosine":
+                sums[items, 0] += weight * _frobenius(g_s, g_t)
+                sums[items, 1] += weight * _frobenius(g_s, g_s)
+                sums[items, 2] += weight * _frobenius(g_t, g_t)
+            else:
+                diff = g_s.sub_(g_t)
+                sums[items, 0] += weight * _frobenius(diff, diff)
+    return sums
+
+
+def relation_loss_bwd_ref(x_s: Tensor, x_t: Tensor, mask: Tensor | None, coef: Tensor, tile: int) -> Tensor:
+    """dX_s = 2 (alpha G_s + beta G_t) X_s (B, N, Ds) in x_s's dtype, for coef (B, 2) = [alpha, beta]
+    (upstream gradient included); each upper-triangle tile also stands for its transpose."""
+    acc = coef.dtype
+    coef = 2 * coef  # (B, 2); the 2 of dX_s = 2 D X_s folded in
+    batch, n, width = x_s.shape
+    dx = torch.zeros(batch, n, width, device=x_s.device, dtype=acc)  # (B, N, Ds)
+    pairs = _tile_pairs(n, tile)
+    for items in _item_slices(batch, tile):
+        m = mask[items] if mask is not None else None
+        xs, xt = _masked(x_s[items], m, acc), _masked(x_t[items], m, acc)
+        alpha, beta = coef[items, 0, None, None], coef[items, 1, None, None]  # (b, 1, 1)
+        for i, j, diagonal in pairs:
+            g_s = xs[:, i] @ xs[:, j].mT  # (b, T, T)
+            d = g_s.mul_(alpha).addcmul_(xt[:, i] @ xt[:, j].mT, beta)  # (b, T, T) tile of 2 dL/dG_s
+            dx[items, i] += d @ xs[:, j]  # (b, T, Ds); bmm into a fresh block, as baddbmm_ on a
+            if not diagonal:  # strided view of dx falls back to one addmm per item
+                dx[items, j] += d.mT @ xs[:, i]
+    # excluded tokens' rows of G are zero, so their rows of dx are zero too
+    return dx.to(x_s.dtype)
 
 
 def relation_loss_ref(
@@ -218,4 +239,5 @@ def relation_loss_ref(
     check_inputs(x_s, x_t, kind, mask)
     if tile < 1:
         raise ValueError(f"relation_loss_ref: tile={tile}; must be >= 1")
-    return _RelationLossRef.apply(x_s, x_t.detach(), mask, kind, tile)
+    return RelationLossFn.apply(x_s, x_t.detach(), mask, kind, partial(relation_loss_fwd_ref, tile=tile),
+                                partial(relation_loss_bwd_ref, tile=tile))

@@ -9,13 +9,14 @@ Imported lazily by `kernels.relation_loss` (dispatch), never at package import.
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.relation_loss.ref import accumulate_dtype, check_inputs, reduce_items, valid_counts
+from kernels.relation_loss.ref import RelationLossFn, accumulate_dtype, check_inputs
 
 BLOCK_N = 64  # rows (and columns) of a G tile
 MAX_BLOCK_D = 64  # feature columns per step of the Gram product
@@ -181,24 +182,6 @@ def relation_loss_bwd(x_s: Tensor, x_t: Tensor, mask: Tensor | None, coef: Tenso
     return dx
 
 
-class RelationLossFn(torch.autograd.Function):
-    """Forward: per-item sums from the fwd kernel; backward: dX_s from the bwd kernel (tiles recomputed)."""
-
-    @staticmethod
-    def forward(ctx, x_s: Tensor, x_t: Tensor, mask: Tensor | None, kind: str, block_n: int) -> Tensor:
-        sums = relation_loss_fwd(x_s, x_t, mask, kind, block_n)
-        loss, coef = reduce_items(sums, kind, valid_counts(x_s, mask))
-        ctx.save_for_backward(x_s, x_t, mask, coef)
-        ctx.block_n = block_n
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x_s, x_t, mask, coef = ctx.saved_tensors
-        dx = relation_loss_bwd(x_s, x_t, mask, coef * grad.to(coef.dtype), ctx.block_n)
-        return dx, None, None, None, None
-
-
 def relation_loss_triton(
     x_s: Tensor, x_t: Tensor, *, kind: str = "cosine", mask: Tensor | None = None, block_n: int = BLOCK_N
 ) -> Tensor:
@@ -217,4 +200,5 @@ def relation_loss_triton(
     check_inputs(x_s, x_t, kind, mask)
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"relation_loss_triton: block_n={block_n}; must be a power of two >= 16")
-    return RelationLossFn.apply(x_s, x_t.detach(), mask, kind, block_n)
+    return RelationLossFn.apply(x_s, x_t.detach(), mask, kind, partial(relation_loss_fwd, block_n=block_n),
+                                partial(relation_loss_bwd, block_n=block_n))

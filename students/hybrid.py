@@ -398,3 +398,27 @@ def drop_attention(model: nn.Module) -> None:
     info = getattr(decoder.config, HYBRID_KEY, None)
     if info:
         info["keep_attention"] = False
+
+
+def hybrid_transform(student: nn.Module, layers: Any = "ratio:0.25", init: str = "attention", mimic: bool = False,
+                     keep_attention: bool = False, chunk_size: int | None = None,
+                     d_conv: int | None = None) -> dict[str, Any]:
+    """The `hybrid` student transform: convert attention layers of the student's language
+    model to Mamba-2 (`convert`). A student that already has Mamba layers (loaded from a
+    converted folder) keeps them; with `keep_attention=False` it drops attention a layer-wise
+    stage kept beside them. Returns notes for the run's summary.
+
+    Raises:
+        ValueError: a layer spec or option that does not fit the model.
+    """
+    already = mamba_layers(student)
+    if already:
+        if not keep_attention:
+            drop_attention(student)
+        converted = already
+    else:
+        converted = convert(student, layers, init=init, mimic=mimic, keep_attention=keep_attention,
+                            chunk_size=chunk_size, d_conv=d_conv)
+    total = len(decoder_of(student).layers)
+    return {"mamba_layers": converted, "attention_layers": total - len(converted), "init": init, "mimic": mimic,
+            "keep_attention": keep_attention, "converted_before": bool(already)}

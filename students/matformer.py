@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 import torch
@@ -397,3 +398,32 @@ def budget_spec(model: nn.Module, budget: int, skip: Sequence[int] = ()) -> MatS
         widths[i] += extra
         left -= extra * cost
     return MatSpec(widths, skip)
+
+
+def matformer_transform(student: nn.Module, granularities: Sequence[float] = (1.0, 0.5, 0.25, 0.125),
+                        sample: int | None = None, self_distill: float = 0.0, temperature: float = 1.0,
+                        target: str | None = None) -> dict[str, Any]:
+    """The `matformer` student transform: nest the FFNs of `target` (a module path; default
+    `default_target`: a VLM's language model, a timm model whole), in place. A student that is
+    nested already (a universal model loaded from its folder) keeps its nesting and takes the
+    granularities. `sample`, `self_distill` and `temperature` are joint-training options, read
+    by the training step, not here. Returns notes for the run's summary.
+
+    Raises:
+        ValueError: no nestable MLP under `target`, or bad granularities.
+    """
+    try:
+        already = nested_mlps(student)
+    except ValueError:
+        already = None
+    if already:
+        count = len(already)
+    else:
+        try:
+            root = student.get_submodule(target) if target is not None else default_target(student)
+        except AttributeError as e:
+            raise ValueError(f"target {target!r}: the student has no such module ({e})") from None
+        count = len(matformerize(root, granularities))
+    order = tuple(sorted(granularities, reverse=True))
+    object.__setattr__(student, "matformer_granularities", order)
+    return {"nested_mlps": count, "granularities": list(order)}

@@ -20,30 +20,28 @@ from transformers import (
 TEXT_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
 
 
-def tiny_llava(
-    *,
-    vocab_size: int,
-    image_token_id: int,
-    pad_token_id: int,
-    bos_token_id: int | None = None,
-    eos_token_id: int | None = None,
-    image_size: int = 48,
-    patch_size: int = 16,
-    vision_hidden: int = 64,
-    vision_layers: int = 2,
-    vision_heads: int = 4,
-    text_model: str = "llama",
-    text_hidden: int = 128,
-    text_layers: int = 4,
-    text_heads: int = 4,
-    text_kv_heads: int | None = None,
-    text_intermediate: int | None = None,
-    max_position_embeddings: int = 512,
-    vision_feature_layer: int = -1,
-    tie_word_embeddings: bool = False,
-    initializer_range: float = 0.02,
-    position_init_std: float | None = None,
-) -> LlavaForConditionalGeneration:
+def vision_tower(vlm: nn.Module) -> nn.Module:
+    """The vision encoder inside a Hugging Face VLM (`model.vision_tower`, `vision_model` or
+    `visual`, on the VLM or its inner `model`).
+
+    Raises:
+        ValueError: the VLM has none of them.
+    """
+    for owner in (getattr(vlm, "model", None), vlm):
+        for name in ("vision_tower", "vision_model", "visual"):
+            tower = getattr(owner, name, None) if owner is not None else None
+            if isinstance(tower, nn.Module):
+                return tower
+    raise ValueError(f"cannot find the vision tower of {type(vlm).__name__}")
+
+
+def tiny_llava(*, vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int | None = None,
+               eos_token_id: int | None = None, image_size: int = 48, patch_size: int = 16, vision_hidden: int = 64,
+               vision_layers: int = 2, vision_heads: int = 4, text_model: str = "llama", text_hidden: int = 128,
+               text_layers: int = 4, text_heads: int = 4, text_kv_heads: int | None = None,
+               text_intermediate: int | None = None, max_position_embeddings: int = 512,
+               vision_feature_layer: int = -1, tie_word_embeddings: bool = False, initializer_range: float = 0.02,
+               position_init_std: float | None = None) -> LlavaForConditionalGeneration:
     """A LLaVA model with a CLIP vision tower and a Llama/Qwen2 decoder.
 
     Args:
@@ -64,42 +62,19 @@ def tiny_llava(
     """
     if text_model not in TEXT_CONFIGS:
         raise ValueError(f"text_model must be one of {sorted(TEXT_CONFIGS)}, got {text_model!r}")
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=4 * vision_hidden,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=vision_heads,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=vision_hidden,
-        initializer_range=initializer_range,
-    )
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
+                              num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
+                              image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
+                              initializer_range=initializer_range)
     text = TEXT_CONFIGS[text_model](
-        vocab_size=vocab_size,
-        hidden_size=text_hidden,
-        intermediate_size=text_intermediate or 4 * text_hidden,
-        num_hidden_layers=text_layers,
-        num_attention_heads=text_heads,
-        num_key_value_heads=text_kv_heads or text_heads,
-        max_position_embeddings=max_position_embeddings,
-        pad_token_id=pad_token_id,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        tie_word_embeddings=tie_word_embeddings,
-        initializer_range=initializer_range,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=image_token_id,
-        image_seq_length=(image_size // patch_size) ** 2,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=vision_feature_layer,
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    config.pad_token_id = pad_token_id
-    config.bos_token_id = bos_token_id
-    config.eos_token_id = eos_token_id
+        vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=text_intermediate or 4 * text_hidden,
+        num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_kv_heads or text_heads,
+        max_position_embeddings=max_position_embeddings, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id, tie_word_embeddings=tie_word_embeddings, initializer_range=initializer_range)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                         image_seq_length=(image_size // patch_size) ** 2, vision_feature_select_strategy="default",
+                         vision_feature_layer=vision_feature_layer, tie_word_embeddings=tie_word_embeddings)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = pad_token_id, bos_token_id, eos_token_id
     model = LlavaForConditionalGeneration(config)
     # LLaVA reads the tower's hidden states, never its pooled output: the post-layernorm is
     # dead weight, and a trainable parameter without a gradient breaks DDP.
@@ -109,21 +84,10 @@ def tiny_llava(
     return model
 
 
-def llava_from_parts(
-    *,
-    vocab_size: int,
-    image_token_id: int,
-    pad_token_id: int,
-    bos_token_id: int | None = None,
-    eos_token_id: int | None = None,
-    image_size: int,
-    patch_size: int,
-    vision_model: str,
-    language_model: str,
-    vision_feature_layer: int = -2,
-    vision_feature_select_strategy: str = "full",
-    projector_hidden_act: str = "gelu",
-) -> LlavaForConditionalGeneration:
+def llava_from_parts(*, vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int | None = None,
+                     eos_token_id: int | None = None, image_size: int, patch_size: int, vision_model: str,
+                     language_model: str, vision_feature_layer: int = -2, vision_feature_select_strategy: str = "full",
+                     projector_hidden_act: str = "gelu") -> LlavaForConditionalGeneration:
     """A LLaVA student assembled from a pretrained vision encoder and a pretrained causal LM,
     joined by a fresh 2-layer MLP projector (LLaVA-KD's students: SigLIP + Qwen1.5-0.5B/1.8B).
 
@@ -142,45 +106,20 @@ def llava_from_parts(
             "default" drops the first (CLIP's CLS).
         projector_hidden_act: activation between the projector's two Linear layers.
     Raises:
-        ValueError: the encoder's image or patch size differs from the processor's.
+        ValueError: the encoder's image or patch size differs from the processor's, or a VLM
+            `vision_model` has no vision tower.
+        StudentLoadError: a model folder is unreadable.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(vision_model)
-    vision_config = getattr(config, "vision_config", config)
-    if (vision_config.image_size, vision_config.patch_size) != (image_size, patch_size):
-        raise ValueError(
-            f"vision_model {vision_model} takes {vision_config.image_size}px images in {vision_config.patch_size}px "
-            f"patches but the processor makes {image_size}px / {patch_size}px; use the teacher's vision encoder size"
-        )
-    if config.model_type in ("clip", "siglip", "siglip2") or vision_config is config:
-        tower_cls = type(AutoModel.from_config(vision_config))
-        tower = tower_cls.from_pretrained(vision_model, config=vision_config)  # a full CLIP/SigLIP keeps its tower only
-    else:  # a VLM: its vision tower
-        import students
-        from teachers.vision_encoder import _vision_tower
-
-        tower = _vision_tower(students.load(vision_model), vision_model)
-    from students.encoder_free import _language_model
-
-    decoder, head, text_config = _language_model(language_model)
-    lm = AutoModelForCausalLM.from_config(text_config)
-    lm.model, lm.lm_head = decoder, head
-    if lm.get_input_embeddings().weight.shape[0] < vocab_size:
-        lm.resize_token_embeddings(vocab_size)
+    tower = _pretrained_tower(vision_model, image_size, patch_size)
+    lm = _pretrained_causal_lm(language_model, vocab_size)
     text_config = lm.config
     text_config.pad_token_id, text_config.bos_token_id, text_config.eos_token_id = pad_token_id, bos_token_id, eos_token_id
     n_tokens = (image_size // patch_size) ** 2  # CLIP's CLS, if any, is dropped by the "default" strategy
     llava_config = LlavaConfig(
-        vision_config=tower.config,
-        text_config=text_config,
-        image_token_index=image_token_id,
-        image_seq_length=n_tokens,
-        vision_feature_select_strategy=vision_feature_select_strategy,
-        vision_feature_layer=vision_feature_layer,
-        projector_hidden_act=projector_hidden_act,
-        tie_word_embeddings=text_config.tie_word_embeddings,
-    )
+        vision_config=tower.config, text_config=text_config, image_token_index=image_token_id,
+        image_seq_length=n_tokens, vision_feature_select_strategy=vision_feature_select_strategy,
+        vision_feature_layer=vision_feature_layer, projector_hidden_act=projector_hidden_act,
+        tie_word_embeddings=text_config.tie_word_embeddings)
     llava_config.pad_token_id, llava_config.bos_token_id, llava_config.eos_token_id = pad_token_id, bos_token_id, eos_token_id
     model = LlavaForConditionalGeneration(llava_config)
     model.model.vision_tower = tower
@@ -195,3 +134,38 @@ def llava_from_parts(
         if isinstance(unused, nn.Module):
             unused.requires_grad_(False)
     return model.to(lm.dtype)
+
+
+def _pretrained_tower(vision_model: str, image_size: int, patch_size: int) -> nn.Module:
+    """The vision tower of a CLIP / SigLIP checkpoint, a bare vision model or a VLM, checked
+    against the processor's image and patch size."""
+    from transformers import AutoConfig, AutoModel
+
+    from students.loading import load
+
+    config = AutoConfig.from_pretrained(vision_model)
+    vision_config = getattr(config, "vision_config", config)
+    if (vision_config.image_size, vision_config.patch_size) != (image_size, patch_size):
+        raise ValueError(
+            f"vision_model {vision_model} takes {vision_config.image_size}px images in {vision_config.patch_size}px "
+            f"patches but the processor makes {image_size}px / {patch_size}px; use the teacher's vision encoder size"
+        )
+    if config.model_type in ("clip", "siglip", "siglip2") or vision_config is config:
+        tower_cls = type(AutoModel.from_config(vision_config))
+        return tower_cls.from_pretrained(vision_model, config=vision_config)  # a full CLIP/SigLIP keeps its tower only
+    return vision_tower(load(vision_model))  # a VLM: its vision tower
+
+
+def _pretrained_causal_lm(language_model: str, vocab_size: int) -> nn.Module:
+    """A causal LM around the decoder and head of `language_model` (a causal LM or a VLM),
+    its embeddings grown to `vocab_size` if the tokenizer has more tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from students.loading import load_language_model
+
+    decoder, head, text_config = load_language_model(language_model)
+    lm = AutoModelForCausalLM.from_config(text_config)
+    lm.model, lm.lm_head = decoder, head
+    if lm.get_input_embeddings().weight.shape[0] < vocab_size:
+        lm.resize_token_embeddings(vocab_size)
+    return lm

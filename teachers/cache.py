@@ -28,7 +28,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from workbench.errors import WorkbenchError
+from teachers.errors import TeacherError
 
 MANIFEST = "manifest.json"
 FORMAT = "distill-workbench teacher cache"
@@ -104,22 +104,22 @@ def _json_bytes(value: Any) -> bytes:
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
-    """The parsed manifest of a cache directory; WorkbenchError when missing or corrupt."""
+    """The parsed manifest of a cache directory; TeacherError when missing or corrupt."""
     path = directory / MANIFEST
     if not path.is_file():
-        raise WorkbenchError(f"no teacher cache at {directory} ({MANIFEST} is missing); build it with "
+        raise TeacherError(f"no teacher cache at {directory} ({MANIFEST} is missing); build it with "
                              "`workbench cache-teacher CONFIG`")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WorkbenchError(f"teacher cache manifest {path} is corrupt ({err}); delete {directory} and "
+        raise TeacherError(f"teacher cache manifest {path} is corrupt ({err}); delete {directory} and "
                              f"{_REBUILD}") from None
     missing = [key for key in _MANIFEST_KEYS if not isinstance(manifest, dict) or key not in manifest]
     if missing or manifest["format"] != FORMAT or not isinstance(manifest["shards"], list):
-        raise WorkbenchError(f"teacher cache manifest {path} is corrupt (missing or bad: "
+        raise TeacherError(f"teacher cache manifest {path} is corrupt (missing or bad: "
                              f"{', '.join(missing) or 'format/shards'}); delete {directory} and {_REBUILD}")
     if manifest["version"] != VERSION:
-        raise WorkbenchError(f"teacher cache {directory} has format version {manifest['version']}, this "
+        raise TeacherError(f"teacher cache {directory} has format version {manifest['version']}, this "
                              f"workbench reads version {VERSION}; {_REBUILD}")
     return manifest
 
@@ -130,7 +130,7 @@ def _shard_sample_ids(path: Path) -> list[str]:
         with safe_open(str(path), framework="pt") as f:
             return json.loads((f.metadata() or {})["sample_ids"])
     except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as err:
-        raise WorkbenchError(f"teacher cache shard {path} is missing or corrupt ({err}); {_REBUILD}") from None
+        raise TeacherError(f"teacher cache shard {path} is missing or corrupt ({err}); {_REBUILD}") from None
 
 
 def _read_verified(directory: Path, name: str, sha256: str | None, what: str) -> bytes:
@@ -139,9 +139,9 @@ def _read_verified(directory: Path, name: str, sha256: str | None, what: str) ->
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise WorkbenchError(f"teacher cache {what} {path} is missing or unreadable ({err}); {_REBUILD}") from None
+        raise TeacherError(f"teacher cache {what} {path} is missing or unreadable ({err}); {_REBUILD}") from None
     if hashlib.sha256(data).hexdigest() != sha256:
-        raise WorkbenchError(f"teacher cache {what} {path} fails its checksum (changed after it was written); "
+        raise TeacherError(f"teacher cache {what} {path} fails its checksum (changed after it was written); "
                              f"{_REBUILD}: it recomputes that shard")
     return data
 
@@ -152,7 +152,7 @@ def _entry_intact(directory: Path, entry: dict[str, Any]) -> bool:
         _read_verified(directory, entry["file"], entry.get("sha256"), "shard")
         if entry.get("sidecar"):
             _read_verified(directory, entry["sidecar"], entry.get("sidecar_sha256"), "sidecar")
-    except WorkbenchError:
+    except TeacherError:
         return False
     return True
 
@@ -242,7 +242,7 @@ def _model_folder(path: str, revision: str | None) -> Path:
 
         return Path(snapshot_download(path, revision=revision, local_files_only=True))
     except Exception as err:  # noqa: BLE001 - any failure means "not available locally"
-        raise WorkbenchError(
+        raise TeacherError(
             f"teacher {path!r} (revision {revision}) is neither a local folder nor in the local Hugging Face "
             f"cache ({type(err).__name__}); download it first, e.g. `huggingface-cli download {path}`"
         ) from None
@@ -262,15 +262,15 @@ def fingerprint_teacher(path: str, revision: str | None = None) -> dict[str, Any
     Returns:
         {"path", "revision", "config_sha256", "weights_sha256"}.
     Raises:
-        WorkbenchError: the model is not available locally, or has no config.json or weights.
+        TeacherError: the model is not available locally, or has no config.json or weights.
     """
     folder = _model_folder(path, revision)
     config = folder / "config.json"
     if not config.is_file():
-        raise WorkbenchError(f"teacher folder {folder} has no config.json; is it a Hugging Face model folder?")
+        raise TeacherError(f"teacher folder {folder} has no config.json; is it a Hugging Face model folder?")
     weights = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith((".safetensors", ".bin")))
     if not weights:
-        raise WorkbenchError(f"teacher folder {folder} has no *.safetensors or *.bin weights")
+        raise TeacherError(f"teacher folder {folder} has no *.safetensors or *.bin weights")
     digest = hashlib.sha256()
     for file in weights:
         digest.update(f"{file.name}\0{_weights_digest(file)}\n".encode())
@@ -333,7 +333,7 @@ def fingerprint_data(
         if file.name in hashes:
             raise ValueError(f"two data files are named {file.name!r}; fingerprints key files by name")
         if not file.is_file():
-            raise WorkbenchError(f"data file {file} does not exist")
+            raise TeacherError(f"data file {file} does not exist")
         hashes[file.name] = _sha256_file(file)
     extra = dict(extra or {})
     clash = {"files", "sample_ids_sha256", "n_samples"} & set(extra)
@@ -371,7 +371,7 @@ class CacheWriter:
         temperature: the tau of `topk_logp`; defaults to fingerprint["temperature"].
         top_k: K; defaults to fingerprint["top_k"] when present, else to the first sample's K.
     Raises:
-        WorkbenchError: the folder holds a different cache, a corrupt one, or other files.
+        TeacherError: the folder holds a different cache, a corrupt one, or other files.
     """
 
     def __init__(
@@ -418,7 +418,7 @@ class CacheWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         others = [p.name for p in self.directory.iterdir() if not p.name.startswith(_TMP_PREFIX)]
         if others:
-            raise WorkbenchError(f"{self.directory} is not empty and holds no teacher cache ({MANIFEST} is missing); "
+            raise TeacherError(f"{self.directory} is not empty and holds no teacher cache ({MANIFEST} is missing); "
                                  "choose another cache directory or remove it")
         self._remove_leftovers(listed=set())
 
@@ -430,7 +430,7 @@ class CacheWriter:
             if name not in named and None not in (mine, manifest[name]) and manifest[name] != mine:
                 differences.append((name, manifest[name], mine))
         if differences:
-            raise WorkbenchError(_mismatch_message(self.directory, differences))
+            raise TeacherError(_mismatch_message(self.directory, differences))
         bad = [entry for entry in manifest["shards"] if not _entry_intact(self.directory, entry)]
         if bad:  # changed after they were written: drop them, their samples are computed again
             manifest["shards"] = [entry for entry in manifest["shards"] if entry not in bad]
@@ -482,7 +482,7 @@ class CacheWriter:
             rest_logp: (T,) log of the teacher's mass outside the top-k at each position; give
                 it for every sample of a cache or for none.
         Raises:
-            WorkbenchError: the id is already in the cache.
+            TeacherError: the id is already in the cache.
             ValueError: wrong shapes or dtypes, NaN or positive log-probabilities, or the
                 cache is already complete.
         """
@@ -491,7 +491,7 @@ class CacheWriter:
         if not isinstance(sample_id, str) or not sample_id:
             raise ValueError(f"sample_id must be a non-empty str, got {sample_id!r}")
         if sample_id in self._done or sample_id in self._buffered_ids:
-            raise WorkbenchError(f"sample id {sample_id!r} is already in teacher cache {self.directory}; "
+            raise TeacherError(f"sample id {sample_id!r} is already in teacher cache {self.directory}; "
                                  "sample ids must be unique")
         topk_ids, topk_logp, tokens = self._checked(sample_id, topk_ids, topk_logp, tokens, answers)
         if rest_logp is not None:
@@ -592,14 +592,14 @@ class TeacherCache:
     Args:
         directory: the cache folder written by `CacheWriter`.
     Raises:
-        WorkbenchError: no cache there, a corrupt manifest, or an unfinished cache.
+        TeacherError: no cache there, a corrupt manifest, or an unfinished cache.
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
         self.manifest = _read_manifest(self.directory)
         if not self.manifest["complete"]:
-            raise WorkbenchError(
+            raise TeacherError(
                 f"teacher cache {self.directory} is incomplete ({self.manifest.get('n_samples', 0)} samples in "
                 f"{len(self.manifest['shards'])} shards so far); run `workbench cache-teacher` again to finish it"
             )
@@ -635,11 +635,11 @@ class TeacherCache:
             for shard, entry in enumerate(self.manifest["shards"]):
                 ids = _shard_sample_ids(self.directory / entry["file"])
                 if len(ids) != entry["n_samples"]:
-                    raise WorkbenchError(f"teacher cache shard {self.directory / entry['file']} holds {len(ids)} "
+                    raise TeacherError(f"teacher cache shard {self.directory / entry['file']} holds {len(ids)} "
                                          f"samples, the manifest says {entry['n_samples']}; {_REBUILD}")
                 for position, sample_id in enumerate(ids):
                     if sample_id in index:
-                        raise WorkbenchError(f"teacher cache {self.directory} lists sample {sample_id!r} twice; "
+                        raise TeacherError(f"teacher cache {self.directory} lists sample {sample_id!r} twice; "
                                              f"{_REBUILD}")
                     index[sample_id] = (shard, position)
             self._index = index
@@ -653,11 +653,11 @@ class TeacherCache:
             try:
                 tensors = load_safetensors(data)
             except (OSError, SafetensorError) as err:
-                raise WorkbenchError(f"teacher cache shard {path} is missing or corrupt ({err}); {_REBUILD}") from None
+                raise TeacherError(f"teacher cache shard {path} is missing or corrupt ({err}); {_REBUILD}") from None
             offsets = tensors.get("offsets")
             if (any(key not in tensors for key in _SHARD_TENSORS) or offsets.shape != (entry["n_samples"] + 1,)
                     or offsets[-1] != tensors["tokens"].shape[0]):
-                raise WorkbenchError(f"teacher cache shard {path} does not match its manifest entry; {_REBUILD}")
+                raise TeacherError(f"teacher cache shard {path} does not match its manifest entry; {_REBUILD}")
             self._shards[shard] = tensors
             self._answers[shard] = self._read_sidecar(entry)
         return self._shards[shard]
@@ -670,16 +670,16 @@ class TeacherCache:
         try:
             answers = json.loads(data)["answers"]
         except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise WorkbenchError(f"teacher cache sidecar {path} is missing or corrupt ({err}); {_REBUILD}") from None
+            raise TeacherError(f"teacher cache sidecar {path} is missing or corrupt ({err}); {_REBUILD}") from None
         if len(answers) != entry["n_samples"]:
-            raise WorkbenchError(f"teacher cache sidecar {path} does not match its manifest entry; {_REBUILD}")
+            raise TeacherError(f"teacher cache sidecar {path} does not match its manifest entry; {_REBUILD}")
         return answers
 
     def _locate(self, sample_id: str) -> tuple[int, int]:
         try:
             return self._sample_index()[sample_id]
         except KeyError:
-            raise WorkbenchError(f"sample {sample_id!r} is not in teacher cache {self.directory}; {_REBUILD}") from None
+            raise TeacherError(f"sample {sample_id!r} is not in teacher cache {self.directory}; {_REBUILD}") from None
 
     def get(self, sample_id: str) -> CacheEntry:
         """The cached teacher output of one sample.
@@ -689,7 +689,7 @@ class TeacherCache:
         Returns:
             CacheEntry with topk_ids (T, K) long, topk_logp (T, K) float32, tokens (T,) long.
         Raises:
-            WorkbenchError: the id is not in the cache.
+            TeacherError: the id is not in the cache.
         """
         shard, position = self._locate(sample_id)
         tensors = self._shard(shard)
@@ -715,8 +715,8 @@ class TeacherCache:
         Args:
             fingerprint: the current run's fingerprint, built like the one the cache was written with.
         Raises:
-            WorkbenchError: naming every differing dotted key with both values.
+            TeacherError: naming every differing dotted key with both values.
         """
         differences = _differences(self.fingerprint, _canonical(fingerprint))
         if differences:
-            raise WorkbenchError(_mismatch_message(self.directory, differences))
+            raise TeacherError(_mismatch_message(self.directory, differences))

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import is_accelerate_available, is_bitsandbytes_available
 
-from workbench.errors import WorkbenchError
+from teachers.errors import TeacherError
 
 _log = logging.getLogger("teachers.hf_vlm")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
@@ -163,11 +163,11 @@ class HFVLMTeacher(nn.Module):
 
 def _check_options(dtype: str, quantize: str) -> None:
     if dtype not in DTYPES:
-        raise WorkbenchError(f"teacher.dtype {dtype!r} is not valid; use one of {list(DTYPES)}")
+        raise TeacherError(f"teacher.dtype {dtype!r} is not valid; use one of {list(DTYPES)}")
     if quantize not in QUANTIZE:
-        raise WorkbenchError(f"teacher.quantize {quantize!r} is not valid; use one of {list(QUANTIZE)}")
+        raise TeacherError(f"teacher.quantize {quantize!r} is not valid; use one of {list(QUANTIZE)}")
     if quantize != "none" and not (is_bitsandbytes_available() and is_accelerate_available()):
-        raise WorkbenchError(
+        raise TeacherError(
             f"teacher.quantize={quantize!r} needs bitsandbytes and accelerate: "
             "pip install bitsandbytes accelerate, or set teacher.quantize=none"
         )
@@ -183,11 +183,11 @@ def _resolve_path(path: str) -> str:
         return path
     folder = Path(path).expanduser()
     if not folder.exists():
-        raise WorkbenchError(f"teacher.path {path} does not exist; point it at a model folder or a hub id")
+        raise TeacherError(f"teacher.path {path} does not exist; point it at a model folder or a hub id")
     if not folder.is_dir():
-        raise WorkbenchError(f"teacher.path {path} is a file; point it at the folder saved with save_pretrained")
+        raise TeacherError(f"teacher.path {path} is a file; point it at the folder saved with save_pretrained")
     if not (folder / "config.json").is_file():
-        raise WorkbenchError(
+        raise TeacherError(
             f"teacher.path {path} has no config.json, so it holds no loadable model; "
             "point it at a folder saved with save_pretrained"
         )
@@ -196,7 +196,7 @@ def _resolve_path(path: str) -> str:
             with safe_open(weights, framework="pt"):  # reads and checks the header only
                 pass
         except SafetensorError as e:
-            raise WorkbenchError(
+            raise TeacherError(
                 f"teacher.path {path}: weights file {weights} is corrupt or truncated ({e}); "
                 "re-download or re-save the checkpoint"
             ) from e
@@ -211,7 +211,7 @@ def load_teacher_processor(path: str, revision: str | None = None, trust_remote_
 
 
 def _load(path: str, loader, what: str, **kwargs):
-    """Call a `from_pretrained` and turn its loading failures into a `WorkbenchError`."""
+    """Call a `from_pretrained` and turn its loading failures into a `TeacherError`."""
     try:
         return loader(path, **kwargs)
     except (OSError, ValueError, SafetensorError) as e:
@@ -223,7 +223,7 @@ def _load(path: str, loader, what: str, **kwargs):
                 "it is not a local folder and could not be fetched from the Hugging Face hub "
                 "(offline or not cached); download it first or point teacher.path at a local folder"
             )
-        raise WorkbenchError(f"teacher.path {path}: cannot load the {what}: {reason}; {fix}") from e
+        raise TeacherError(f"teacher.path {path}: cannot load the {what}: {reason}; {fix}") from e
 
 
 def _bnb_config(quantize: str, dtype, skip: list[str]) -> BitsAndBytesConfig:
@@ -249,7 +249,7 @@ def _skip_modules(config, skip_modules: list[str] | None, trust_remote_code: boo
         # module "model.vision_tower" but of none of its Linear layers) would silently do nothing.
         for pattern in skip_modules:
             if not any(_skip_matches(pattern, name) for name in linears):
-                raise WorkbenchError(
+                raise TeacherError(
                     f"teacher.skip_modules entry {pattern!r} matches no Linear layer of the model; names match from "
                     f"the root (e.g. {default_skip_modules(skeleton)}) or as the end of a layer name (e.g. 'q_proj')"
                 )

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from teachers.hf_vlm import DTYPES, TeacherOutput
-from workbench.errors import WorkbenchError
+from teachers.errors import TeacherError
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 _NESTED_KEYS = ("model_ema", "model", "state_dict")  # how DeiT / Swin / Lightning checkpoints wrap weights
@@ -32,13 +32,13 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated files, unpickling refusal, bad headers
-        raise WorkbenchError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        raise TeacherError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
     for key in _NESTED_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise WorkbenchError(f"checkpoint {path} holds no state dict of tensors")
+        raise TeacherError(f"checkpoint {path} holds no state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -61,24 +61,24 @@ def load_timm(path: str, model: str | None = None, **kwargs: Any) -> nn.Module:
     p = Path(path)
     if p.is_dir():
         if kwargs:
-            raise WorkbenchError(f"teacher.kwargs cannot change the model saved in {p}; remove them")
+            raise TeacherError(f"teacher.kwargs cannot change the model saved in {p}; remove them")
         return students.load(p)
     if p.suffix in CHECKPOINT_SUFFIXES or p.exists():
         if not p.is_file():
-            raise WorkbenchError(f"config key 'teacher.path': checkpoint {p} does not exist")
+            raise TeacherError(f"config key 'teacher.path': checkpoint {p} does not exist")
         if not model:
-            raise WorkbenchError(f"config key 'teacher.model' must name the timm architecture of checkpoint {p}")
+            raise TeacherError(f"config key 'teacher.model' must name the timm architecture of checkpoint {p}")
         net = _create(model, pretrained=False, **kwargs)
         result = net.load_state_dict(read_state_dict(p), strict=False)
         if result.missing_keys or result.unexpected_keys:
-            raise WorkbenchError(
+            raise TeacherError(
                 f"checkpoint {p} does not fit {model}: missing {result.missing_keys[:3]}, unexpected "
                 f"{result.unexpected_keys[:3]} (set teacher.kwargs such as num_classes to match it)")
         return net
     if model:
-        raise WorkbenchError(f"config key 'teacher.path': {path} is neither a folder nor a checkpoint file")
+        raise TeacherError(f"config key 'teacher.path': {path} is neither a folder nor a checkpoint file")
     if not timm.is_model(path.split(".")[0]):
-        raise WorkbenchError(f"config key 'teacher.path': {path!r} is not a folder, a checkpoint file or a timm model")
+        raise TeacherError(f"config key 'teacher.path': {path!r} is not a folder, a checkpoint file or a timm model")
     return _create(path, pretrained=True, **kwargs)
 
 
@@ -89,7 +89,7 @@ def _create(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError, ValueError) as e:
         why = "download its weights" if pretrained else "build it"
-        raise WorkbenchError(f"cannot {why} for timm model {name!r}: {type(e).__name__}: {e}".splitlines()[0]
+        raise TeacherError(f"cannot {why} for timm model {name!r}: {type(e).__name__}: {e}".splitlines()[0]
                              + ("; without the hub, give teacher.path as a local checkpoint and teacher.model"
                                 if pretrained else "")) from None
 
@@ -106,7 +106,7 @@ class TimmTeacher(nn.Module):
                  kwargs: dict[str, Any] | None = None):
         super().__init__()
         if dtype not in DTYPES or dtype == "auto":
-            raise WorkbenchError(f"config key 'teacher.dtype' is {dtype!r}; use float32, bfloat16 or float16")
+            raise TeacherError(f"config key 'teacher.dtype' is {dtype!r}; use float32, bfloat16 or float16")
         self.model = load_timm(path, model, **(kwargs or {})).to(DTYPES[dtype])
         self.model.eval().requires_grad_(False)
 

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
+from students.vlm import vision_tower
 from teachers.hf_vlm import DTYPES, _load, _resolve_path
-from workbench.errors import WorkbenchError
+from teachers.errors import TeacherError
 
 _VISION_ONLY = ("clip_vision_model", "siglip_vision_model", "siglip2_vision_model")
 _DUAL = ("clip", "siglip", "siglip2")
@@ -54,7 +55,7 @@ class VisionEncoderTeacher(nn.Module):
                  trust_remote_code: bool = False):
         super().__init__()
         if dtype not in DTYPES:
-            raise WorkbenchError(f"teacher.dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+            raise TeacherError(f"teacher.dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         path = _resolve_path(path)
         hub = dict(revision=revision, trust_remote_code=trust_remote_code)
         config = _load(path, AutoConfig.from_pretrained, "config", **hub)
@@ -65,10 +66,13 @@ class VisionEncoderTeacher(nn.Module):
             encoder = _load(path, AutoModel.from_pretrained, "model", dtype=DTYPES[dtype], **hub).vision_model
         elif getattr(config, "vision_config", None) is not None:
             vlm = _load(path, AutoModelForImageTextToText.from_pretrained, "model", dtype=DTYPES[dtype], **hub)
-            encoder = _vision_tower(vlm, path)
+            try:
+                encoder = vision_tower(vlm)
+            except ValueError as e:
+                raise TeacherError(f"teacher.path {path}: {e}") from None
             del vlm
         else:
-            raise WorkbenchError(f"teacher.path {path}: a {kind or 'model'} has no vision encoder "
+            raise TeacherError(f"teacher.path {path}: a {kind or 'model'} has no vision encoder "
                                  "(give a VLM, a CLIP / SigLIP model or a vision model)")
         self.encoder = encoder.requires_grad_(False)
         vision = encoder.config
@@ -77,7 +81,7 @@ class VisionEncoderTeacher(nn.Module):
         self.grid = (side, side)
         layers = vision.num_hidden_layers
         if not -(layers + 1) <= layer <= layers:
-            raise WorkbenchError(f"teacher layer {layer} is out of range for a {layers}-layer vision encoder")
+            raise TeacherError(f"teacher layer {layer} is out of range for a {layers}-layer vision encoder")
         self.layer = layer
         self.width = vision.hidden_size
         self.image_size = vision.image_size
@@ -138,12 +142,3 @@ def _normalisation(path: str, kind: str, hub: dict) -> tuple[tuple[float, ...], 
         if kind.startswith("siglip"):
             return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
         return _CLIP_STATS
-
-
-def _vision_tower(vlm: nn.Module, path: str) -> nn.Module:
-    for owner in (getattr(vlm, "model", None), vlm):
-        for name in ("vision_tower", "vision_model", "visual"):
-            tower = getattr(owner, name, None) if owner is not None else None
-            if isinstance(tower, nn.Module):
-                return tower
-    raise WorkbenchError(f"teacher.path {path}: cannot find the vision tower of {type(vlm).__name__}")

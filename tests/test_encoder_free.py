@@ -4,7 +4,8 @@ the CLS token's global view, the split tokens, the alignment loss (issue 8 groun
 import pytest
 import torch
 
-from students.encoder_free import EVEPatchTokenizer, alignment_loss, cell_positions, eve_token_count
+from losses.feature import feature_cosine
+from students.encoder_free import EVEPatchTokenizer, cell_positions, eve_token_count
 
 
 def _tok(**kw):
@@ -47,12 +48,14 @@ def test_sides_must_fit_the_cells():
 
 
 def test_alignment_loss_closed_form():
+    """EVE / BREEN's alignment loss, mean over images of (1 - mean cosine over patches), is
+    `feature_cosine` on (B, N, D) features: every image has N patches."""
     x = torch.randn(3, 5, 8)
-    assert alignment_loss(x, 2 * x).abs() < 1e-6  # scale does not matter
-    torch.testing.assert_close(alignment_loss(x, -x), torch.tensor(2.0))
+    assert feature_cosine(x, 2 * x).abs() < 1e-6  # scale does not matter
+    torch.testing.assert_close(feature_cosine(x, -x), torch.tensor(2.0))
     y = torch.randn(3, 5, 8)
     expected = (1 - torch.nn.functional.cosine_similarity(x, y, dim=-1).mean(-1)).mean()
-    torch.testing.assert_close(alignment_loss(x, y), expected)
+    torch.testing.assert_close(feature_cosine(x, y), expected)
 
 
 def test_patch_aligning_layer_fuses_per_cell():
@@ -70,7 +73,7 @@ def test_patch_aligning_layer_fuses_per_cell():
     moved[0][:, 4] += torch.randn(12)  # (a constant shift would vanish in the LayerNorm)
     differs = (pal(moved) - out).abs().amax(-1) > 1e-6
     assert differs[:, 4].all() and differs.sum() == 2
-    alignment_loss(out, torch.randn(2, 6, 8)).backward()
+    feature_cosine(out, torch.randn(2, 6, 8)).backward()
     assert all(h.grad is not None for h in hidden)
     with pytest.raises(ValueError, match="expected 3"):
         pal(hidden[:2])

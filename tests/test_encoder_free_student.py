@@ -9,11 +9,12 @@ import torch
 from PIL import Image
 
 import students
-from losses.combine import LossInputs
+from losses.feature import feature_cosine
+from losses.inputs import LossInputs
 from losses.vision_align import BREENQueryTerm, EVEAlignmentTerm
-from students.encoder_free import (EncoderFreeForConditionalGeneration, alignment_loss, breen_student, cell_positions,
-                                   eve_student, image_runs, image_token_count)
-from students.encoder_free_processing import EncoderFreeImageProcessor, EncoderFreeProcessor
+from students.encoder_free import (EncoderFreeForConditionalGeneration, EncoderFreeImageProcessor,
+                                   EncoderFreeProcessor, breen_student, cell_positions, eve_student, image_runs,
+                                   image_token_count)
 from teachers.vision_encoder import pool_to_grid
 
 TINY = dict(text_hidden=32, text_layers=2, text_heads=2, vision_width=16, patch_size=4, pool=2, max_image_side=32)
@@ -211,7 +212,7 @@ def test_eve_alignment_reads_the_cell_positions(processor):
         pos = lead + cell_positions("eve", g)
         common = (min(g[0], 2), min(g[1], 2))
         states = [pool_to_grid(h[i:i + 1, pos], g, common) if g != common else h[i:i + 1, pos] for h in hidden]
-        expected = expected + alignment_loss(term.pal(states), pool_to_grid(feats[i:i + 1], (2, 2), common))
+        expected = expected + feature_cosine(term.pal(states), pool_to_grid(feats[i:i + 1], (2, 2), common))
     torch.testing.assert_close(loss, expected / 2)
     for h in hidden:  # gradient exactly at the cell tokens: not the CLS, the split tokens or the text
         touched = h.grad.abs().sum(-1) > 0
@@ -237,7 +238,7 @@ def test_breen_query_loss_reads_the_positions_before_the_queries(processor):
         pred = last[i:i + 1, first_query - 1:first_query + 4]  # one position before each of the 5 queries
         t4 = term.target_proj(term.target_norm(pool_to_grid(feats[i:i + 1], (4, 4), (2, 2))))
         t1 = term.target_proj(term.target_norm(pool_to_grid(feats[i:i + 1], (4, 4), (1, 1))))
-        expected = expected + alignment_loss(pred[:, :4], t4) + alignment_loss(pred[:, 4:], t1)
+        expected = expected + feature_cosine(pred[:, :4], t4) + feature_cosine(pred[:, 4:], t1)
     torch.testing.assert_close(loss, expected / 2)
     touched = last.grad.abs().sum(-1) > 0
     want = torch.zeros_like(touched)

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import students
-from students.encoder_free import EncoderFreeForConditionalGeneration
-from students.encoder_free_processing import EncoderFreeProcessor
-from workbench.build import load_processor
+from students.encoder_free import EncoderFreeForConditionalGeneration, EncoderFreeProcessor
+from workbench.build.data import load_processor
 from workbench.cli import main
 
 EVE = "experiments/windtunnel/eve.yaml"

@@ -14,7 +14,7 @@ import teachers.hf_vlm as hf_vlm
 from teachers import HFVLMTeacher, TeacherOutput
 from teachers.hf_vlm import nf4_packable
 from workbench.data.llava import IGNORE_INDEX, LlavaDataset, VLMCollator
-from workbench.errors import WorkbenchError
+from teachers.errors import TeacherError
 
 bnb = pytest.importorskip("bitsandbytes")
 # bitsandbytes' CPU int8 matmul says once per layer that it casts fp32 inputs to fp16.
@@ -177,14 +177,14 @@ def broken_copy(tiny_vlm_dir, tmp_path):
 
 def test_error_missing_local_path(tmp_path):
     for path in (str(tmp_path / "nope"), "./no/such/teacher", "~/no-such-teacher"):
-        with pytest.raises(WorkbenchError, match="does not exist") as err:
+        with pytest.raises(TeacherError, match="does not exist") as err:
             HFVLMTeacher(path)
         assert path in str(err.value)
 
 
 def test_error_folder_without_config(broken_copy):
     (broken_copy / "config.json").unlink()
-    with pytest.raises(WorkbenchError, match="config.json") as err:
+    with pytest.raises(TeacherError, match="config.json") as err:
         HFVLMTeacher(str(broken_copy))
     assert str(broken_copy) in str(err.value)
 
@@ -192,7 +192,7 @@ def test_error_folder_without_config(broken_copy):
 def test_error_truncated_weights(broken_copy):
     weights = broken_copy / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(WorkbenchError, match="truncated") as err:
+    with pytest.raises(TeacherError, match="truncated") as err:
         HFVLMTeacher(str(broken_copy))
     assert str(weights) in str(err.value)
 
@@ -201,13 +201,13 @@ def test_error_folder_without_processor(broken_copy):
     for f in broken_copy.iterdir():
         if f.name not in ("config.json", "model.safetensors"):
             f.unlink()
-    with pytest.raises(WorkbenchError, match="processor") as err:
+    with pytest.raises(TeacherError, match="processor") as err:
         HFVLMTeacher(str(broken_copy))
     assert str(broken_copy) in str(err.value)
 
 
 def test_error_hub_id_offline():
-    with pytest.raises(WorkbenchError, match="hub") as err:
+    with pytest.raises(TeacherError, match="hub") as err:
         HFVLMTeacher("distill-workbench-tests/no-such-model")
     assert "distill-workbench-tests/no-such-model" in str(err.value)
 
@@ -216,11 +216,11 @@ def test_error_hub_id_offline():
     "kwargs, needle", [(dict(quantize="int4"), "'int4'.*'nf4'"), (dict(dtype="fp8"), "'fp8'.*'bfloat16'")]
 )
 def test_error_unknown_option(tiny_vlm_dir, kwargs, needle):
-    with pytest.raises(WorkbenchError, match=needle):
+    with pytest.raises(TeacherError, match=needle):
         HFVLMTeacher(str(tiny_vlm_dir), **kwargs)
 
 
 def test_error_quantize_without_bitsandbytes(tiny_vlm_dir, monkeypatch):
     monkeypatch.setattr(hf_vlm, "is_bitsandbytes_available", lambda: False)
-    with pytest.raises(WorkbenchError, match="'nf4'.*bitsandbytes"):
+    with pytest.raises(TeacherError, match="'nf4'.*bitsandbytes"):
         HFVLMTeacher(str(tiny_vlm_dir), quantize="nf4")

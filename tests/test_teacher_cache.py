@@ -18,7 +18,7 @@ from teachers.cache import (
     fingerprint_processor,
     fingerprint_teacher,
 )
-from workbench.errors import WorkbenchError
+from teachers.errors import TeacherError
 
 K = 4
 LENGTHS = [5, 0, 3, 7, 1, 2, 0, 6, 4, 3]  # T per sample, two empty ones
@@ -86,7 +86,7 @@ def test_round_trip_over_several_shards(tmp_path):
         assert IDS[i] in cache
         assert_entry(cache, i)
     assert "sample-99" not in cache
-    with pytest.raises(WorkbenchError, match=rf"'sample-99' is not in teacher cache {tmp_path / 'cache'}"):
+    with pytest.raises(TeacherError, match=rf"'sample-99' is not in teacher cache {tmp_path / 'cache'}"):
         cache.get("sample-99")
 
 
@@ -114,7 +114,7 @@ def test_context_manager_closes_or_keeps_resumable(tmp_path):
     with pytest.raises(RuntimeError), CacheWriter(tmp_path / "failed", FINGERPRINT) as writer:
         writer.add(IDS[0], **sample(0))
         raise RuntimeError("teacher crashed")
-    with pytest.raises(WorkbenchError, match="incomplete"):
+    with pytest.raises(TeacherError, match="incomplete"):
         TeacherCache(tmp_path / "failed")
     assert CacheWriter(tmp_path / "failed", FINGERPRINT).done_ids() == {IDS[0]}
 
@@ -126,7 +126,7 @@ def test_killed_writer_leaves_incomplete_cache_that_resumes(tmp_path):
     directory = tmp_path / "cache"
     killed = write(directory, range(7), close=False)  # 2 shards written, sample 6 only buffered
     del killed
-    with pytest.raises(WorkbenchError, match="incomplete.*run `workbench cache-teacher` again to finish it"):
+    with pytest.raises(TeacherError, match="incomplete.*run `workbench cache-teacher` again to finish it"):
         TeacherCache(directory)
 
     (directory / ".tmp-shard-00002.safetensors.x1y2").write_bytes(b"half a shard")  # killed mid-write
@@ -160,12 +160,12 @@ def test_leftover_temp_file_in_a_complete_cache_is_ignored(tmp_path):
 def test_duplicate_ids_are_refused(tmp_path):
     writer = CacheWriter(tmp_path / "cache", FINGERPRINT, shard_size=2)
     writer.add(IDS[0], **sample(0))
-    with pytest.raises(WorkbenchError, match="'sample-00' is already in"):
+    with pytest.raises(TeacherError, match="'sample-00' is already in"):
         writer.add(IDS[0], **sample(0))  # still buffered
     writer.add(IDS[1], **sample(1))  # flushes shard 0
-    with pytest.raises(WorkbenchError, match="'sample-01' is already in"):
+    with pytest.raises(TeacherError, match="'sample-01' is already in"):
         writer.add(IDS[1], **sample(1))  # already written
-    with pytest.raises(WorkbenchError, match="'sample-01' is already in"):
+    with pytest.raises(TeacherError, match="'sample-01' is already in"):
         CacheWriter(tmp_path / "cache", FINGERPRINT).add(IDS[1], **sample(1))  # after a resume
 
 
@@ -180,7 +180,7 @@ def test_mismatched_fingerprint_is_refused_with_keys_named(tmp_path):
     other["data"]["n_samples"] = 11
     other["data"]["new_key"] = "x"
     cache = TeacherCache(directory)
-    with pytest.raises(WorkbenchError) as err:
+    with pytest.raises(TeacherError) as err:
         cache.check(other)
     message = str(err.value)
     assert f"teacher cache {directory} was made for a different run" in message
@@ -190,42 +190,42 @@ def test_mismatched_fingerprint_is_refused_with_keys_named(tmp_path):
     assert "tokenizer_sha256" not in message and "rebuild it with `workbench cache-teacher CONFIG`" in message
     cache.check({**FINGERPRINT, "teacher": {**FINGERPRINT["teacher"]}})  # an equal one passes
 
-    with pytest.raises(WorkbenchError, match="data.n_samples differs.*teacher.weights_sha256 differs"):
+    with pytest.raises(TeacherError, match="data.n_samples differs.*teacher.weights_sha256 differs"):
         CacheWriter(directory, other)
     write(tmp_path / "partial", range(4), close=False)
-    with pytest.raises(WorkbenchError, match=r"different run: temperature differs \(cache 2.0, run 1.0\) —"):
+    with pytest.raises(TeacherError, match=r"different run: temperature differs \(cache 2.0, run 1.0\) —"):
         CacheWriter(tmp_path / "partial", {**FINGERPRINT, "temperature": 1.0})
     no_settings = {k: v for k, v in FINGERPRINT.items() if k not in ("temperature", "top_k")}
     write(tmp_path / "partial2", range(4), close=False, fingerprint=no_settings, temperature=2.0)
-    with pytest.raises(WorkbenchError, match=r"different run: temperature differs \(cache 2.0, run 3.0\) —"):
+    with pytest.raises(TeacherError, match=r"different run: temperature differs \(cache 2.0, run 3.0\) —"):
         CacheWriter(tmp_path / "partial2", no_settings, temperature=3.0)
 
 
 def test_missing_or_corrupt_cache_files_are_workbench_errors(tmp_path):
-    with pytest.raises(WorkbenchError, match="no teacher cache.*manifest.json is missing"):
+    with pytest.raises(TeacherError, match="no teacher cache.*manifest.json is missing"):
         TeacherCache(tmp_path / "nowhere")
     directory = tmp_path / "cache"
     write(directory, range(10))
     manifest = directory / "manifest.json"
     text = manifest.read_text()
     manifest.write_text(text[: len(text) // 2])
-    with pytest.raises(WorkbenchError, match="manifest.json is corrupt"):
+    with pytest.raises(TeacherError, match="manifest.json is corrupt"):
         TeacherCache(directory)
-    with pytest.raises(WorkbenchError, match="manifest.json is corrupt"):
+    with pytest.raises(TeacherError, match="manifest.json is corrupt"):
         CacheWriter(directory, FINGERPRINT)
     manifest.write_text(json.dumps({"format": "something else"}))
-    with pytest.raises(WorkbenchError, match="corrupt"):
+    with pytest.raises(TeacherError, match="corrupt"):
         TeacherCache(directory)
     manifest.write_text(text)
     (directory / "shard-00001.safetensors").write_bytes(b"\x00" * 10)
     cache = TeacherCache(directory)  # shards are read on the first lookup
-    with pytest.raises(WorkbenchError, match="shard-00001.safetensors is missing or corrupt"):
+    with pytest.raises(TeacherError, match="shard-00001.safetensors is missing or corrupt"):
         cache.get(IDS[0])
 
 
 def test_foreign_directory_is_not_overwritten(tmp_path):
     (tmp_path / "results.csv").write_text("a,b\n")
-    with pytest.raises(WorkbenchError, match="not empty and holds no teacher cache"):
+    with pytest.raises(TeacherError, match="not empty and holds no teacher cache"):
         CacheWriter(tmp_path, FINGERPRINT)
     assert (tmp_path / "results.csv").exists()
 
@@ -268,7 +268,7 @@ def test_fingerprint_data_is_order_independent_and_tracks_file_content(tmp_path)
     assert fingerprint_data(["a", "b"], [data])["sample_ids_sha256"] != one["sample_ids_sha256"]
     data.write_text('[{"id": "b"}]')
     assert diff_fingerprints(one, fingerprint_data(["a", "b", "c"], [data], {"split": "train"})) == ["files.train.json"]
-    with pytest.raises(WorkbenchError, match="missing.json"):
+    with pytest.raises(TeacherError, match="missing.json"):
         fingerprint_data([], [tmp_path / "missing.json"])
     with pytest.raises(ValueError, match="n_samples"):
         fingerprint_data([], [], {"n_samples": 1})
@@ -291,9 +291,9 @@ def test_fingerprint_teacher_tracks_config_and_weights(tmp_path):
     write_model(tmp_path / "m", {"w": weights["w"] + 1}, {"hidden": 8})
     assert diff_fingerprints(first, fingerprint_teacher(str(tmp_path / "m"), None)) == ["weights_sha256"]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(WorkbenchError, match="no config.json"):
+    with pytest.raises(TeacherError, match="no config.json"):
         fingerprint_teacher(str(tmp_path / "empty"))
-    with pytest.raises(WorkbenchError, match="neither a local folder nor in the local Hugging Face cache"):
+    with pytest.raises(TeacherError, match="neither a local folder nor in the local Hugging Face cache"):
         fingerprint_teacher("nobody/no-such-model-here", "main")
 
 
@@ -371,7 +371,7 @@ def test_a_shard_changed_in_place_is_refused_then_recomputed(tmp_path):
     shard.write_bytes(bytes(data))
     cache = TeacherCache(directory)
     assert_entry(cache, 0)  # other shards are fine
-    with pytest.raises(WorkbenchError, match="shard-00001.safetensors fails its checksum.*cache-teacher"):
+    with pytest.raises(TeacherError, match="shard-00001.safetensors fails its checksum.*cache-teacher"):
         cache.get(IDS[4])
     writer = CacheWriter(directory, FINGERPRINT, shard_size=3)
     assert writer.repaired == ["shard-00001.safetensors"] and not writer.complete
@@ -386,5 +386,5 @@ def test_a_shard_changed_in_place_is_refused_then_recomputed(tmp_path):
         assert_entry(cache, i)
     sidecar = directory / "shard-00000.json"  # answers are checked too
     sidecar.write_text(sidecar.read_text().replace("answer 1", "answer 9"))
-    with pytest.raises(WorkbenchError, match="sidecar .*shard-00000.json fails its checksum"):
+    with pytest.raises(TeacherError, match="sidecar .*shard-00000.json fails its checksum"):
         TeacherCache(directory).answers(IDS[1])

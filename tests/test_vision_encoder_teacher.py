@@ -7,7 +7,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMode
 
 import students
 from teachers.vision_encoder import VisionEncoderTeacher, pool_to_grid
-from workbench.errors import WorkbenchError
+from teachers.errors import TeacherError
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=24,
               patch_size=4)
@@ -63,9 +63,9 @@ def test_pool_to_grid_averages_blocks():
 
 
 def test_errors(tmp_path):
-    with pytest.raises(WorkbenchError, match="does not exist"):
+    with pytest.raises(TeacherError, match="does not exist"):
         VisionEncoderTeacher(str(tmp_path / "missing"))
     model = CLIPVisionModel(CLIPVisionConfig(**VISION))
     model.save_pretrained(tmp_path / "clip")
-    with pytest.raises(WorkbenchError, match="out of range"):
+    with pytest.raises(TeacherError, match="out of range"):
         VisionEncoderTeacher(str(tmp_path / "clip"), layer=-9)

@@ -1,4 +1,4 @@
-"""The processor of encoder-free students (`students/encoder_free.py`): images of any aspect
+"""The processor of encoder-free students (`modeling_encoder_free.py`): images of any aspect
 ratio become grids of cells, and each `<image>` in the text becomes as many image tokens as
 its image takes - EVE's any-resolution input ("anypixel"), BREEN's queries included.
 
@@ -7,7 +7,7 @@ its image takes - EVE's any-resolution input ("anypixel"), BREEN's queries inclu
 pads the batch to its largest image with a `pixel_mask` marking each image's valid area.
 `EncoderFreeProcessor` pairs it with the language model's tokenizer; both save with
 `save_pretrained` and load with `AutoProcessor.from_pretrained` once `students.encoder_free`
-is imported (it registers them).
+is imported (its `__init__` registers them).
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoProcessor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from students.encoder_free import EncoderFreeConfig, image_token_count
+from students.encoder_free.configuration_encoder_free import EncoderFreeConfig, image_token_count
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -151,8 +150,3 @@ class EncoderFreeProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return [*self.tokenizer.model_input_names, "pixel_values", "pixel_mask"]
 
-
-# our image processor needs neither backend of its own (PIL + torch): one class for both names
-AutoImageProcessor.register(EncoderFreeConfig, image_processor_classes={"pil": EncoderFreeImageProcessor,
-                                                                  "torchvision": EncoderFreeImageProcessor}, exist_ok=True)
-AutoProcessor.register(EncoderFreeConfig, EncoderFreeProcessor, exist_ok=True)

@@ -3,13 +3,11 @@ into the language model through a light patch tokenizer instead of a vision enco
 frozen vision encoder teaches the model, during training only, what it would have seen.
 
 `EncoderFreeForConditionalGeneration` is a Hugging Face model (config `EncoderFreeConfig`,
-`model_type` "encoder_free_vlm", registered with the Auto classes when this module is
-imported): a patch tokenizer (EVE's, or BREEN's linear one) whose tokens replace the
-`<image>` tokens of any Hugging Face decoder LM, optional learnable queries after each
-image (BREEN), optional image experts in every layer (BREEN). `EncoderFreeProcessor` turns
-images of any aspect ratio into cell grids (padded, with a validity mask) and writes the
-matching number of image tokens per sample. The training-only parts - EVE's patch-aligning
-layer and BREEN's query targets - live in the loss terms (`losses/vision_align.py`).
+`model_type` "encoder_free_vlm", registered with the Auto classes by `students.encoder_free`):
+a patch tokenizer (EVE's, or BREEN's linear one) whose tokens replace the `<image>` tokens of
+any Hugging Face decoder LM, optional learnable queries after each image (BREEN), optional
+image experts in every layer (BREEN). EVE's patch-aligning layer is here too; the losses that
+read it and BREEN's query targets live in `losses/vision_align.py`.
 
 `EVEPatchTokenizer` follows EVE's `VisionTokenizer`: a bias-free patch convolution (kernel =
 stride = `patch_size`); local attention that pools each `pool` x `pool` cell (query = the
@@ -25,28 +23,13 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedConfig, PreTrainedModel
-from transformers.configuration_utils import SubConfigSpec
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
+from students.encoder_free.configuration_encoder_free import EncoderFreeConfig, cell_grid
 from students.hf_cache import CACHE_KWARG, either_cache, output_cache
-
-
-def cell_grid(height: int, width: int, patch_size: int, pool: int) -> tuple[int, int]:
-    """(rows, columns) of `patch_size * pool`-pixel cells of an image; its sides must be whole cells."""
-    cell = patch_size * pool
-    if height % cell or width % cell:
-        raise ValueError(f"image sides {height}x{width} must be multiples of patch_size * pool = {cell}")
-    return height // cell, width // cell
-
-
-def eve_token_count(height: int, width: int, patch_size: int, pool: int) -> int:
-    """Tokens an image of `height` x `width` pixels becomes: CLS + h rows of (w cells + split)."""
-    h, w = cell_grid(height, width, patch_size, pool)
-    return 1 + h * (w + 1)
 
 
 class EVEPatchTokenizer(nn.Module):
@@ -116,24 +99,13 @@ class EVEPatchTokenizer(nn.Module):
         return {"cls": kind == 0, "cells": kind == 1, "split": kind == 2}
 
 
-def alignment_loss(predicted: Tensor, target: Tensor) -> Tensor:
-    """EVE / BREEN feature alignment: mean over images of (1 - mean cosine over patches).
-
-    Args:
-        predicted: (B, N, D) student features (after the aligning projection).
-        target: (B, N, D) frozen vision-encoder features (detached here).
-    """
-    cos = F.cosine_similarity(predicted.float(), target.detach().float(), dim=-1)  # (B, N)
-    return (1 - cos.mean(-1)).mean()
-
-
 class PatchAligningLayer(nn.Module):
     """EVE's patch-aligning layer (`VisionCompressor`, training only): the language model's
     hidden states at the image's cell positions, taken from several layers, are projected
     per layer (LayerNorm + Linear to the vision width), fused per cell by cross-attention
     (query: the last taken layer; keys / values: the others), and the output is
-    Linear(last layer's hidden state) + Linear(fused) - what `alignment_loss` compares with
-    the frozen encoder's features.
+    Linear(last layer's hidden state) + Linear(fused) - what the alignment loss (1 - cosine,
+    `losses.feature.feature_cosine`) compares with the frozen encoder's features.
 
     Args:
         llm_dim: the language model's hidden size.
@@ -272,20 +244,6 @@ class LinearPatchTokenizer(nn.Module):
         return {"cls": ~cells, "cells": cells, "split": ~cells}
 
 
-TOKENIZERS = ("eve", "linear")
-
-
-def image_token_count(tokenizer: str, grid: tuple[int, int], num_queries: int = 0) -> int:
-    """Tokens one image of `grid` = (h, w) cells takes in the sequence: EVE's 1 + h (w + 1)
-    or the linear tokenizer's h w, plus the learnable queries that follow it."""
-    h, w = grid
-    if tokenizer == "eve":
-        return 1 + h * (w + 1) + num_queries
-    if tokenizer == "linear":
-        return h * w + num_queries
-    raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
-
-
 def cell_positions(tokenizer: str, grid: tuple[int, int]) -> Tensor:
     """Offsets, within one image's run of tokens, of its h * w cell tokens in row order (what
     EVE's patch-aligning layer reads: CLS and split tokens dropped)."""
@@ -306,62 +264,6 @@ def grids_from_mask(pixel_mask: Tensor, cell: int) -> list[tuple[int, int]]:
             raise ValueError(f"an image's valid area {rows}x{cols} px is not a whole number of {cell}-px cells")
         grids.append((rows // cell, cols // cell))
     return grids
-
-
-# ---------------------------------------------------------------------------------------------
-# The Hugging Face model
-# ---------------------------------------------------------------------------------------------
-
-
-
-class EncoderFreeConfig(PreTrainedConfig):
-    """An encoder-free VLM: a patch tokenizer in front of the decoder LM `text_config` describes.
-
-    Fields:
-        tokenizer: "eve" (conv, local attention cells, CLS, row split tokens) or "linear" (BREEN).
-        vision_width: channels of the tokenizer (EVE: 1024).
-        patch_size, pool: pixels per patch and patches per cell side; a token covers
-            `patch_size * pool` pixels (EVE: 14 x 2 = 28).
-        heads: heads of the EVE tokenizer's local and global attention.
-        max_image_side: the processor scales longer sides down to this (672: at most 24 x 24 cells).
-        image_token_id: the `<image>` token the processor repeats once per image token.
-        query_grids: BREEN's learnable queries, one group per target grid, e.g. [[8, 8], [6, 6]]
-            (64 + 36 for strides 3 and 4 of a 24 x 24 encoder grid); placed after each image.
-        image_experts: BREEN's image expert (a duplicated FFN) in every decoder layer.
-    """
-
-    model_type = "encoder_free_vlm"
-    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
-
-    text_config: dict | PreTrainedConfig | None = None
-    tokenizer: str = "eve"
-    vision_width: int = 1024
-    patch_size: int = 14
-    pool: int = 2
-    heads: int = 8
-    in_chans: int = 3
-    max_image_side: int = 672
-    image_token_id: int = 32000
-    query_grids: list | None = None
-    image_experts: bool = False
-    tie_word_embeddings: bool = False
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        if self.tokenizer not in TOKENIZERS:
-            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
-        if self.query_grids:
-            self.query_grids = [[int(a), int(b)] for a, b in self.query_grids]
-        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
-            self.tie_word_embeddings = True
-
-    @property
-    def cell(self) -> int:
-        return self.patch_size * self.pool
-
-    @property
-    def num_queries(self) -> int:
-        return sum(a * b for a, b in self.query_grids or [])
 
 
 class EncoderFreeBackbone(nn.Module):
@@ -507,120 +409,3 @@ def image_runs(image_mask: Tensor) -> list[tuple[int, int, int]]:
     edges = torch.diff(torch.nn.functional.pad(m, (1, 1)), dim=1)  # +1 at a run's start, -1 after its end
     starts, ends = (edges == 1).nonzero().tolist(), (edges == -1).nonzero().tolist()
     return [(b, s, e - s) for (b, s), (_, e) in zip(starts, ends)]
-
-
-AutoConfig.register(EncoderFreeConfig.model_type, EncoderFreeConfig, exist_ok=True)
-for _auto in ("AutoModelForImageTextToText", "AutoModel"):
-    import transformers as _tf
-
-    getattr(_tf, _auto).register(EncoderFreeConfig, EncoderFreeForConditionalGeneration, exist_ok=True)
-
-
-def _language_model(path: str):
-    """(decoder, LM head, text config) of a causal LM folder or of a VLM's language model."""
-    import students
-
-    model = students.load(path)
-    if isinstance(model, EncoderFreeForConditionalGeneration):
-        raise ValueError(f"{path} is an encoder-free model already; continue from it with student.path")
-    return model.get_decoder(), model.get_output_embeddings(), model.config.get_text_config()
-
-
-def _encoder_free(*, vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int | None,
-                  eos_token_id: int | None, tokenizer: str, language_model: str | None, text_model: str,
-                  text_hidden: int, text_layers: int, text_heads: int, text_kv_heads: int | None,
-                  text_intermediate: int | None, vision_width: int, patch_size: int, pool: int, heads: int,
-                  max_image_side: int, query_grids: list | None, image_experts: bool, tie_word_embeddings: bool,
-                  initializer_range: float) -> EncoderFreeForConditionalGeneration:
-    from students.vlm import TEXT_CONFIGS
-
-    decoder = head = None
-    if language_model is not None:
-        decoder, head, text = _language_model(language_model)
-        text = copy.deepcopy(text)
-        tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
-    else:
-        if text_model not in TEXT_CONFIGS:
-            raise ValueError(f"text_model must be one of {sorted(TEXT_CONFIGS)}, got {text_model!r}")
-        text = TEXT_CONFIGS[text_model](
-            vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=text_intermediate or 4 * text_hidden,
-            num_hidden_layers=text_layers, num_attention_heads=text_heads,
-            num_key_value_heads=text_kv_heads or text_heads, tie_word_embeddings=tie_word_embeddings,
-            initializer_range=initializer_range)
-    text.pad_token_id, text.bos_token_id, text.eos_token_id = pad_token_id, bos_token_id, eos_token_id
-    config = EncoderFreeConfig(text_config=text, tokenizer=tokenizer, vision_width=vision_width, patch_size=patch_size,
-                               pool=pool, heads=heads, max_image_side=max_image_side, image_token_id=image_token_id,
-                               query_grids=query_grids, image_experts=False, tie_word_embeddings=tie_word_embeddings)
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = pad_token_id, bos_token_id, eos_token_id
-    model = EncoderFreeForConditionalGeneration(config)
-    if decoder is not None:  # the pretrained LLM, as EVE starts from Vicuna and BREEN from Qwen2.5
-        model.model.language_model, model.lm_head = decoder, head
-        if tie_word_embeddings:
-            model.tie_weights()
-        if model.get_input_embeddings().weight.shape[0] < vocab_size:
-            model.resize_token_embeddings(vocab_size)
-            model.config.text_config.vocab_size = model.get_input_embeddings().weight.shape[0]
-    if image_experts:  # copies of the (pretrained) FFNs
-        add_image_experts(model.model.language_model)
-        model.config.image_experts = True
-    return model
-
-
-def eve_student(*, vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int | None = None,
-                eos_token_id: int | None = None, language_model: str | None = None, text_model: str = "llama",
-                text_hidden: int = 128, text_layers: int = 4, text_heads: int = 4, text_kv_heads: int | None = None,
-                text_intermediate: int | None = None, vision_width: int = 1024, patch_size: int = 14, pool: int = 2,
-                heads: int = 8, max_image_side: int = 672, tie_word_embeddings: bool = False,
-                initializer_range: float = 0.02) -> EncoderFreeForConditionalGeneration:
-    """An EVE v1 student: EVE's patch tokenizer (conv, local-attention cells, CLS, row split
-    tokens, mlp2x_gelu projector) in front of a decoder LM.
-
-    Args:
-        vocab_size, image_token_id, pad_token_id, bos_token_id, eos_token_id: from the processor
-            (filled in by `workbench/build.py`).
-        language_model: folder or hub id of the LLM to start from: a causal LM, or a VLM whose
-            language model and head are taken (EVE: Vicuna-7B). Without it a random `text_model`
-            decoder of the `text_*` size is built.
-        vision_width, patch_size, pool, heads: the tokenizer (EVE: 1024, 14, 2, 8).
-        max_image_side: the processor's longest side (EVE: 672, at most 24 x 24 cells).
-    """
-    return _encoder_free(vocab_size=vocab_size, image_token_id=image_token_id, pad_token_id=pad_token_id,
-                         bos_token_id=bos_token_id, eos_token_id=eos_token_id, tokenizer="eve",
-                         language_model=language_model, text_model=text_model, text_hidden=text_hidden,
-                         text_layers=text_layers, text_heads=text_heads, text_kv_heads=text_kv_heads,
-                         text_intermediate=text_intermediate, vision_width=vision_width, patch_size=patch_size,
-                         pool=pool, heads=heads, max_image_side=max_image_side, query_grids=None,
-                         image_experts=False, tie_word_embeddings=tie_word_embeddings,
-                         initializer_range=initializer_range)
-
-
-def breen_student(*, vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int | None = None,
-                  eos_token_id: int | None = None, language_model: str | None = None, text_model: str = "qwen2",
-                  text_hidden: int = 128, text_layers: int = 4, text_heads: int = 4, text_kv_heads: int | None = None,
-                  text_intermediate: int | None = None, vision_width: int = 1024, patch_size: int = 14,
-                  pool: int = 2, max_image_side: int = 672, query_grids: list | None = None,
-                  image_experts: bool = True, tie_word_embeddings: bool = False,
-                  initializer_range: float = 0.02) -> EncoderFreeForConditionalGeneration:
-    """A BREEN student: the linear patch tokenizer, learnable queries after each image (one
-    group per target grid, default [[8, 8], [6, 6]] = 64 + 36, BREEN's strides 3 and 4 of
-    CLIP's 24 x 24 grid) and an image expert in every decoder layer.
-
-    Args: as `eve_student` (BREEN starts from Qwen2.5-7B-Instruct); `query_grids` sets the
-        query groups, `image_experts` the duplicated FFNs.
-    """
-    return _encoder_free(vocab_size=vocab_size, image_token_id=image_token_id, pad_token_id=pad_token_id,
-                         bos_token_id=bos_token_id, eos_token_id=eos_token_id, tokenizer="linear",
-                         language_model=language_model, text_model=text_model, text_hidden=text_hidden,
-                         text_layers=text_layers, text_heads=text_heads, text_kv_heads=text_kv_heads,
-                         text_intermediate=text_intermediate, vision_width=vision_width, patch_size=patch_size,
-                         pool=pool, heads=8, max_image_side=max_image_side,
-                         query_grids=[[8, 8], [6, 6]] if query_grids is None else query_grids,
-                         image_experts=image_experts, tie_word_embeddings=tie_word_embeddings,
-                         initializer_range=initializer_range)
-
-
-# the builders take the tokenizer's ids from the processor; image size and patches are their own
-eve_student.processor_fields = breen_student.processor_fields = (
-    "vocab_size", "image_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
-
-import students.encoder_free_processing  # noqa: E402,F401 - registers the processor with the Auto classes

@@ -1,0 +1,198 @@
+"""Loading and exporting student folders: `load(path)` for exported Hugging Face and timm
+folders (encoder-free, MatFormer and hybrid ones rebuilt to their recorded structure),
+`load_language_model` for the decoder and head a student builder starts from, `export_timm`,
+and `create_vision_student` for timm-registered image classifiers (ours included).
+Re-exported by `students`; raises `StudentLoadError` for folders it cannot read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from students.errors import StudentLoadError
+
+
+def is_timm_folder(path: str | Path) -> bool:
+    """A folder in timm's hub format: config.json naming an `architecture`, plus weights."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "architecture" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load(path: str | Path) -> nn.Module:
+    """Load an exported student (`config.json` + `model.safetensors`) from a folder: a Hugging
+    Face VLM, or a timm image classifier (timm's hub format, as `export_timm` writes it).
+
+    Raises:
+        StudentLoadError: the folder, its config or its weights are missing or unreadable.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise StudentLoadError(f"student folder {path} has no config.json (not an exported model)")
+    try:
+        if is_timm_folder(path):
+            import students.minivit  # noqa: F401 - registers the MiniViT models with timm
+
+            return _load_timm(path)
+        return _load_hf(path)
+    except Exception as e:  # noqa: BLE001 - safetensors, JSON and OS errors all mean "unreadable"
+        raise StudentLoadError(f"cannot load the student from {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+
+
+
+def load_language_model(path: str | Path) -> tuple[nn.Module, nn.Module, Any]:
+    """(decoder, LM head, text config) of a causal LM folder or of a VLM's language model - what
+    a student builder puts behind its own vision side (`students.vlm.llava_from_parts`, the
+    encoder-free builders).
+
+    Raises:
+        StudentLoadError: the folder is unreadable.
+        ValueError: it holds an encoder-free model, which is continued with `load` instead.
+    """
+    from students.encoder_free.modeling_encoder_free import EncoderFreeForConditionalGeneration
+
+    model = load(path)
+    if isinstance(model, EncoderFreeForConditionalGeneration):
+        raise ValueError(f"{path} is an encoder-free model already; continue from it with student.path")
+    return model.get_decoder(), model.get_output_embeddings(), model.config.get_text_config()
+
+def _load_hf(path: Path) -> nn.Module:
+    """A Hugging Face VLM (encoder-free ones included) or causal LM folder; MatFormer folders
+    come back nested (a universal model, `matformer_granularities` in its text config) or
+    with per-layer MLP widths (an extracted Mix'n'Match submodel, `matformer_widths`);
+    attention->Mamba hybrids with their Mamba layers (`hybrid`, see `students.hybrid`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    # the encoder-free package registers its classes with the Auto classes when any of its modules is imported
+    import students.encoder_free.modeling_encoder_free  # noqa: F401
+
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in config.architectures or []) \
+        else AutoModelForImageTextToText
+    text = config.get_text_config()
+    widths = getattr(text, "matformer_widths", None)
+    hybrid = getattr(text, "hybrid", None)
+    if widths or hybrid:  # the structure differs from the architecture's: rebuild it, then load
+        model = _from_pretrained_restructured(auto, path, config, lambda m: _restructure(m, widths, hybrid))
+    else:
+        model = auto.from_pretrained(path)
+    granularities = getattr(text, "matformer_granularities", None)
+    if granularities:
+        from students.matformer import matformerize
+
+        matformerize(model if auto is AutoModelForCausalLM else model.get_decoder(), granularities)
+        object.__setattr__(model, "matformer_granularities", tuple(granularities))
+    return model
+
+
+def _restructure(model: nn.Module, widths: list[int] | None, hybrid: dict | None) -> None:
+    if widths:
+        from students.matformer import NestedMLP
+
+        for (name, mlp), width in zip(_mlps(model), widths):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, NestedMLP(mlp).static(width))
+    if hybrid:
+        from students.hybrid import restore_structure
+
+        restore_structure(model)
+
+
+def _from_pretrained_restructured(auto: Any, path: Path, config: Any, restructure) -> nn.Module:
+    """`from_pretrained` into the architecture changed by `restructure` (called right after
+    the model is built, before the weights load), so transformers' own loading - key
+    renames of older checkpoint layouts, shards, dtypes - applies; every weight must fit."""
+    base = auto._model_mapping[type(config)]
+
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        restructure(self)
+
+    cls = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
+    model, info = cls.from_pretrained(path, config=config, output_loading_info=True)
+    model.__class__ = base
+    if info["missing_keys"] or info["unexpected_keys"]:
+        raise ValueError(f"weights do not fit the recorded structure: missing {sorted(info['missing_keys'])[:3]}, "
+                         f"unexpected {sorted(info['unexpected_keys'])[:3]}")
+    return model
+
+
+def _mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The decoder's per-layer MLPs, in order."""
+    decoder = model.get_decoder()
+    prefix = next(n for n, m in model.named_modules() if m is decoder)
+    return [(f"{prefix}.layers.{i}.mlp", layer.mlp) for i, layer in enumerate(decoder.layers)]
+
+
+def _load_timm(path: Path) -> nn.Module:
+    """A timm folder; MatFormer ones come back nested (`matformer_granularities`) or as the
+    extracted submodel they hold (`matformer_spec`: per-layer widths of the universal model
+    its `model_args` describe, and skipped layers)."""
+    import timm
+
+    config = json.loads((path / "config.json").read_text())
+    spec = config.get("matformer_spec")
+    if spec is None:
+        model = timm.create_model(f"local-dir:{path.resolve()}", pretrained=True)
+    else:
+        from safetensors.torch import load_file
+
+        from students.matformer import MatSpec, extract, matformerize
+
+        universal = timm.create_model(f"local-dir:{path.resolve()}", pretrained=False)
+        matformerize(universal)
+        model = extract(universal, MatSpec(spec["widths"], tuple(spec["skip"])))
+        model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    if config.get("matformer_granularities"):
+        from students.matformer import matformerize
+
+        matformerize(model, config["matformer_granularities"])
+    return model
+
+
+def export_timm(model: nn.Module, out: str | Path, class_names: list[str] | None = None,
+                preprocess: dict[str, Any] | None = None, matformer_spec: Any = None) -> None:
+    """Save a timm model as config.json (architecture, constructor arguments, preprocessing,
+    class names) + model.safetensors; `load(out)` and `timm.create_model("local-dir:" + out,
+    pretrained=True)` rebuild it.
+
+    Args:
+        preprocess: the normalisation the training images had ({"mean", "std", "crop_pct"}),
+            recorded in the folder's `pretrained_cfg` for whoever runs the model next.
+        matformer_spec: for a submodel `students.matformer.extract` made, its `MatSpec`
+            (timm's constructor arguments still describe the universal model).
+    """
+    from timm.models import save_for_hf
+
+    extra: dict[str, Any] = {"label_names": list(class_names)} if class_names else {}
+    if getattr(model, "matformer_granularities", None):
+        extra["matformer_granularities"] = list(model.matformer_granularities)
+    if matformer_spec is not None:
+        extra["matformer_spec"] = {"widths": list(matformer_spec.widths), "skip": list(matformer_spec.skip)}
+    save_for_hf(model, str(out), safe_serialization=True, model_config=extra or None,
+                data_config=dict(preprocess) if preprocess else None)
+
+
+def create_vision_student(name: str, num_classes: int, img_size: int, in_chans: int = 3, **kwargs: Any) -> nn.Module:
+    """`timm.create_model(name)` for the data at hand: its classes, channels and image size.
+
+    Any timm architecture works (e.g. `deit_tiny_patch16_224` as an unshared baseline);
+    `students.minivit` registers the Mini-DeiT / Mini-Swin models. `img_size` is passed only
+    when it differs from the architecture's default, so convolutional nets need not take it.
+    """
+    import timm
+
+    import students.minivit  # noqa: F401
+
+    default = timm.get_pretrained_cfg(name)
+    size = tuple(default.input_size[1:]) if default is not None else None
+    extra = {} if size == (img_size, img_size) else {"img_size": img_size}
+    return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **{**extra, **kwargs})

@@ -13,7 +13,8 @@ import itertools
 
 from torch import Tensor
 
-from losses.combine import FEATURE_MASKS, LossInputs, TappedTerm, _check_choice, align_tokens
+from losses.inputs import FEATURE_MASKS, LossInputs, check_choice
+from losses.term import TappedTerm, align_tokens
 
 QKV = "{p}"  # placeholder for q / k / v in a Q/K/V relation tap template
 ATTENTION_KINDS = ("kl", "ce")
@@ -67,7 +68,7 @@ def attention_map_kl(
     """
     from kernels.attention_kl import attention_kl
 
-    _check_choice("attention loss", kind, ATTENTION_KINDS)
+    check_choice("attention loss", kind, ATTENTION_KINDS)
     heads = head_mapping(q_s.shape[1], q_t.shape[1], head_map)
     k_s = _repeat_kv(k_s, q_s.shape[1])
     k_t = _repeat_kv(k_t.detach(), q_t.shape[1])[:, heads]
@@ -104,7 +105,7 @@ def qkv_relation(
     """
     from kernels.attention_kl import attention_kl
 
-    _check_choice("attention loss", kind, ATTENTION_KINDS)
+    check_choice("attention loss", kind, ATTENTION_KINDS)
     xs = [_relation_heads(x, relation_heads) for x in qkv_s]
     xt = [_relation_heads(x.detach(), relation_heads) for x in qkv_t]
     values = [attention_kl(xs[a], xs[b], xt[a], xt[b], key_mask=mask, query_mask=mask, kind=kind)
@@ -129,8 +130,8 @@ class AttentionKLTerm(TappedTerm):
     def __init__(self, student: str | None = None, teacher: str | None = None, layers=None, heads=None,
                  mask: str = "all", kind: str = "kl") -> None:
         super().__init__(student, teacher, layers, projector="none")
-        _check_choice("mask", mask, FEATURE_MASKS)
-        _check_choice("attention loss", kind, ATTENTION_KINDS)
+        check_choice("mask", mask, FEATURE_MASKS)
+        check_choice("attention loss", kind, ATTENTION_KINDS)
         self.heads, self.mask, self.kind = heads, mask, kind
 
     def compare(self, index: int, student, teacher, inputs: LossInputs) -> Tensor:
@@ -162,8 +163,8 @@ class QKVRelationTerm(TappedTerm):
     def __init__(self, student: str | None = None, teacher: str | None = None, layers=None, relation_heads: int = 1,
                  mask: str = "none", kind: str = "ce") -> None:
         super().__init__(student, teacher, layers, projector="none")
-        _check_choice("mask", mask, FEATURE_MASKS)
-        _check_choice("attention loss", kind, ATTENTION_KINDS)
+        check_choice("mask", mask, FEATURE_MASKS)
+        check_choice("attention loss", kind, ATTENTION_KINDS)
         if relation_heads < 1:
             raise ValueError(f"relation_heads must be >= 1, got {relation_heads}")
         self.relation_heads, self.mask, self.kind = relation_heads, mask, kind

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from losses.combine import FEATURE_MASKS, LossInputs, TappedTerm, _check_choice
+from losses.inputs import FEATURE_MASKS, LossInputs, check_choice
+from losses.term import TappedTerm
 
 FEATURE_KINDS = ("mse", "cosine")
 
@@ -80,8 +81,8 @@ class FeatureTerm(TappedTerm):
     def __init__(self, kind: str, student: str | None = None, teacher: str | None = None, layers=None,
                  projector: str = "auto", mask: str = "none") -> None:
         super().__init__(student, teacher, layers, projector)
-        _check_choice("feature loss", kind, FEATURE_KINDS)
-        _check_choice("mask", mask, FEATURE_MASKS)
+        check_choice("feature loss", kind, FEATURE_KINDS)
+        check_choice("mask", mask, FEATURE_MASKS)
         self.kind = kind
         self.mask = mask
 
@@ -122,21 +123,20 @@ class LayerReplayTerm(TappedTerm):
     def __init__(self, student: str | None = None, teacher: str | None = None, layers: Any = "mamba",
                  kind: str = "l2") -> None:
         super().__init__(student, teacher, layers, projector="none")
-        _check_choice("layer replay distance", kind, REPLAY_KINDS)
+        check_choice("layer replay distance", kind, REPLAY_KINDS)
         self.kind = kind
         object.__setattr__(self, "_layers", [])  # the student's layer modules (not submodules of the loss)
 
     def expand(self, tap: str) -> list[str]:
         return [f"{tap}:input", tap]
 
-    def attach(self, student: nn.Module) -> None:
+    def attach(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Look up the student layers the bound pairs name (`workbench.build` calls this)."""
         from students.hybrid import MambaAttention
-        from workbench.taps import get_module
 
         layers = []
         for s, _ in self.pairs:
-            module = get_module(student, s, "student")
+            module = student.get_submodule(s)  # the pairs were resolved against the student when bound
             if not isinstance(getattr(module, "self_attn", None), MambaAttention):
                 raise ValueError(f"layer_replay: student layer {s} is not a Mamba layer; replayed layers run "
                                  "without position embeddings and masks (use layers: mamba)")

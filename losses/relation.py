@@ -9,11 +9,14 @@ differ. Gram losses go through `kernels.relation_loss`, which never builds the N
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from losses.combine import FEATURE_MASKS, LossInputs, TappedTerm, _check_choice, align_tokens
+from losses.inputs import FEATURE_MASKS, LossInputs, check_choice
+from losses.term import LossTerm, TappedTerm, align_tokens
 
 _PDIST_EPS = 1e-12
 
@@ -141,7 +144,7 @@ def image_groups(rows: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
     return out, mask
 
 
-class RDistTerm(nn.Module):
+class RDistTerm(LossTerm):
     """LLaVA-KD RDist on the LM-head outputs at image-token positions, per image.
 
     This is the unofficial re-implementation's choice (docs/methods.md §8): V = the image
@@ -184,6 +187,16 @@ class RDistTapTerm(TappedTerm):
         return rdist(student, teacher)
 
 
+def rdist_term(student: str = "logits", teacher: str | None = None, layers: Any = None) -> LossTerm:
+    """The `rdist` loss type: on the LM-head outputs at image positions (`student: logits`,
+    the default) or over a tapped module (`student: <tap template>`)."""
+    if student == "logits":
+        if teacher is not None or layers is not None:
+            raise ValueError("rdist on logits reads no taps; teacher and layers apply to a tapped student module")
+        return RDistTerm()
+    return RDistTapTerm(student, teacher, layers)
+
+
 def _pool(x: Tensor, inputs: LossInputs, mask: str) -> Tensor:
     """(B, L, D) over the token sequence -> mean over `mask` positions; (B, N, D) -> mean over N; (B, D) as is."""
     if x.dim() == 2:
@@ -209,8 +222,8 @@ class RKDTerm(TappedTerm):
     def __init__(self, kind: str, student: str | None = None, teacher: str | None = None, layers=None,
                  mask: str = "all") -> None:
         super().__init__(student, teacher, layers, projector="none")
-        _check_choice("rkd loss", kind, ("distance", "angle"))
-        _check_choice("mask", mask, FEATURE_MASKS)
+        check_choice("rkd loss", kind, ("distance", "angle"))
+        check_choice("mask", mask, FEATURE_MASKS)
         self.kind = kind
         self.mask = mask
 
@@ -231,7 +244,7 @@ class HiddenRelationTerm(TappedTerm):
     def __init__(self, student: str | None = None, teacher: str | None = None, layers=None, mask: str = "none",
                  scale: float = 1.0) -> None:
         super().__init__(student, teacher, layers, projector="none")
-        _check_choice("mask", mask, FEATURE_MASKS)
+        check_choice("mask", mask, FEATURE_MASKS)
         self.mask = mask
         self.scale = scale
 

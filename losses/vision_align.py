@@ -21,8 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from losses.feature import feature_cosine
+from losses.term import LossTerm
 from students.encoder_free import (EncoderFreeForConditionalGeneration, PatchAligningLayer, aligned_layers,
-                                   alignment_loss, cell_positions, image_runs)
+                                   cell_positions, image_runs)
 from teachers.vision_encoder import pool_to_grid
 
 
@@ -31,14 +33,14 @@ def _pool(x: Tensor, grid: tuple[int, int], target: tuple[int, int]) -> Tensor:
     return x if tuple(grid) == tuple(target) else pool_to_grid(x, grid, target)
 
 
-class VisionAlignTerm(nn.Module):
+class VisionAlignTerm(LossTerm):
     """Common checks of the vision-feature terms."""
 
     needs_teacher = True  # the vision encoder must run
     needs_dense_teacher = True  # features, not a logit cache
     needs_hidden_states = True
     needs_vision_features = True
-    carries_over = True  # a recipe's next stage continues from this stage's trained state
+    carries_state = True  # a recipe's next stage continues from this stage's trained state
 
     def attach(self, student: nn.Module, teacher: nn.Module) -> None:
         if not isinstance(student, EncoderFreeForConditionalGeneration):
@@ -105,7 +107,7 @@ class EVEAlignmentTerm(VisionAlignTerm):
             states = [_pool(hidden[layer][rows[:, None], cols], grid, common) for layer in self.layers]
             predicted = self.pal([s.to(self.pal.out_last.weight.dtype) for s in states])
             target = _pool(inputs.vision_features[idx].to(predicted.dtype), t_grid, common)
-            total = total + alignment_loss(predicted, target) * len(idx)
+            total = total + feature_cosine(predicted, target) * len(idx)
         return total / inputs.labels.shape[0]
 
 
@@ -162,7 +164,7 @@ class BREENQueryTerm(VisionAlignTerm):
         total, start = last.new_zeros((), dtype=torch.float32), 0
         for h, w in self.config.query_grids:
             target = self.target_proj(self.target_norm(pool_to_grid(features, tuple(inputs.vision_grid), (h, w))))
-            total = total + alignment_loss(predicted[:, start:start + h * w], target) * len(where)
+            total = total + feature_cosine(predicted[:, start:start + h * w], target) * len(where)
             start += h * w
         return total / inputs.labels.shape[0]
 

@@ -190,10 +190,10 @@ def test_valid_input_is_not_refused(config, tmp_path):
     """The fixture recipe itself passes every check: the cases above fail for their own reason."""
     from workbench.build import build
     from workbench.config import load_config
-    from workbench.run import loaders
+    from workbench.fit import Prepared, loaders
 
     cfg = load_config(config, TINY)
-    train, val, sampler = loaders(cfg, build(cfg))
+    train, val, sampler = loaders(cfg, Prepared(build(cfg)))
     assert len(train) == cfg.trainer.max_steps and val is not None  # one batch per step, resumable
     assert len(next(iter(train))["ids"]) == cfg.data.batch_size
     assert not (tmp_path / "runs").exists()  # building and loading write nothing

@@ -94,9 +94,9 @@ def test_missing_base_names_the_file(tmp_path):
 
 def test_dotlist_overrides_win_over_yaml():
     cfg = load_config(KD_RECIPE, ["optim.lr=3e-4", "loss.kd.temperature=4", "data.batch_size=5", "name=x"])
-    assert cfg.optim.lr == 3e-4 and cfg.loss["kd"].temperature == 4.0
+    assert cfg.optim.lr == 3e-4 and cfg.loss["kd"]["temperature"] == 4.0
     assert cfg.data.batch_size == 5 and cfg.name == "x"
-    assert cfg.loss["kd"].weight == 1.0 and cfg.optim.schedule == "cosine"  # untouched YAML values stay
+    assert cfg.loss["kd"]["weight"] == 1.0 and cfg.optim.schedule == "cosine"  # untouched YAML values stay
 
 
 def test_teacher_null_override():
@@ -245,16 +245,29 @@ def test_loss_registry_lists_every_loss_type():
 
 
 @pytest.mark.parametrize("term, message", [
-    ({"type": "feature_mse", "heads": [0, 1]}, "does not read 'heads'"),
-    ({"type": "ce", "temperature": 2.0}, "does not read 'temperature'"),
-    ({"type": "feature_mse"}, "needs a 'student' tap"),
+    ({"type": "feature_mse", "heads": [0, 1]}, "'loss.t.heads'.*takes no argument 'heads'"),
+    ({"type": "ce", "temperature": 2.0}, "'loss.t.temperature'.*takes no argument 'temperature'"),
+    ({"type": "forward_kl", "tempreature": 2.0}, "Did you mean: 'temperature'"),
+    ({"type": "forward_kl", "divergence": "jsd"}, "'loss.t.divergence' is fixed by loss 'forward_kl'"),
+    ({"type": "feature_mse"}, "loss.t \\(feature_mse\\): .*needs a 'student' tap"),
     ({"type": "attention_kl", "student": "x", "kind": "js"}, "unknown attention loss 'js'"),
+    ({"type": "breen_query", "seed": "x"}, "'loss.t.seed' has the wrong type: expected int"),
 ])
-def test_loss_term_fields_are_checked_per_type(term, message):
-    from workbench.config import LossTermConfig
+def test_loss_term_options_are_checked_against_the_term_constructor(term, message):
+    from workbench.build.loss import build_term
 
     with pytest.raises(WorkbenchError, match=message):
-        LOSSES.get(term["type"])(LossTermConfig(**term))
+        LOSSES.check_kwargs(term["type"], {k: v for k, v in term.items() if k != "type"}, "loss.t")
+        build_term("t", term)
+
+
+def test_a_term_option_reaches_the_constructor():
+    """Every constructor argument is reachable from a config, e.g. BREEN's query seed."""
+    from workbench.build.loss import build_term
+
+    assert build_term("q", {"type": "breen_query", "seed": 7}).seed == 7
+    kd = build_term("kd", {"type": "jsd", "weight": 2.0, "temperature": 3.0, "beta": 0.25})
+    assert (kd.divergence, kd.temperature, kd.beta) == ("jsd", 3.0, 0.25)
 
 
 # ---- LR schedules ---------------------------------------------------------------------------

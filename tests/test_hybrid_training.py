@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import students
-from losses.combine import LossInputs, LogitDivergenceTerm
+from losses.divergence import LogitDivergenceTerm
+from losses.inputs import LossInputs
 from students.hybrid import MambaAttention, convert, mamba_layers
 from workbench.cli import main
 
@@ -88,7 +89,7 @@ def test_layer_replay_reads_the_teacher_layer_input_and_output(tiny_vlm_dir):
     term = LayerReplayTerm("model.language_model.layers.{i}")
     tap = "model.language_model.layers.1"
     term.bind([(tap, tap)], [None])
-    term.attach(student)
+    term.attach(student, None)
     h_in, h_out = torch.randn(2, 5, 48), torch.randn(2, 5, 48)
     inputs = LossInputs(student_logits=torch.zeros(2, 5, 3), labels=torch.zeros(2, 5, dtype=torch.long),
                         attention_mask=torch.ones(2, 5, dtype=torch.long), image_mask=torch.zeros(2, 5, dtype=torch.bool),
@@ -104,7 +105,7 @@ def test_layer_replay_reads_the_teacher_layer_input_and_output(tiny_vlm_dir):
     with pytest.raises(ValueError, match="not a Mamba layer"):
         other = LayerReplayTerm("model.language_model.layers.{i}")
         other.bind([("model.language_model.layers.0", "model.language_model.layers.0")], [None])
-        other.attach(student)
+        other.attach(student, None)
     assert isinstance(layer.self_attn, MambaAttention)
 
 

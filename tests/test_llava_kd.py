@@ -18,7 +18,7 @@ def test_llava_from_parts_keeps_the_pretrained_weights(tmp_path, processor):
 
     import students
     from students.vlm import llava_from_parts
-    from workbench.build import processor_fields
+    from workbench.build.student import processor_fields
 
     fields = processor_fields(processor)
     torch.manual_seed(0)

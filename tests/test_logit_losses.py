@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses.combine import IGNORE_INDEX, CrossEntropyTerm, LogitDivergenceTerm, LossInputs, WeightedLoss
+from losses.combine import WeightedLoss
+from losses.divergence import CrossEntropyTerm, LogitDivergenceTerm
+from losses.inputs import IGNORE_INDEX, LossInputs
 from losses.logit import TVD_TIE_RTOL, cross_entropy, forward_kl, jsd, reverse_kl, tvd
 
 DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "tvd": tvd}

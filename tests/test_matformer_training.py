@@ -12,10 +12,13 @@ import timm
 import torch
 
 import students
-from losses.combine import CrossEntropyTerm, LogitDivergenceTerm, LossInputs, WeightedLoss
+from losses.combine import WeightedLoss
+from losses.divergence import CrossEntropyTerm, LogitDivergenceTerm
+from losses.inputs import LossInputs
 from students.matformer import MatSpec, nested_mlps, set_uniform, submodel_params
 from workbench.cli import main
 from workbench.config import MatFormerConfig, OptimConfig
+from workbench.targets.none import NoTeacher
 from workbench.module import VisionDistillModule
 
 RECIPE = "experiments/windtunnel/matformer_vit.yaml"
@@ -34,7 +37,7 @@ def module(**matformer):
 
     matformerize(model)
     loss = WeightedLoss({"ce": (1.0, CrossEntropyTerm())})
-    return VisionDistillModule(model, loss, OptimConfig(), 10, matformer=MatFormerConfig(**matformer))
+    return VisionDistillModule(model, loss, NoTeacher(), OptimConfig(), 10, matformer=MatFormerConfig(**matformer))
 
 
 BATCH = {"pixel_values": torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)),

@@ -7,7 +7,7 @@ from conftest import make_tiny_vlm
 
 from workbench.data import LlavaDataset, VLMCollator
 from workbench.metrics import IGNORE_INDEX, accuracies, answer_correct, merge_scores, score_batch
-from workbench.module import model_inputs
+from workbench.batch import model_inputs
 from workbench.data.windtunnel import WorldConfig
 
 QPI = WorldConfig().questions_per_image  # answers per wind-tunnel conversation

@@ -94,14 +94,15 @@ def test_teacher_cache_holds_pseudo_labels_and_top_k(quickstart):
 
 
 def test_cached_run_reuses_the_cache_without_loading_the_teacher(quickstart, monkeypatch, capsys):
-    import workbench.build
+    from workbench.registry import TEACHERS
 
     root, run_dir = quickstart
 
-    def no_teacher(cfg):
+    def no_teacher(**_):
         raise AssertionError("the teacher was loaded although its cache is complete")
 
-    monkeypatch.setattr(workbench.build, "build_teacher", no_teacher)
+    TEACHERS.get("hf_vlm")
+    monkeypatch.setitem(TEACHERS._builders, "hf_vlm", no_teacher)
     teacher = run_dir / "stages" / "teacher" / "student"
     args = quick(root, "stages=null", "teacher.cache=auto", f"teacher.path={teacher}", "teacher.top_k=8",
                  "loss.kd.type=forward_kl", "loss.ce.type=ce", "loss.ce.weight=0.5", "run_id=from-cache")

@@ -47,12 +47,12 @@ def test_a_signal_mid_training_ends_interrupted_and_resumes(tmp_path, signum, co
 
 
 def test_an_error_while_the_trainer_is_built_ends_failed(tmp_path, monkeypatch):
-    import workbench.run
+    import workbench.fit
 
     def broken(*_args, **_kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(workbench.run, "make_trainer", broken)
+    monkeypatch.setattr(workbench.fit, "make_trainer", broken)
     assert main(["run", TEACHER, *tiny_run_args(tmp_path, "run_id=r")]) == 2  # the disk: a message
     summary = json.loads((tmp_path / "runs" / "windtunnel-teacher" / "r" / "summary.json").read_text())
     assert summary["status"] == "failed" and "No space left on device" in summary["error"]
@@ -62,7 +62,11 @@ def test_an_error_while_the_trainer_is_built_ends_failed(tmp_path, monkeypatch):
 def test_identical_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
     from workbench.config import load_config
     from workbench.errors import WorkbenchError
-    from workbench.run import open_run_dir
+    from workbench.config import to_yaml
+    from workbench.rundir import create
+
+    def open_run_dir(cfg):
+        return create(cfg.out_root, cfg.name, to_yaml(cfg), cfg.run_id).path
 
     monkeypatch.setattr("time.strftime", lambda *_: "20261203-120000")
     cfg = load_config(TEACHER, [f"out_root={tmp_path}"])

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from losses.combine import IGNORE_INDEX, LogitDivergenceTerm, LossInputs
+from losses.divergence import LogitDivergenceTerm
+from losses.inputs import IGNORE_INDEX, LossInputs
 from losses.logit import forward_kl, jsd, reverse_kl, sparse_divergence, tvd
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd")

@@ -8,7 +8,7 @@ from conftest import make_tiny_vlm
 from workbench.data import VLMCollator
 from workbench.data.llava import LlavaDataset
 from workbench.errors import WorkbenchError
-from workbench.module import model_inputs
+from workbench.batch import model_inputs
 from workbench.taps import FeatureTaps, Projector, TapPoint, get_module, layer_pairs, make_projector, num_layers
 
 

@@ -9,7 +9,17 @@ from conftest import make_tiny_vlm
 from test_research import quick
 from workbench.cli import main
 from workbench.data.llava import LlavaDataset, VLMCollator
-from workbench.teacher_data import DisagreementPool, label_split, pseudo_label, teacher_forced, with_answers
+from workbench.data.disagreement import DisagreementPool
+from workbench.data.label_split import label_split, with_answers
+from workbench.targets.cached import CacheJob
+
+
+def pseudo_label(model, collator, samples, temperature, k, max_new_tokens=32):
+    return CacheJob(model, collator, None, None, None, len(samples), max_new_tokens).rows(samples, True, temperature, k)
+
+
+def teacher_forced(model, collator, samples, temperature, k):
+    return CacheJob(model, collator, None, None, None, len(samples), 32).rows(samples, False, temperature, k)
 
 
 @pytest.fixture(scope="module")
@@ -99,15 +109,12 @@ def test_disagreement_pool_is_empty_when_the_student_is_the_teacher(processor, s
     pseudo_ds = LlavaDataset.__new__(LlavaDataset)
     pseudo_ds.__dict__.update(ds.__dict__, records=records)
 
-    class Wrapped:  # DisagreementPool reads the plain collator through `.collator`
-        collator = VLMCollator(processor)
-
     ended = [i for i, (*_, texts) in enumerate(rows) if all(len(t.split()) < 6 for t in texts)]
     capped = sorted(set(range(5)) - set(ended))
-    pool = DisagreementPool(model, Wrapped(), pseudo_ds, list(range(5)), batch_size=4)
+    pool = DisagreementPool(model, VLMCollator(processor), pseudo_ds, list(range(5)), batch_size=4)
     # a model reproduces its own greedy answers exactly, except where they were cut short
     assert pool.disagreements() == capped
-    other = DisagreementPool(make_tiny_vlm(processor, seed=7).eval(), Wrapped(), pseudo_ds, list(range(5)), 4)
+    other = DisagreementPool(make_tiny_vlm(processor, seed=7).eval(), VLMCollator(processor), pseudo_ds, list(range(5)), 4)
     assert len(other.disagreements()) > 0
     assert pool(1) == (capped or list(range(5)))
     assert pool.history == [{"epoch": 1, "disagreements": len(capped), "pool": len(capped)}]

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from losses.attention import QKVRelationTerm, qkv_relation
-from losses.combine import CrossEntropyTerm, LogitDivergenceTerm, LossInputs, align_tokens
+from losses.divergence import CrossEntropyTerm, LogitDivergenceTerm
+from losses.inputs import LossInputs
+from losses.term import align_tokens
 from losses.logit import cross_entropy, forward_kl, soft_cross_entropy
 from losses.relation import HiddenRelationTerm, hidden_relation
 

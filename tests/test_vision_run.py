@@ -16,8 +16,8 @@ from teachers.timm_vit import TimmTeacher, read_state_dict
 from workbench.cli import main
 from workbench.config import DataConfig, load_config
 from workbench.data.vision import ImageCollator, digits_splits, image_folder_splits, windtunnel_classification_splits
-from workbench.errors import WorkbenchError
-from workbench.run import evaluate
+from workbench.errors import INPUT_ERRORS
+from workbench.fit import evaluate
 
 DEIT = "experiments/windtunnel/minivit_deit.yaml"
 SWIN = "experiments/windtunnel/minivit_swin.yaml"
@@ -67,12 +67,12 @@ def test_image_folder_through_timm(tmp_path):
     image, label = splits.val[0]
     assert image.shape == (3, 16, 16) and label == 1  # "dog" is class 1 in training
     _write_folder(tmp_path / "bad", ["zebra"])
-    with pytest.raises(WorkbenchError, match="zebra"):
+    with pytest.raises(INPUT_ERRORS, match="zebra"):
         image_folder_splits(DataConfig(type="image_folder", train=str(tmp_path / "train"), val=str(tmp_path / "bad")))
-    with pytest.raises(WorkbenchError, match="does not exist"):
+    with pytest.raises(INPUT_ERRORS, match="does not exist"):
         image_folder_splits(DataConfig(type="image_folder", train=str(tmp_path / "nope")))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(WorkbenchError, match="empty|no images|cannot read"):
+    with pytest.raises(INPUT_ERRORS, match="empty|no images|cannot read"):
         image_folder_splits(DataConfig(type="image_folder", train=str(tmp_path / "empty")))
 
 
@@ -86,7 +86,7 @@ def test_windtunnel_classification_set(tmp_path):
     image, label = splits.train[0]
     assert image.shape == (3, 32, 32) and splits.classes[label].split("_")[1] in ("square", "triangle", "cross")
     cfg.windtunnel.n_classification = 0
-    with pytest.raises(WorkbenchError, match="n_classification"):
+    with pytest.raises(INPUT_ERRORS, match="n_classification"):
         windtunnel_classification_splits(cfg)
 
 
@@ -110,12 +110,12 @@ def test_timm_teacher_from_checkpoint_files_and_folders(tmp_path):
         assert teacher.num_classes == 10 and not any(p.requires_grad for p in teacher.parameters())
         teacher.train()
         assert not teacher.model.training
-    with pytest.raises(WorkbenchError, match="teacher.model"):
+    with pytest.raises(INPUT_ERRORS, match="teacher.model"):
         TimmTeacher(str(tmp_path / "t.pth"))
-    with pytest.raises(WorkbenchError, match="does not fit"):
+    with pytest.raises(INPUT_ERRORS, match="does not fit"):
         TimmTeacher(str(tmp_path / "t.pth"), model="deit_tiny_patch16_224", kwargs={**kwargs, "depth": 3})
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(WorkbenchError, match="cannot read"):
+    with pytest.raises(INPUT_ERRORS, match="cannot read"):
         read_state_dict(tmp_path / "junk.pth")
 
 

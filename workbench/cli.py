@@ -13,7 +13,7 @@ import sys
 
 from workbench import interrupt
 from workbench.device import check_kernels_package
-from workbench.errors import WorkbenchError
+from workbench.errors import INPUT_ERRORS, WorkbenchError, exit_code
 
 EXIT_BAD_INPUT = 2
 
@@ -36,19 +36,21 @@ def _cmd_run(args: argparse.Namespace) -> None:
             print(f"sweep written to {run_sweep(args.config, args.overrides, parse_sweep_args(args.sweep or []))}")
             return
         run_dir = run(cfg)
-    results = run_dir / "results.md"
-    if results.is_file():
-        print(results.read_text())
+    from workbench.rundir import RunDir
+
+    directory = RunDir(run_dir)
+    if directory.results.is_file():
+        print(directory.results.read_text())
         print(f"written to {run_dir}")
         return
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        _print_summary(run_dir, json.loads(summary_path.read_text()))
+    summary = directory.read_summary()
+    if summary is not None:
+        _print_summary(run_dir, summary)
 
 
 def _cmd_cache_teacher(args: argparse.Namespace) -> None:
     from workbench.config import load_config
-    from workbench.teacher_data import cache_teacher
+    from workbench.targets.cached import cache_teacher
 
     directory, stats = cache_teacher(load_config(args.config, args.overrides), stage=args.stage, top_k=args.top_k,
                                      out=args.out)
@@ -244,11 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_kernels_package()
         args.func(args)
-    except WorkbenchError as e:
+    except INPUT_ERRORS as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return exit_code(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -17,7 +17,6 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
-from losses.combine import FEATURE_MASKS
 from workbench.errors import WorkbenchError
 
 
@@ -48,29 +47,6 @@ class StudentConfig:
     path: str | None = None  # start from an exported student / HF folder instead of random init
     processor: str | None = None  # processor folder when there is no teacher to share one with
     kwargs: dict[str, Any] = field(default_factory=dict)  # builder arguments, checked by name and type
-
-
-@dataclass
-class LossTermConfig:
-    """One weighted term of the objective."""
-
-    type: str = MISSING  # a LOSSES registry key: ce | forward_kl | reverse_kl | jsd | tvd | mdist | rdist | ...
-    weight: float = 1.0
-    temperature: float = 1.0  # divergences are computed at tau and multiplied by tau^2
-    mask: str | None = None  # answer | image | all | answer+image | none (default: the term's own)
-    beta: float = 0.5  # jsd mixture weight (0 -> forward KL, 1 -> reverse KL)
-    # feature / relation / attention terms read tensors tapped inside both models (workbench/taps.py)
-    student: str | None = None  # tap template on the student: module path, {i} = layer, optional :input / :qk
-    teacher: str | None = None  # tap template on the teacher (default: the student's)
-    layers: Any = None  # uniform | all | last:K | [[student, teacher], ...] when the templates hold {i}
-    projector: str = "auto"  # feature terms: auto (Linear when widths differ) | linear | none
-    heads: Any = None  # attention_kl: teacher head per student head (uniform | list)
-    relation_heads: int = 1  # qkv_relation: A_r, heads the projections are re-split into
-    kind: str | None = None  # attention_kl / qkv_relation: kl | ce
-    scale: float = 1.0  # hidden_relation: factor on the mean squared Gram difference (MiniViT: 49)
-    label_smoothing: float = 0.0  # ce: epsilon of label smoothing
-    every: int = 4  # eve_alignment: the aligning layer reads hidden states L, L-every, ..., 0
-    reduction: str = "mean"  # divergences: mean (per kept token) | batchmean (sum over kept tokens / batch, MaTVLM/mmMamba)
 
 
 @dataclass
@@ -185,7 +161,7 @@ class RunConfig:
     run_id: str | None = None  # default: <timestamp>-<config hash>
     teacher: TeacherConfig | None = None  # null: plain supervised training
     student: StudentConfig = field(default_factory=StudentConfig)
-    loss: dict[str, LossTermConfig] = field(default_factory=dict)
+    loss: dict[str, Any] = field(default_factory=dict)  # name -> {type, weight, the term's own options}
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -197,6 +173,8 @@ class RunConfig:
     vars: dict[str, Any] = field(default_factory=dict)  # your own values, used elsewhere as ${vars.name} (and swept)
     matformer: MatFormerConfig | None = None  # nest the student's FFNs and train every granularity each step
     hybrid: HybridConfig | None = None  # replace attention layers of the student's language model with Mamba-2
+    transforms: dict[str, Any] = field(default_factory=dict)  # other registered student transforms: name -> options
+    target: str = "auto"  # what the student learns from: auto | none | online_teacher | cached_teacher | vision_features
 
 
 CHOICES = {
@@ -439,16 +417,7 @@ def validate(cfg: RunConfig) -> None:
         if not isinstance(values, list) or not values:
             raise WorkbenchError(f"config key 'sweep.{key}' must be a non-empty list of values")
     if cfg.stages:
-        names = []
-        for name, stage in stage_configs(cfg):  # merge_config validates each stage
-            values = {"init_from": stage.init_from, "teacher.path": stage.teacher.path if stage.teacher else None,
-                      "student.path": stage.student.path,
-                      **{f"student.kwargs.{k}": v for k, v in stage.student.kwargs.items() if isinstance(v, str)}}
-            for key, value in values.items():
-                stage_ref(value, names, f"stages.{name}.{key}")
-            names.append(name)
-        if not names:
-            raise WorkbenchError("config key 'stages': every stage is null (skipped); nothing would run")
+        _validate_stages(cfg)
         return
     if cfg.teacher is not None:
         _choice("teacher.quantize", cfg.teacher.quantize)
@@ -463,35 +432,74 @@ def validate(cfg: RunConfig) -> None:
         raise WorkbenchError(f"config key 'optim.{key}' must be >= 0")
     if cfg.data.type == "llava" and not cfg.data.train:
         raise WorkbenchError("config key 'data.train' must name a LLaVA-format JSON file (or set data.type=windtunnel)")
-    if not cfg.loss:
-        raise WorkbenchError("config key 'loss' has no terms; add one, e.g. loss.ce.type=ce")
-    for name, term in cfg.loss.items():
-        if term.mask is not None:
-            _choice(f"loss.{name}.mask", term.mask, FEATURE_MASKS)
-        if term.temperature <= 0:
-            raise WorkbenchError(f"config key 'loss.{name}.temperature' must be > 0")
-        if not 0.0 <= term.beta <= 1.0:
-            raise WorkbenchError(f"config key 'loss.{name}.beta' must be in [0, 1]")
-        if term.reduction not in ("mean", "batchmean"):
-            raise WorkbenchError(f"config key 'loss.{name}.reduction' must be mean or batchmean")
+    _validate_registered(cfg)
     for key in ("data.batch_size", "trainer.max_steps", "trainer.val_every_n_steps"):
         section, attr = key.split(".")
         if getattr(getattr(cfg, section), attr) <= 0:
             raise WorkbenchError(f"config key '{key}' must be > 0")
-    if cfg.data.windtunnel.grid not in (2, 3):
+    _validate_windtunnel(cfg.data.windtunnel)
+    if cfg.optim.lr <= 0:
+        raise WorkbenchError("config key 'optim.lr' must be > 0")
+    _validate_transforms(cfg)
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise WorkbenchError("config key 'data.val_fraction' must be in (0, 1)")
+    if not 0.0 <= cfg.data.labeled_fraction <= 1.0:
+        raise WorkbenchError("config key 'data.labeled_fraction' must be in [0, 1]")
+    _choice("data.unlabeled", cfg.data.unlabeled)
+    _choice("data.bad_images", cfg.data.bad_images)
+    if cfg.teacher is not None and cfg.teacher.top_k < 1:
+        raise WorkbenchError("config key 'teacher.top_k' must be >= 1")
+
+
+def _validate_stages(cfg: RunConfig) -> None:
+    """Each stage (merged and validated on its own) may name only earlier stages."""
+    names = []
+    for name, stage in stage_configs(cfg):  # merge_config validates each stage
+        values = {"init_from": stage.init_from, "teacher.path": stage.teacher.path if stage.teacher else None,
+                  "student.path": stage.student.path,
+                  **{f"student.kwargs.{k}": v for k, v in stage.student.kwargs.items() if isinstance(v, str)}}
+        for key, value in values.items():
+            stage_ref(value, names, f"stages.{name}.{key}")
+        names.append(name)
+    if not names:
+        raise WorkbenchError("config key 'stages': every stage is null (skipped); nothing would run")
+
+
+def _validate_windtunnel(wt: WindTunnelConfig) -> None:
+    if wt.grid not in (2, 3):
         raise WorkbenchError("config key 'data.windtunnel.grid' must be 2 or 3")
     from workbench.data.windtunnel import QUESTION_TYPES
 
-    types = cfg.data.windtunnel.question_types or list(QUESTION_TYPES)
+    types = wt.question_types or list(QUESTION_TYPES)
     unknown = sorted(set(types) - set(QUESTION_TYPES))
     if unknown or len(set(types)) != len(types):
         raise WorkbenchError(f"config key 'data.windtunnel.question_types': {unknown or types} - choose distinct "
                              f"names from {', '.join(QUESTION_TYPES)}")
-    if not 1 <= cfg.data.windtunnel.questions_per_image <= len(types):
+    if not 1 <= wt.questions_per_image <= len(types):
         raise WorkbenchError(f"config key 'data.windtunnel.questions_per_image' must be in 1..{len(types)} "
                              "(one question per type)")
-    if cfg.optim.lr <= 0:
-        raise WorkbenchError("config key 'optim.lr' must be > 0")
+
+
+def _validate_registered(cfg: RunConfig) -> None:
+    """Loss terms, transforms and the target name registered entries, with arguments their
+    constructors take (the values themselves are checked by the constructors, at build)."""
+    from workbench.registry import LOSSES, TARGETS, TRANSFORMS
+
+    if not cfg.loss:
+        raise WorkbenchError("config key 'loss' has no terms; add one, e.g. loss.ce.type=ce")
+    for name, term in cfg.loss.items():
+        _validate_term(name, term)
+    for name, options in cfg.transforms.items():
+        TRANSFORMS.get(name, "transforms")
+        if options is not None and not isinstance(options, dict):
+            raise WorkbenchError(f"config key 'transforms.{name}' must be a mapping of options (or {{}})")
+        TRANSFORMS.check_kwargs(name, dict(options or {}), f"transforms.{name}")
+    if cfg.target != "auto":
+        TARGETS.get(cfg.target, "target")
+
+
+def _validate_transforms(cfg: RunConfig) -> None:
+    """The `matformer:` and `hybrid:` blocks (the transforms check the rest when applied)."""
     if cfg.matformer is not None:
         m = cfg.matformer
         if not m.granularities or max(m.granularities) != 1.0 or min(m.granularities) <= 0:
@@ -502,14 +510,28 @@ def validate(cfg: RunConfig) -> None:
             raise WorkbenchError("config key 'matformer.self_distill' needs the student's logits; set trainer.fused_logits=false")
     if cfg.hybrid is not None and cfg.hybrid.init not in ("attention", "random"):
         raise WorkbenchError(f"config key 'hybrid.init' must be attention or random, got {cfg.hybrid.init!r}")
-    if not 0.0 < cfg.data.val_fraction < 1.0:
-        raise WorkbenchError("config key 'data.val_fraction' must be in (0, 1)")
-    if not 0.0 <= cfg.data.labeled_fraction <= 1.0:
-        raise WorkbenchError("config key 'data.labeled_fraction' must be in [0, 1]")
-    _choice("data.unlabeled", cfg.data.unlabeled)
-    _choice("data.bad_images", cfg.data.bad_images)
-    if cfg.teacher is not None and cfg.teacher.top_k < 1:
-        raise WorkbenchError("config key 'teacher.top_k' must be >= 1")
+
+
+def _validate_term(name: str, term: Any) -> None:
+    """One `loss.<name>` block: a registered type, a numeric weight, options its constructor
+    accepts (built once here, so a bad value fails at load, naming its key)."""
+    from workbench.registry import LOSSES
+
+    if not isinstance(term, dict):
+        raise WorkbenchError(f"config key 'loss.{name}' must be a mapping {{type: ..., weight: ..., ...}}, got {term!r}")
+    if not isinstance(term.get("type"), str):
+        raise WorkbenchError(f"config key 'loss.{name}.type' must be set to a loss type")
+    weight = term.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise WorkbenchError(f"config key 'loss.{name}.weight' has the wrong type: expected a number, got {weight!r}")
+    LOSSES.get(term["type"], f"loss.{name}.type")
+    options = {k: v for k, v in term.items() if k not in ("type", "weight")}
+    LOSSES.check_kwargs(term["type"], options, f"loss.{name}", siblings=("type", "weight"))
+    try:
+        LOSSES.build(term["type"], f"loss.{name}", **options)
+    except ValueError as e:
+        key = next((k for k in options if k in str(e)), None)
+        raise WorkbenchError(f"config key 'loss.{name}{'.' + key if key else ''}': {e}") from None
 
 
 def _validate_trainer(t: TrainerConfig) -> None:

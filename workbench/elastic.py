@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.rundir import RunDir
 
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
@@ -26,14 +27,9 @@ def resolve_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / "config.json").is_file():
         return path
-    if (path / "student" / "config.json").is_file():
-        return path / "student"
-    summary = path / "summary.json"
-    if summary.is_file():
-        stages = list(json.loads(summary.read_text()).get("stages", {}))
-        for name in reversed(stages):
-            if (path / "stages" / name / "student" / "config.json").is_file():
-                return path / "stages" / name / "student"
+    exported = RunDir(path).exported_student()
+    if exported is not None:
+        return exported
     raise WorkbenchError(f"{path} is neither a model folder (config.json) nor a run directory with an exported student")
 
 

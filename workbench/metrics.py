@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from losses.combine import IGNORE_INDEX
+from losses.inputs import IGNORE_INDEX
 
 
 def answer_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,51 +1,46 @@
-"""`DistillModule`: the LightningModule that trains a student, optionally from a frozen teacher.
+"""`DistillModule`: the LightningModule that trains a student from what its target gives.
 
-The teacher is deliberately *not* a registered submodule: it stays out of `state_dict` (and
-so out of checkpoints), out of the optimizer and out of DDP/FSDP wrapping and gradient sync.
-It is moved to the student's device when fitting starts and always runs under no_grad.
+A step is "student pass + fill the targets": the student runs with the taps the loss reads,
+then the target (`workbench/targets/`) puts the teacher side in (online logits and taps, a
+cached top-k, vision features, or nothing) and the loss combines. A teacher is deliberately
+*not* a registered submodule: it stays out of `state_dict` (and so out of checkpoints), out
+of the optimizer and out of DDP/FSDP wrapping and gradient sync. It is moved to the
+student's device when fitting starts and always runs under no_grad.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from losses.combine import LossInputs, WeightedLoss
+from losses.combine import WeightedLoss
+from losses.inputs import LossInputs
 from workbench.config import MatFormerConfig, OptimConfig
 from workbench.metrics import accuracies, merge_scores, score_outputs
 from workbench.optim import make_optimizer
+from workbench.batch import model_inputs
+from workbench.targets import Target
 from workbench.taps import FeatureTaps, TapPoint
-
-NON_MODEL_KEYS = ("labels", "image_mask", "ids", "qtypes", "teacher_topk", "teacher_pixel_values")
-
-
-def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The keys of a collated batch that the model's forward takes (timm classifiers take
-    the images as `x`)."""
-    if "input_ids" not in batch and "pixel_values" in batch:
-        return {"x": batch["pixel_values"]}
-    return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
 
 
 class DistillModule(pl.LightningModule):
-    """Student + weighted loss terms (+ frozen teacher); validation scores answer accuracy.
+    """Student + weighted loss terms + target; validation scores answer accuracy.
 
     Args:
         student: the model being trained (a Hugging Face VLM).
-        loss: the weighted objective; terms that need a teacher get its logits.
+        loss: the weighted objective.
+        target: what the student learns from besides labels (fills the teacher side).
         optim: optimizer and schedule settings.
         total_steps: length of the LR schedule.
-        teacher: frozen model with the student's vocabulary, or None for supervised training.
         val_tags: every answer tag (question type) in the held-out split, so that all ranks
             reduce the same list of counts.
     """
 
-    def __init__(self, student: nn.Module, loss: WeightedLoss, optim: OptimConfig, total_steps: int,
-                 teacher: nn.Module | None = None, val_tags: tuple[str, ...] = (), fused_logits: bool = False,
+    def __init__(self, student: nn.Module, loss: WeightedLoss, target: Target, optim: OptimConfig, total_steps: int,
+                 val_tags: tuple[str, ...] = (), fused_logits: bool = False,
                  matformer: MatFormerConfig | None = None):
         super().__init__()
         self.matformer = matformer
@@ -53,56 +48,39 @@ class DistillModule(pl.LightningModule):
         self.loss = loss  # a submodule: projectors of feature terms train with the student
         self.optim = optim
         self.total_steps = total_steps
-        object.__setattr__(self, "teacher", teacher)  # not a submodule, see module docstring
+        object.__setattr__(self, "target", target)  # its teacher is not a submodule, see module docstring
         self.val_keys = ["all", *sorted(set(val_tags))]
         self.step_values: list[tuple[str, torch.Tensor]] = []  # this step's logged values, for the DivergenceGuard
         self._val_scores: dict[str, tuple[int, int]] = {}
         self.fused_logits = fused_logits
-        student_points, teacher_points = loss.tap_points()
+        student_points, _ = loss.tap_points()
         self._decoder_tap = None
         if fused_logits:
             names = {id(m): n for n, m in student.named_modules()}
             self._decoder_tap = TapPoint(names[id(student.get_decoder())])  # its output: the LM head's input
             student_points = [*student_points, str(self._decoder_tap)]
         self._student_taps = FeatureTaps(student, [TapPoint.parse(p) for p in student_points], "student")
-        self._teacher_taps = None
-        if teacher is not None and teacher_points:
-            self._teacher_taps = FeatureTaps(getattr(teacher, "model", teacher),
-                                             [TapPoint.parse(p) for p in teacher_points], "teacher")
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self.target.teacher
 
     def on_fit_start(self) -> None:
         # from_pretrained returns models in eval mode, and Lightning keeps each module's mode:
         # without this a student loaded from a folder would train with dropout off
         self.student.train()
-        if self.teacher is not None:
-            self.teacher.to(self.device)
+        self.target.to(self.device)
 
     def _loss_inputs(self, batch: dict[str, Any], fused: bool = False) -> LossInputs:
-        """Run student (and teacher) on a batch with the feature taps the loss reads.
+        """The student pass with the taps the loss reads, then the target's signal.
 
         With `fused`, the student computes no logits (`logits_to_keep` keeps none), the logit
-        terms work from its final hidden states through `kernels.fused_linear_kd`, and the
-        teacher returns logits only at the positions those terms read.
+        terms work from its final hidden states through `kernels.fused_linear_kd`, and an
+        online teacher returns logits only at the positions those terms read.
         """
-        inputs = model_inputs(batch)
-        loss_inputs = self._student_pass(batch, inputs, fused)
-        if self.teacher is not None and self.loss.needs_teacher and getattr(self.teacher, "feature_teacher", False):
-            # a vision encoder teaching an encoder-free student: its patch features on the images
-            loss_inputs.vision_features = self.teacher(batch["teacher_pixel_values"])
-            loss_inputs.vision_grid = self.teacher.grid
-        elif self.teacher is not None and self.loss.needs_teacher:
-            # fused: the teacher too computes logits only where a term reads them
-            keep = self.loss.teacher_logit_positions(loss_inputs) if fused else None
-            with torch.no_grad(), contextlib.ExitStack() as stack:
-                found_t = stack.enter_context(self._teacher_taps.capture()) if self._teacher_taps else {}
-                teacher_logits = self.teacher(**inputs, **({} if keep is None else {"logits_to_keep": keep})).logits
-            if keep is not None and teacher_logits.shape[0] != int(keep.sum()):
-                raise RuntimeError(f"the teacher returned logits of shape {tuple(teacher_logits.shape)} for "
-                                   f"{int(keep.sum())} kept positions: its forward ignores `logits_to_keep`; "
-                                   "set trainer.fused_logits=false")
-            loss_inputs.teacher_logits, loss_inputs.teacher_keep = teacher_logits, keep
-            loss_inputs.teacher_features = {str(p): v for p, v in found_t.items()}
-        return loss_inputs
+        inputs = self._student_pass(batch, model_inputs(batch), fused)
+        self.target.fill(batch, inputs, self.loss, fused)
+        return inputs
 
     def _student_pass(self, batch: dict[str, Any], inputs: dict[str, Any], fused: bool) -> LossInputs:
         """The student's forward with its taps, as `LossInputs` (no teacher yet)."""
@@ -118,7 +96,7 @@ class DistillModule(pl.LightningModule):
             grids = self.student.image_grids(batch["pixel_values"], batch.get("pixel_mask"))
         return LossInputs(student_logits=None if fused else out.logits, labels=batch["labels"],
                           attention_mask=batch["attention_mask"], image_mask=batch["image_mask"],
-                          teacher_topk=batch.get("teacher_topk"), student_hidden=hidden if fused else None,
+                          student_hidden=hidden if fused else None,
                           student_head=self.student.get_output_embeddings() if fused else None,
                           student_features=student_features, image_grids=grids,
                           student_hidden_states=out.hidden_states if self.loss.needs_hidden_states else None)
@@ -171,18 +149,16 @@ class DistillModule(pl.LightningModule):
     def _self_distill(self, inputs: LossInputs, full_logits: torch.Tensor) -> torch.Tensor:
         from dataclasses import replace
 
-        from losses.combine import LogitDivergenceTerm
+        from losses.divergence import LogitDivergenceTerm
 
         term = LogitDivergenceTerm("forward_kl", temperature=self.matformer.temperature)
         return term(replace(inputs, teacher_logits=full_logits, teacher_topk=None, teacher_keep=None))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         inputs = self._loss_inputs(batch)
-        if (inputs.teacher_logits is not None or inputs.teacher_topk is not None or inputs.vision_features is not None
-                or not self.loss.needs_teacher):
+        if self.target.scores_validation or not self.loss.needs_teacher:
             total, _ = self.loss(inputs)
             self.log("val/loss", total, batch_size=batch["labels"].shape[0], sync_dist=True)
-        # else: the teacher signal comes from a training-set cache; held-out batches have none
         merge_scores(self._val_scores, score_outputs(inputs.student_logits, batch))
 
     def on_validation_epoch_end(self) -> None:

@@ -1,13 +1,17 @@
-"""Name -> builder tables: configs name students, teachers, loss terms and datasets by key.
+"""Name -> builder tables: configs name students, teachers, loss terms, targets, student
+transforms and datasets by key.
 
 A `Registry` checks the arguments a config passes against the builder's signature before
 calling it, so a misspelt argument or a value of the wrong type is a short error naming the
-key, not a TypeError deep inside a model constructor.
+key, not a TypeError deep inside a model constructor. The built-in entries are registered in
+`workbench/builtins.py` (one line per method), loaded on the first lookup; a project of your
+own registers more the same way (`LOSSES.register("my_term", MyTerm)`) before it builds.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import types
 import typing
@@ -49,21 +53,35 @@ class Registry:
     def __init__(self, kind: str):
         self.kind = kind
         self._builders: dict[str, Callable[..., Any]] = {}
+        self._presets: dict[str, dict[str, Any]] = {}
+        self.info: dict[str, dict[str, Any]] = {}  # per name: what the registering code declared
 
-    def register(self, name: str, builder: Callable[..., Any] | None = None):
-        """Add `builder` under `name`; usable as a decorator."""
+    def register(self, name: str, builder: Callable[..., Any] | None = None, *, preset: dict[str, Any] | None = None,
+                 **info: Any):
+        """Add `builder` under `name`; usable as a decorator. `preset` fixes some of its
+        arguments (e.g. which divergence a loss type is); `info` is kept for the reader."""
         def add(fn):
             if name in self._builders:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._builders[name] = fn
+            self._presets[name] = dict(preset or {})
+            self.info[name] = info
             return fn
         return add(builder) if builder is not None else add
 
+    def unregister(self, name: str) -> None:
+        """Remove `name` (tests that register their own entries clean up with this)."""
+        self._builders.pop(name, None)
+        self._presets.pop(name, None)
+        self.info.pop(name, None)
+
     def names(self) -> list[str]:
+        _load_builtins()
         return sorted(self._builders)
 
     def get(self, name: str, key: str | None = None) -> Callable[..., Any]:
         """The builder registered as `name`; `key` is the config key that named it (for errors)."""
+        _load_builtins()
         if name not in self._builders:
             where = f"config key '{key}': " if key else ""
             raise WorkbenchError(
@@ -72,16 +90,18 @@ class Registry:
             )
         return self._builders[name]
 
-    def check_kwargs(self, name: str, kwargs: dict[str, Any], where: str) -> None:
-        """Fail on arguments the builder does not take or whose type does not fit."""
+    def check_kwargs(self, name: str, kwargs: dict[str, Any], where: str, siblings: tuple[str, ...] = ()) -> None:
+        """Fail on arguments the builder does not take or whose type does not fit; `siblings`
+        are other keys valid beside them (a loss term's `type` and `weight`), for suggestions."""
         fn = self.get(name)
-        params = inspect.signature(fn).parameters
-        hints = typing.get_type_hints(fn)
+        params, hints = self.parameters(name)
         for key, value in kwargs.items():
+            if key in self._presets[name]:
+                raise WorkbenchError(f"config key '{where}.{key}' is fixed by {self.kind} {name!r}; remove it")
             if key not in params:
                 raise WorkbenchError(
                     f"unknown config key '{where}.{key}': {self.kind} {name!r} takes no argument {key!r}."
-                    f"{closest(key, params)}"
+                    f"{closest(key, [*params, *siblings])}"
                 )
             if not _accepts(value, hints.get(key, Any)):
                 expected = getattr(hints[key], "__name__", str(hints[key]))
@@ -89,106 +109,38 @@ class Registry:
                     f"config key '{where}.{key}' has the wrong type: expected {expected}, got {value!r}"
                 )
 
+    def parameters(self, name: str) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
+        """The arguments a config may give `name` (its builder's, less the preset ones), and their hints."""
+        fn = self.get(name)
+        target = fn.__init__ if isinstance(fn, type) else fn
+        params = {k: p for k, p in inspect.signature(fn).parameters.items()
+                  if k not in self._presets[name] and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        return params, typing.get_type_hints(target)
+
     def build(self, name: str, where: str, /, fixed: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-        """Call the builder with `fixed` (filled in by the workbench) plus user `kwargs`."""
+        """Call the builder with its preset, `fixed` (filled in by the workbench) and user `kwargs`."""
         self.check_kwargs(name, kwargs, where)
         clash = set(kwargs) & set(fixed or {})
         if clash:
             raise WorkbenchError(
                 f"config key '{where}.{sorted(clash)[0]}' is set by the workbench (from the processor); remove it"
             )
-        return self.get(name)(**(fixed or {}), **kwargs)
+        return self.get(name)(**self._presets[name], **(fixed or {}), **kwargs)
 
 
 STUDENTS = Registry("student")
 TEACHERS = Registry("teacher")
 LOSSES = Registry("loss")
 DATASETS = Registry("dataset")
+TARGETS = Registry("target")
+TRANSFORMS = Registry("student transform")
+
+_loaded = False
 
 
-# loss type -> (term builder, the LossTermConfig fields it reads besides type and weight)
-_TERM_FIELDS = {
-    "ce": ("label_smoothing",),
-    "divergence": ("temperature", "mask", "beta", "reduction"),
-    "mdist": ("temperature",),
-    "rdist": ("student", "teacher", "layers"),
-    "feature": ("student", "teacher", "layers", "projector", "mask"),
-    "hidden_relation": ("student", "teacher", "layers", "mask", "scale"),
-    "rkd": ("student", "teacher", "layers", "mask"),
-    "attention_kl": ("student", "teacher", "layers", "heads", "mask", "kind"),
-    "qkv_relation": ("student", "teacher", "layers", "relation_heads", "mask", "kind"),
-    "layer_replay": ("student", "teacher", "layers", "kind"),
-    "eve_alignment": ("every", "heads"),
-    "breen_query": (),
-}
-
-
-def _loss_builder(family: str, make: Callable[..., Any]) -> Callable[[Any], Any]:
-    """A LOSSES builder: checks that the term config sets only fields `family` reads, then calls
-    `make(**those fields)`, leaving unset (None) ones to the term's own defaults."""
-    fields = _TERM_FIELDS[family]
-
-    def build(term) -> Any:
-        from workbench.config import LossTermConfig
-
-        default = LossTermConfig(type=term.type)
-        unused = [f for f in vars(default) if f not in ("type", "weight", *fields)
-                  and getattr(term, f) != getattr(default, f)]
-        if unused:
-            raise WorkbenchError(f"loss type {term.type!r} does not read {unused[0]!r}; it reads "
-                                 f"{', '.join(fields) or 'only type and weight'}")
-        kwargs = {f: getattr(term, f) for f in fields if getattr(term, f) is not None}
-        try:
-            return make(**kwargs)
-        except ValueError as e:
-            raise WorkbenchError(f"loss type {term.type!r}: {e}") from None
-
-    return build
-
-
-def _register_builtins() -> None:
-    from losses.attention import AttentionKLTerm, QKVRelationTerm
-    from losses.combine import CrossEntropyTerm, LogitDivergenceTerm, MDistTerm
-    from losses.feature import FeatureTerm, LayerReplayTerm
-    from losses.relation import HiddenRelationTerm, RDistTapTerm, RDistTerm, RKDTerm
-    from losses.vision_align import BREENQueryTerm, EVEAlignmentTerm
-    from students.encoder_free import breen_student, eve_student
-    from students.vlm import llava_from_parts, tiny_llava
-    from teachers.vision_encoder import VisionEncoderTeacher
-    from teachers.hf_vlm import HFVLMTeacher
-    from teachers.timm_vit import TimmTeacher
-    from workbench.data import llava_splits, windtunnel_splits
-    from workbench.data.vision import digits_splits, image_folder_splits, windtunnel_classification_splits
-
-    STUDENTS.register("tiny_llava", tiny_llava)
-    STUDENTS.register("llava_from_parts", llava_from_parts)
-    STUDENTS.register("eve", eve_student)
-    STUDENTS.register("breen", breen_student)
-    TEACHERS.register("hf_vlm", HFVLMTeacher)
-    TEACHERS.register("timm", TimmTeacher)
-    TEACHERS.register("vision_encoder", VisionEncoderTeacher)
-    DATASETS.register("llava", llava_splits)
-    DATASETS.register("windtunnel", windtunnel_splits)
-    DATASETS.register("image_folder", image_folder_splits)
-    DATASETS.register("digits", digits_splits)
-    DATASETS.register("windtunnel_classification", windtunnel_classification_splits)
-    LOSSES.register("ce", _loss_builder("ce", CrossEntropyTerm))
-    for divergence in ("forward_kl", "reverse_kl", "jsd", "tvd", "soft_ce"):
-        LOSSES.register(divergence, _loss_builder(
-            "divergence", lambda _d=divergence, **kw: LogitDivergenceTerm(_d, **kw)))
-    LOSSES.register("mdist", _loss_builder("mdist", MDistTerm))
-    LOSSES.register("rdist", _loss_builder(
-        "rdist", lambda student="logits", **kw: RDistTerm() if student == "logits" else RDistTapTerm(student, **kw)))
-    for kind in ("mse", "cosine"):
-        LOSSES.register(f"feature_{kind}", _loss_builder("feature", lambda _k=kind, **kw: FeatureTerm(_k, **kw)))
-    LOSSES.register("hidden_relation", _loss_builder("hidden_relation", HiddenRelationTerm))
-    for kind in ("distance", "angle"):
-        LOSSES.register(f"rkd_{kind}", _loss_builder("rkd", lambda _k=kind, **kw: RKDTerm(_k, **kw)))
-    LOSSES.register("attention_kl", _loss_builder("attention_kl", AttentionKLTerm))
-    LOSSES.register("qkv_relation", _loss_builder("qkv_relation", QKVRelationTerm))
-    LOSSES.register("layer_replay", _loss_builder("layer_replay", LayerReplayTerm))
-    LOSSES.register("eve_alignment", _loss_builder("eve_alignment", EVEAlignmentTerm))
-    LOSSES.register("breen_query", _loss_builder("breen_query", BREENQueryTerm))
-
-
-_register_builtins()
+def _load_builtins() -> None:
+    """Register the built-in entries (`workbench/builtins.py`) once, on the first lookup."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        importlib.import_module("workbench.builtins")

@@ -23,6 +23,7 @@ import pandas as pd
 import yaml
 
 from workbench.errors import WorkbenchError
+from workbench.rundir import LATEST, RunDir, children
 
 CONFIG = "config."
 # Settings that differ between runs without being what the ablation varies.
@@ -36,12 +37,7 @@ FORMATS = ("md", "csv", "json")
 
 def is_run_dir(path: Path) -> bool:
     """A run directory holds `config.yaml` and `summary.json`."""
-    return (path / "config.yaml").is_file() and (path / "summary.json").is_file()
-
-
-def _children(folder: Path) -> list[Path]:
-    """Sub-folders worth looking at: not `latest` (a link to a sibling) and not dot-folders."""
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name != "latest" and not p.name.startswith("."))
+    return RunDir(path).is_run()
 
 
 def _sweep_runs(sweep: Path) -> list[Path]:
@@ -50,7 +46,7 @@ def _sweep_runs(sweep: Path) -> list[Path]:
         listed = [sweep / r["dir"] for r in json.loads((sweep / "sweep.json").read_text()).get("runs", [])]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise WorkbenchError(f"{sweep / 'sweep.json'} is not a valid sweep file ({e})") from None
-    others = [p for p in _children(sweep) if p not in listed]
+    others = [p for p in children(sweep) if p not in listed]
     return [p for p in listed + others if is_run_dir(p)]
 
 
@@ -64,7 +60,7 @@ def _expand(path: Path, depth: int = 3) -> list[Path]:
         return _sweep_runs(path)
     if depth == 0:
         return []
-    return [run for child in _children(path) for run in _expand(child, depth - 1)]
+    return [run for child in children(path) for run in _expand(child, depth - 1)]
 
 
 def find_runs(*paths_or_globs: str | os.PathLike) -> list[Path]:
@@ -78,7 +74,7 @@ def find_runs(*paths_or_globs: str | os.PathLike) -> list[Path]:
         text = str(arg)
         matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
         # a glob skips `latest` (a link to a run it also matches); `.../latest` named alone is that run
-        found = [run for m in matches if not (Path(m).name == "latest" and len(matches) > 1) for run in _expand(Path(m))]
+        found = [run for m in matches if not (Path(m).name == LATEST and len(matches) > 1) for run in _expand(Path(m))]
         if not found:
             if not matches or not Path(matches[0]).exists():
                 raise WorkbenchError(f"{text} {'matches no files' if matches == [] else 'does not exist'}")
@@ -110,8 +106,8 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     """One run as a flat row: `run`, `config.<key>` for config.yaml, `<key>` for summary.json."""
     run_dir = Path(run_dir)
     try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        summary = json.loads((run_dir / "summary.json").read_text())
+        config = yaml.safe_load(RunDir(run_dir).config.read_text()) or {}
+        summary = RunDir(run_dir).read_summary()
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise WorkbenchError(f"run directory {run_dir} has an unreadable config.yaml or summary.json: {e}") from None
     return {"run": str(run_dir), **flatten(config, CONFIG), **flatten(summary)}
@@ -156,27 +152,19 @@ def metrics(run: str | os.PathLike | Mapping[str, Any], stage: str | None = None
         A DataFrame with a `step` column and one column per logged metric
         (`train/loss`, `val/acc`, `val/acc/<qtype>`, `lr`, ...).
     """
-    run_dir = Path(run["run"] if isinstance(run, (Mapping, pd.Series)) else run)
+    run_dir = RunDir(Path(run["run"] if isinstance(run, (Mapping, pd.Series)) else run))
     if stage is not None:
-        return _read_metrics(run_dir / "stages" / stage / "metrics.csv", run_dir, stage)
-    if (run_dir / "metrics.csv").is_file() or not (run_dir / "stages").is_dir():
-        return _read_metrics(run_dir / "metrics.csv", run_dir)
-    stages = _stage_names(run_dir)
-    parts = [_read_metrics(run_dir / "stages" / s / "metrics.csv", run_dir, s).assign(stage=s) for s in stages]
+        return _read_metrics(run_dir.stage(stage).metrics, run_dir, stage)
+    stages = run_dir.stage_names()
+    if run_dir.metrics.is_file() or not stages:
+        return _read_metrics(run_dir.metrics, run_dir)
+    parts = [_read_metrics(run_dir.stage(s).metrics, run_dir, s).assign(stage=s) for s in stages]
     return pd.concat(parts, ignore_index=True)
 
 
-def _stage_names(run_dir: Path) -> list[str]:
-    """Stages in the order the run's summary lists them, then any others on disk."""
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    on_disk = [p.name for p in _children(run_dir / "stages")] if (run_dir / "stages").is_dir() else []
-    listed = [s for s in summary.get("stages", {}) if s in on_disk]
-    return listed + [s for s in on_disk if s not in listed]
-
-
-def _read_metrics(path: Path, run_dir: Path, stage: str | None = None) -> pd.DataFrame:
+def _read_metrics(path: Path, run_dir: RunDir, stage: str | None = None) -> pd.DataFrame:
     if not path.is_file():
-        stages = _stage_names(run_dir)
+        stages = run_dir.stage_names()
         hint = f"; its stages are {', '.join(stages)}" if stages and stage not in stages else ""
         raise WorkbenchError(f"{path} does not exist{hint}")
     frame = pd.read_csv(path)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import yaml
 
 from workbench.config import RunConfig, load_config, to_yaml
 from workbench.errors import WorkbenchError
+from workbench.rundir import RunDir, write_json
 
 
 def parse_sweep_args(args: list[str]) -> dict[str, list[str]]:
@@ -60,8 +60,7 @@ def sweep_dir(cfg: RunConfig, grid: dict[str, list[str]]) -> Path:
 
 
 def _status(run_dir: Path) -> str | None:
-    path = run_dir / "summary.json"
-    return json.loads(path.read_text()).get("status") if path.is_file() else None
+    return RunDir(run_dir).status()
 
 
 def run_sweep(config: str | Path, overrides: list[str], cli_grid: dict[str, list[str]]) -> Path:
@@ -89,9 +88,8 @@ def run_sweep(config: str | Path, overrides: list[str], cli_grid: dict[str, list
         if status == "completed":
             print(f"[workbench] {entry['label']}: already completed, skipped")
             continue
-        os.environ.pop("WB_RUN_DIR", None)
         try:
-            if run_dir.exists() and (run_dir / "config.yaml").is_file():
+            if RunDir(run_dir).config.is_file():
                 print(f"[workbench] {entry['label']}: resuming ({status})")
                 resume(run_dir)
             else:
@@ -104,10 +102,8 @@ def run_sweep(config: str | Path, overrides: list[str], cli_grid: dict[str, list
 
 
 def _write_sweep(root: Path, grid: dict[str, list[str]], entries: list[dict]) -> None:
-    tmp = root / "sweep.json.tmp"
-    tmp.write_text(json.dumps({"grid": {k: [yaml.safe_load(v) for v in vs] for k, vs in grid.items()},
-                               "runs": entries}, indent=2))
-    os.replace(tmp, root / "sweep.json")
+    write_json(root / "sweep.json", {"grid": {k: [yaml.safe_load(v) for v in vs] for k, vs in grid.items()},
+                                     "runs": entries})
 
 
 def _write_table(root: Path) -> None:

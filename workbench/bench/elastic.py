@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.rundir import run_dir_of_model
 
 SPEEDUP_TARGET = 0.8  # the quarter-width model's speedup must reach this share of its FLOP ratio
 
@@ -38,8 +39,8 @@ def _source(source: str):
         matformerize(model)
         return model.eval(), None, None
     model_dir = resolve_model_dir(source)
-    config = model_dir.parent / "config.yaml"
-    return load_universal(model_dir), model_dir, load_config(config) if config.is_file() else None
+    run = run_dir_of_model(model_dir)
+    return load_universal(model_dir), model_dir, load_config(run.config) if run is not None else None
 
 
 def _batches(model, model_dir: Path | None, cfg, batch: int):
@@ -59,7 +60,7 @@ def _batches(model, model_dir: Path | None, cfg, batch: int):
 
         collate = ImageCollator()
     else:
-        from workbench.build import load_processor
+        from workbench.build.data import load_processor
         from workbench.data import VLMCollator
 
         collate = VLMCollator(load_processor(model_dir, "source"), max_length=cfg.data.max_length)
@@ -117,8 +118,8 @@ def bench_elastic(source: str, specs: list[str] | None = None, batch: int = 8, r
     from students.matformer import extract
     from workbench.bench import machine
     from workbench.elastic import spec_for
-    from workbench.module import model_inputs
-    from workbench.run import evaluate
+    from workbench.batch import model_inputs
+    from workbench.fit import evaluate
 
     model, model_dir, cfg = _source(source)
     chosen = default_specs(model) if not specs else [(s, spec_for(model, s, skip)) for s in specs]

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from losses.combine import IGNORE_INDEX
+from losses.inputs import IGNORE_INDEX
 from workbench.errors import WorkbenchError
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}

@@ -1,0 +1,63 @@
+"""The built-in registry entries: one line per student, teacher, loss term, target, student
+transform and dataset. A new method is its own file plus one line here (or a `register`
+call in your own code, before building)."""
+
+from losses.attention import AttentionKLTerm, QKVRelationTerm
+from losses.divergence import CrossEntropyTerm, LogitDivergenceTerm, MDistTerm
+from losses.feature import FeatureTerm, LayerReplayTerm
+from losses.relation import HiddenRelationTerm, RKDTerm, rdist_term
+from losses.vision_align import BREENQueryTerm, EVEAlignmentTerm
+from students.encoder_free import breen_student, eve_student
+from students.hybrid import hybrid_transform
+from students.matformer import matformer_transform
+from students.vlm import llava_from_parts, tiny_llava
+from teachers.hf_vlm import HFVLMTeacher
+from teachers.timm_vit import TimmTeacher
+from teachers.vision_encoder import VisionEncoderTeacher
+from workbench.data import llava_splits, windtunnel_splits
+from workbench.data.vision import digits_splits, image_folder_splits, windtunnel_classification_splits
+from workbench.registry import DATASETS, LOSSES, STUDENTS, TARGETS, TEACHERS, TRANSFORMS
+from workbench.targets.cached import CachedTeacher
+from workbench.targets.none import NoTeacher
+from workbench.targets.online import OnlineTeacher
+from workbench.targets.vision import VisionFeatures
+
+STUDENTS.register("tiny_llava", tiny_llava)
+STUDENTS.register("llava_from_parts", llava_from_parts)
+STUDENTS.register("eve", eve_student)
+STUDENTS.register("breen", breen_student)
+
+TEACHERS.register("hf_vlm", HFVLMTeacher)
+TEACHERS.register("timm", TimmTeacher)
+TEACHERS.register("vision_encoder", VisionEncoderTeacher, feature_teacher=True)
+
+LOSSES.register("ce", CrossEntropyTerm)
+for _divergence in ("forward_kl", "reverse_kl", "jsd", "tvd", "soft_ce"):
+    LOSSES.register(_divergence, LogitDivergenceTerm, preset={"divergence": _divergence})
+LOSSES.register("mdist", MDistTerm)
+LOSSES.register("rdist", rdist_term)
+LOSSES.register("feature_mse", FeatureTerm, preset={"kind": "mse"})
+LOSSES.register("feature_cosine", FeatureTerm, preset={"kind": "cosine"})
+LOSSES.register("hidden_relation", HiddenRelationTerm)
+LOSSES.register("rkd_distance", RKDTerm, preset={"kind": "distance"})
+LOSSES.register("rkd_angle", RKDTerm, preset={"kind": "angle"})
+LOSSES.register("attention_kl", AttentionKLTerm)
+LOSSES.register("qkv_relation", QKVRelationTerm)
+LOSSES.register("layer_replay", LayerReplayTerm)
+LOSSES.register("eve_alignment", EVEAlignmentTerm)
+LOSSES.register("breen_query", BREENQueryTerm)
+
+TARGETS.register("none", NoTeacher)
+TARGETS.register("online_teacher", OnlineTeacher)
+TARGETS.register("cached_teacher", CachedTeacher)
+TARGETS.register("vision_features", VisionFeatures)
+
+# order: hybrid conversion before `init_from` (a converted stage's weights load by name), nesting after
+TRANSFORMS.register("hybrid", hybrid_transform, order=10)
+TRANSFORMS.register("matformer", matformer_transform, order=60)
+
+DATASETS.register("llava", llava_splits)
+DATASETS.register("windtunnel", windtunnel_splits)
+DATASETS.register("image_folder", image_folder_splits)
+DATASETS.register("digits", digits_splits)
+DATASETS.register("windtunnel_classification", windtunnel_classification_splits)

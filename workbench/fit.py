@@ -1,0 +1,281 @@
+"""Fit one built run (or one stage) inside its run directory: loaders, trainer, export, summary.
+
+`train` writes config.yaml and a `running` summary.json, fits with Lightning (checkpoints
+atomically, divergence guard, graceful signals), then on rank 0 refuses non-finite weights,
+exports the student and completes the summary. A failure or interrupt is recorded as such
+and never marks the run `completed`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+import warnings
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from workbench.batch import model_inputs
+from workbench.build import Built
+from workbench.checkpoint import AtomicCheckpointIO
+from workbench.config import RunConfig, to_yaml
+from workbench.data.sampler import SamplerState, StepBatchSampler
+from workbench.errors import WorkbenchError
+from workbench.guard import Diverged, DivergenceGuard, first_nonfinite
+from workbench.interrupt import ending, fitting, reraise
+from workbench.metrics import accuracies, merge_scores, score_outputs
+from workbench.module import DistillModule, VisionDistillModule
+from workbench.rundir import RunDir, handed_to_workers, is_worker_process
+
+# Our run directory is always new; CSVLogger's warning about a non-empty folder is noise.
+warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+DISK_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)  # the disk, not the run: a message, not a traceback
+
+
+class Prepared:
+    """A built run with its target prepared: the training set and collators it trains with."""
+
+    def __init__(self, built: Built):
+        self.built = built
+        self.notes = built.target.prepare()  # may run the teacher over the data (a cache)
+        self.train_set = built.target.train_set(built.splits.train, built.split)
+        self.train_collator = built.target.train_collator(built.collator)
+        self.eval_collator = built.target.eval_collator(built.collator)
+        self.pool_fn = built.target.pool_fn(built.student, self.train_set, built.collator)
+
+
+def loaders(cfg: RunConfig, prepared: Prepared) -> tuple[DataLoader, DataLoader | None, StepBatchSampler]:
+    """Training batches are a function of the step (resumable); held-out batches in file order."""
+    d = cfg.data
+    common = dict(num_workers=d.num_workers, persistent_workers=d.num_workers > 0)
+    sampler = StepBatchSampler(len(prepared.train_set), d.batch_size, cfg.seed,
+                               cfg.trainer.max_steps * cfg.trainer.accumulate_grad_batches, prepared.pool_fn)
+    train = DataLoader(prepared.train_set, batch_sampler=sampler, collate_fn=prepared.train_collator, **common)
+    val = None
+    if prepared.built.splits.val is not None:
+        val = DataLoader(prepared.built.splits.val, batch_size=d.eval_batch_size, shuffle=False,
+                         collate_fn=prepared.eval_collator, **common)
+    return train, val, sampler
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
+    """Answer accuracy (overall and per question type) of any VLM, or top-1 accuracy of an
+    image classifier, on a held-out loader."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores: dict[str, tuple[int, int]] = {}
+    for batch in loader:
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
+        merge_scores(scores, score_outputs(model(**inputs), batch))
+    model.train(was_training)
+    return accuracies(scores)
+
+
+def count_params(model: torch.nn.Module | None, trainable: bool = False) -> int | None:
+    if model is None:
+        return None
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def make_trainer(cfg: RunConfig, run_dir: RunDir, callbacks: list[pl.Callback]) -> pl.Trainer:
+    t = cfg.trainer
+    checkpoint = ModelCheckpoint(dirpath=run_dir.checkpoints, filename="step{step}", auto_insert_metric_name=False,
+                                 save_last=True, save_top_k=0,
+                                 every_n_train_steps=t.checkpoint_every_n_steps or t.val_every_n_steps)
+    return pl.Trainer(
+        max_steps=t.max_steps,
+        max_time={"minutes": t.max_time_minutes} if t.max_time_minutes else None,
+        val_check_interval=t.val_every_n_steps,
+        check_val_every_n_epoch=None,
+        log_every_n_steps=t.log_every_n_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        precision=t.precision,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(run_dir.path, name="", version=""),
+        callbacks=[DivergenceGuard(t.on_nonfinite, t.max_skipped_steps), checkpoint, *callbacks],
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # StepBatchSampler shards batches across ranks itself
+        enable_progress_bar=t.progress_bar,
+        default_root_dir=run_dir.path,
+    )
+
+
+def export_student(built: Built, out) -> None:
+    """A standalone folder `students.load` reads: save_pretrained of the student and the shared
+    processor, or a timm classifier in timm's hub format with the class names."""
+    if built.classification:
+        import students
+
+        students.export_timm(built.student, out, built.splits.classes, built.splits.preprocess)
+        return
+    built.student.save_pretrained(out)
+    built.processor.save_pretrained(out)
+
+
+def _merge_metrics(run_dir: RunDir, earlier, resumed_step: int) -> None:
+    """After a resume: the rows logged before the checkpoint, then the resumed run's rows."""
+    import pandas as pd
+
+    if not earlier.is_file():
+        return
+    old = pd.read_csv(earlier)
+    old = old[old["step"] < resumed_step]
+    new = pd.read_csv(run_dir.metrics) if run_dir.metrics.is_file() else old.iloc[:0]
+    merged = pd.concat([old, new], ignore_index=True)
+    tmp = run_dir.path / "metrics.csv.tmp"
+    merged.to_csv(tmp, index=False)
+    os.replace(tmp, run_dir.metrics)
+    earlier.unlink()
+
+
+def _checkpoint_step(ckpt) -> int:
+    try:
+        return int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
+    except Exception as e:  # noqa: BLE001 - truncated zip, unpickling refusal, missing key
+        raise WorkbenchError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}); was the run killed while "
+                             "writing it? Remove it to restart this stage from scratch") from None
+
+
+def _start_summary(cfg: RunConfig, prepared: Prepared, run_dir: RunDir) -> dict[str, Any]:
+    built = prepared.built
+    return {"name": cfg.name, "run_id": run_dir.path.name, "status": "running",
+            "params": {"student": count_params(built.student),
+                       "student_trainable": count_params(built.student, trainable=True),
+                       "teacher": count_params(built.teacher),
+                       "projectors": count_params(built.loss, trainable=True)},
+            **built.notes, **prepared.notes}
+
+
+def _module(cfg: RunConfig, built: Built) -> DistillModule:
+    tags = sorted({t for rec in getattr(built.splits.val, "records", []) for t in rec.get("qtypes", [])})
+    module_cls = VisionDistillModule if built.classification else DistillModule
+    return module_cls(built.student, built.loss, built.target, cfg.optim, cfg.trainer.max_steps, tuple(tags),
+                      fused_logits=cfg.trainer.fused_logits, matformer=cfg.matformer)
+
+
+def train(cfg: RunConfig, built: Built, run_dir: RunDir, resume: bool = False,
+          before_fit: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Fit `built` as `cfg` says inside `run_dir` (a run or a stage directory); returns its summary.
+
+    With `resume`, continues from `run_dir/checkpoints/last.ckpt` when there is one (optimizer,
+    schedule, step and data position included) and keeps the metrics logged before it.
+    `before_fit` runs on rank 0 just before `Trainer.fit` (multi-stage DDP: release the workers).
+    """
+    start, is_main = time.time(), not is_worker_process()
+    prepared = Prepared(built)
+    train_loader, val_loader, sampler = loaders(cfg, prepared)
+    ckpt = run_dir.last_checkpoint if resume and run_dir.last_checkpoint.is_file() else None
+    resumed_step = _checkpoint_step(ckpt) if ckpt else 0
+    summary = _start_summary(cfg, prepared, run_dir)
+    earlier_metrics = run_dir.path / "metrics.before-resume.csv"
+    if is_main:
+        _begin(cfg, built, run_dir, summary, val_loader, earlier_metrics)
+    _announce(run_dir, summary, resumed_step if ckpt else None)
+    try:
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        module = _module(cfg, built)
+        callbacks = [SamplerState(sampler, cfg.trainer.accumulate_grad_batches), *built.target.callbacks()]
+        trainer = make_trainer(cfg, run_dir, callbacks)
+        if is_main and before_fit is not None:
+            before_fit()
+        fit_start = time.time()
+        try:
+            with fitting(), handed_to_workers(run_dir):
+                trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt)
+        finally:
+            if is_main:
+                _merge_metrics(run_dir, earlier_metrics, resumed_step)
+        if trainer.is_global_zero:
+            _finish(cfg, built, run_dir, trainer, module, summary, time.time() - fit_start, val_loader)
+            summary["wall_time_s"] = round(time.time() - start, 2)
+            run_dir.write_summary(summary)
+        return summary
+    except BaseException as e:
+        raise _ended(e, run_dir, summary, start, is_main) from None
+
+
+def _begin(cfg: RunConfig, built: Built, run_dir: RunDir, summary: dict[str, Any], val_loader, earlier) -> None:
+    """Rank 0 before fitting: the config, the metrics so far (kept aside), the teacher's score."""
+    run_dir.config.write_text(to_yaml(cfg))
+    if run_dir.metrics.is_file():  # Lightning's CSV logger would delete it
+        os.replace(run_dir.metrics, earlier)
+    teacher = built.target.answering_teacher
+    if teacher is not None and cfg.eval_teacher and val_loader is not None:
+        summary["teacher"] = evaluate(teacher, val_loader)
+    run_dir.write_summary(summary)
+
+
+def _announce(run_dir: RunDir, summary: dict[str, Any], resumed_step: int | None) -> None:
+    params = summary["params"]
+    print(f"[workbench] {run_dir.path}: training {params['student_trainable']:,} of {params['student']:,} student "
+          "parameters"
+          + (f" (+{params['projectors']:,} in projectors, not exported)" if params["projectors"] else "")
+          + (f", resuming from step {resumed_step}" if resumed_step is not None else ""))
+
+
+def _ended(e: BaseException, run_dir: RunDir, summary: dict[str, Any], start: float, is_main: bool) -> BaseException:
+    """Record how the run ended (rank 0) and what to raise: signals become `Interrupted`, a
+    full or read-only disk a message naming the run to resume."""
+    if is_main:
+        status, reason = ending(e)
+        summary.update(status=status, error=reason, wall_time_s=round(time.time() - start, 2))
+        run_dir.record(summary)
+    whole_run = run_dir.whole_run.path  # what --resume takes
+    replacement = reraise(e, whole_run)
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+        replacement = WorkbenchError(f"{e}; the last checkpoint is whole: free space (or make {run_dir.path} "
+                                     f"writable) and resume with `workbench run --resume {whole_run}`")
+    return replacement
+
+
+def _finish(cfg: RunConfig, built: Built, run_dir: RunDir, trainer: pl.Trainer, module: DistillModule,
+            summary: dict[str, Any], train_time: float, val_loader: DataLoader | None) -> None:
+    """Rank 0 after a fit: refuse non-finite weights, export the student, fill the summary
+    (steps, throughput, final losses, held-out scores, every MatFormer granularity)."""
+    bad = first_nonfinite(built.student.state_dict().items())
+    if bad is not None:  # e.g. the last step's update overflowed after its checkpoint was checked
+        raise Diverged(f"training diverged: weight {bad} is not finite after step {trainer.global_step}; "
+                       "nothing was exported")
+    built.student.cpu()
+    export_student(built, run_dir.student)
+    samples = trainer.global_step * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
+    summary.update(
+        status="completed",
+        steps=trainer.global_step,
+        samples_seen=samples,
+        train_time_s=round(train_time, 2),
+        samples_per_s=round(samples / max(train_time, 1e-9), 2),
+        final_train={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
+    )
+    if getattr(module, "distributed_check", None):
+        summary["distributed"] = module.distributed_check
+    guard = next(cb for cb in trainer.callbacks if isinstance(cb, DivergenceGuard))
+    if guard.skipped:
+        summary["skipped_steps"] = guard.skipped
+    if val_loader is not None:
+        summary["student"] = evaluate(built.student, val_loader)
+        if cfg.matformer is not None:
+            summary["granularities"] = _granularities(cfg, built.student, val_loader)
+
+
+def _granularities(cfg: RunConfig, student: torch.nn.Module, val_loader: DataLoader) -> dict[str, Any]:
+    """Every uniform granularity of the universal model: its parameters and held-out scores."""
+    from students.matformer import active_config, set_uniform, submodel_params
+
+    out = {}
+    for g in sorted(cfg.matformer.granularities, reverse=True):
+        set_uniform(student, g)
+        out[f"{g:g}"] = {"params": submodel_params(student, active_config(student)), **evaluate(student, val_loader)}
+    set_uniform(student, 1.0)
+    return out

@@ -2,7 +2,7 @@
 when widths differ (FitNets-style hints).
 
 `feature_mse` and `feature_cosine` are the pure functions; `FeatureTerm` reads one or more
-tapped (student, teacher) pairs from `LossInputs` (see `losses/combine.py` TappedTerm).
+tapped (student, teacher) pairs from `LossInputs` (see `losses/term.py` TappedTerm).
 """
 
 from __future__ import annotations

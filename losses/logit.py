@@ -3,7 +3,7 @@
 Pure torch, no Lightning and no IO. Masking, dtype, temperature and per-token averaging are
 written once in `_divergence_loss`; each divergence is a small per-row function of the two
 log-distributions. `sparse_divergence` applies the same row functions to a cached top-k
-teacher (K ids + one rest bucket). `losses/combine.py` picks these by name into a loss.
+teacher (K ids + one rest bucket). `losses/divergence.py` wraps them as loss terms.
 """
 
 from __future__ import annotations

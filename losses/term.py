@@ -64,7 +64,7 @@ class TappedTerm(LossTerm):
     """Base of the terms that compare tensors tapped inside the student and the teacher.
 
     Config gives tap templates (module paths, `{i}` for a layer index) and a layer mapping;
-    `workbench/build.py` resolves them against both models (`bind`), probes widths, and adds
+    `workbench/build/taps.py` resolves them against both models (`bind`), probes widths, and adds
     the projectors the term asks for. The term then reads `LossInputs.student_features[s]` and
     `LossInputs.teacher_features[t]` for each bound pair (s, t) and averages over pairs.
 

@@ -46,7 +46,7 @@ def tiny_llava(*, vocab_size: int, image_token_id: int, pad_token_id: int, bos_t
 
     Args:
         vocab_size, image_token_id, pad_token_id, bos_token_id, eos_token_id: from the
-            tokenizer the student shares with its teacher (filled in by `workbench/build.py`).
+            tokenizer the student shares with its teacher (filled in by `workbench/build/student.py`).
         image_size, patch_size: from the image processor; the tower yields
             (image_size / patch_size)^2 image tokens (its CLS token is dropped).
         vision_*: width, depth and heads of the CLIP vision tower (MLP 4x width).
@@ -94,7 +94,7 @@ def llava_from_parts(*, vocab_size: int, image_token_id: int, pad_token_id: int,
     Args:
         vocab_size, image_token_id, pad_token_id, bos_token_id, eos_token_id, image_size,
             patch_size: from the processor the student shares with its teacher (filled in by
-            `workbench/build.py`); the LM's embeddings grow to `vocab_size` if the tokenizer
+            `workbench/build/student.py`); the LM's embeddings grow to `vocab_size` if the tokenizer
             has more tokens (e.g. an added image token).
         vision_model: folder or hub id of a vision encoder checkpoint (a full CLIP/SigLIP
             model or its vision tower alone) or of a VLM; only the vision tower is kept.

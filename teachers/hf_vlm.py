@@ -1,8 +1,8 @@
 """A frozen Hugging Face VLM teacher: any `AutoModelForImageTextToText` checkpoint.
 
-`workbench/build.py` creates an `HFVLMTeacher` from `teacher.*` config keys; `DistillModule`
-calls it under no_grad and hands its `TeacherOutput` (logits) to the losses; feature taps
-(`workbench/taps.py`) read what loss terms need from inside `HFVLMTeacher.model`. Optional
+`workbench/build/teacher.py` creates an `HFVLMTeacher` from `teacher.*` config keys; the online
+target (`workbench/targets/online.py`) calls it under no_grad and hands its logits to the
+losses; feature taps (`workbench/taps.py`) read what loss terms need from inside `HFVLMTeacher.model`. Optional
 8-bit / NF4 loading goes through bitsandbytes and quantizes only the text decoder.
 """
 

@@ -1,7 +1,7 @@
 """A frozen timm image classifier as teacher (DeiT, Swin, RegNetY, ... or a model we trained).
 
-`workbench/build.py` creates a `TimmTeacher` from `teacher.*` config keys; `DistillModule`
-calls it under no_grad for class logits, and feature taps (`workbench/taps.py`) read Q/K/V
+`workbench/build/teacher.py` creates a `TimmTeacher` from `teacher.*` config keys; the online
+target (`workbench/targets/online.py`) calls it under no_grad for class logits, and feature taps (`workbench/taps.py`) read Q/K/V
 projections or block outputs inside `TimmTeacher.model` by timm module path.
 """
 

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny wind tunnel and a tiny saved VLM, built once per test session."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any `import triton`
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,6 +11,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]  # the repository root
 
 TINY_STUDENT = dict(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2, text_heads=2)
 TINY_MODEL = [f"student.kwargs.{k}={v}" for k, v in TINY_STUDENT.items()]
@@ -32,6 +35,28 @@ def tiny_run_args(root, *extra) -> list[str]:
         "trainer.max_steps=6", "trainer.val_every_n_steps=3", "trainer.log_every_n_steps=1", "trainer.progress_bar=false",
         "optim.warmup_steps=2", *TINY_MODEL, *extra,
     ]
+
+
+QUICKSTART = "experiments/windtunnel/quickstart.yaml"
+
+
+def quick(root, *extra):
+    """The quickstart at tiny size: 40 training images, 20% labelled, a few steps per stage."""
+    args = [
+        f"out_root={root}/runs", f"data.root={root}/data", "data.windtunnel.n_train=40", "data.windtunnel.n_val=16",
+        "data.batch_size=8", "data.eval_batch_size=16", "data.labeled_fraction=0.2", "data.max_new_tokens=3",
+        "student.kwargs.text_hidden=32", "student.kwargs.vision_hidden=32", "student.kwargs.text_heads=2",
+        "student.kwargs.vision_heads=2",
+        "trainer.max_steps=4", "trainer.val_every_n_steps=2", "trainer.log_every_n_steps=1",
+        "stages.teacher.trainer.max_steps=6", "stages.teacher.trainer.val_every_n_steps=3",
+        "stages.teacher.student.kwargs.text_hidden=48", "stages.teacher.student.kwargs.text_layers=2",
+        "stages.teacher.student.kwargs.vision_hidden=32", "stages.teacher.student.kwargs.vision_layers=1",
+        "stages.teacher.student.kwargs.text_heads=2", "stages.teacher.student.kwargs.vision_heads=2",
+        *extra,
+    ]
+    if "stages=null" in extra:  # the experiment's top level alone
+        args = [a for a in args if not a.startswith("stages.")]
+    return args
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +96,28 @@ def tiny_vlm_dir(tmp_path_factory, processor):
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def fake_inputs(length=9, vocab=23, width=8, fused=False, seed=0, **extra):
+    """Loss inputs of two hand-made sequences (image tokens at 1..3, answers near the end) with
+    a random LM head over random hidden states and random dense teacher logits; with `fused`
+    the student logits are left to the head. Returns (inputs, hidden, head) unfused."""
+    from torch import nn
+
+    from losses.inputs import IGNORE_INDEX, LossInputs
+
+    g = torch.Generator().manual_seed(seed)
+    b = 2
+    labels = torch.full((b, length), IGNORE_INDEX)
+    labels[0, 5:8] = torch.randint(0, vocab, (3,), generator=g)
+    labels[1, 6:] = torch.randint(0, vocab, (length - 6,), generator=g)
+    image_mask = torch.zeros(b, length, dtype=torch.bool)
+    image_mask[:, 1:4] = True
+    head = nn.Linear(width, vocab, bias=True)
+    hidden = torch.randn(b, length, width, generator=g, requires_grad=True)
+    teacher = torch.randn(b, length, vocab, generator=g)
+    common = dict(labels=labels, attention_mask=torch.ones(b, length, dtype=torch.long), image_mask=image_mask,
+                  teacher_logits=teacher, **extra)
+    if fused:
+        return LossInputs(student_logits=None, student_hidden=hidden, student_head=head, **common)
+    return LossInputs(student_logits=head(hidden), **common), hidden, head

@@ -3,7 +3,7 @@
 `load_config("experiments/x.yaml", ["optim.lr=3e-4"])` returns a `RunConfig`. Dataclass nodes
 are closed, so a misspelt key fails with the closest valid names; a value of the wrong type
 fails naming the key and the type it needs. Things are named by registry key (see
-`workbench/registry.py`), never by import path; `workbench/build.py` turns names into objects.
+`workbench/registry.py`), never by import path; `workbench/build/` turns names into objects.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def _checkpoint_step(ckpt) -> int:
 
 def _start_summary(cfg: RunConfig, prepared: Prepared, run_dir: RunDir) -> dict[str, Any]:
     built = prepared.built
-    return {"name": cfg.name, "run_id": run_dir.path.name, "status": "running",
+    return {"name": cfg.name, "run_id": run_dir.path.name, "status": "running", "target": built.target.name,
             "params": {"student": count_params(built.student),
                        "student_trainable": count_params(built.student, trainable=True),
                        "teacher": count_params(built.teacher),

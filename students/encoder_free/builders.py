@@ -64,7 +64,7 @@ def eve_student(*, vocab_size: int, image_token_id: int, pad_token_id: int, bos_
 
     Args:
         vocab_size, image_token_id, pad_token_id, bos_token_id, eos_token_id: from the processor
-            (filled in by `workbench/build.py`).
+            (filled in by `workbench/build/student.py`).
         language_model: folder or hub id of the LLM to start from: a causal LM, or a VLM whose
             language model and head are taken (EVE: Vicuna-7B). Without it a random `text_model`
             decoder of the `text_*` size is built.

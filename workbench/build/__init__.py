@@ -62,7 +62,8 @@ def build(cfg: RunConfig) -> Built:
     """Config -> data, loss, student, target; raises `WorkbenchError` on any bad input."""
     torch.manual_seed(cfg.seed)
     data = build_data(cfg)
-    loss = build_loss(cfg, cfg.teacher is not None)
+    # a teacher signal comes from a configured teacher, or from a target named explicitly
+    loss = build_loss(cfg, cfg.teacher is not None or cfg.target not in ("auto", "none"))
     ctx = TargetContext(cfg, None, None, loss, data.splits.train, None, None, data.num_classes)
     student, notes = build_student(cfg, data, lambda: ctx.teacher)
     processor = None if data.classification else student_processor(student, data.processor)

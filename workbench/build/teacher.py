@@ -16,11 +16,15 @@ _TARGET_KEYS = ("type", "cache", "top_k")  # read by the targets, not passed to 
 
 
 def build_teacher(cfg: RunConfig) -> nn.Module | None:
-    """The teacher `teacher.type` names, given the `teacher.*` keys its builder takes; a key
-    set to a non-default value that this type does not read is an error."""
-    t = cfg.teacher
-    if t is None:
+    """The teacher `teacher.type` names, given the `teacher.*` keys its builder takes."""
+    if cfg.teacher is None:
         return None
+    return TEACHERS.get(cfg.teacher.type)(**teacher_arguments(cfg.teacher))
+
+
+def teacher_arguments(t: TeacherConfig) -> dict:
+    """The `teacher.*` keys the builder of `teacher.type` takes; a key set to a non-default
+    value that this type does not read is an error."""
     builder = TEACHERS.get(t.type, "teacher.type")
     takes = inspect.signature(builder).parameters
     default = TeacherConfig(path=t.path)
@@ -33,7 +37,7 @@ def build_teacher(cfg: RunConfig) -> nn.Module | None:
             args[f.name] = value
         elif value != getattr(default, f.name):
             raise WorkbenchError(f"config key 'teacher.{f.name}' does not apply to teacher type {t.type!r}")
-    return builder(**args)
+    return args
 
 
 def is_feature_teacher(t: TeacherConfig) -> bool:

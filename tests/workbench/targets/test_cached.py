@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_vlm
-from test_research import quick
+from conftest import quick
 from workbench.cli import main
 from workbench.data.llava import LlavaDataset, VLMCollator
 from workbench.data.disagreement import DisagreementPool
@@ -121,7 +121,7 @@ def test_disagreement_pool_is_empty_when_the_student_is_the_teacher(processor, s
 
 
 def test_parity_run_trains_on_teacher_labels_only(tmp_path_factory):
-    from test_research import QUICKSTART
+    from conftest import QUICKSTART
 
     root = tmp_path_factory.mktemp("parity")
     # the quickstart gives a teacher folder

@@ -20,8 +20,8 @@ import workbench
 from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.results import aggregate, compare, default_metrics, format_table, load_runs, metrics, varying_keys
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "experiments" / "notebooks" / "ablations.ipynb"
 LRS = (0.001, 0.003)
 SEEDS = (0, 1)

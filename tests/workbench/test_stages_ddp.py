@@ -13,6 +13,7 @@ import time
 import pytest
 
 from conftest import subprocess_env
+from conftest import REPO
 
 QUICKSTART = "experiments/windtunnel/quickstart.yaml"
 
@@ -86,4 +87,4 @@ def test_a_killed_ddp_stage_resumes(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _repo_root(monkeypatch):
-    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.chdir(str(REPO))

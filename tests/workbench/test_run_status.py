@@ -1,4 +1,4 @@
-"""How runs end (workbench/interrupt.py, workbench/run.py): SIGTERM and SIGINT mid-training end
+"""How runs end (workbench/interrupt.py, workbench/fit.py): SIGTERM and SIGINT mid-training end
 `interrupted` with exit 143 / 130 and resume to completion; an error while the Trainer is
 built ends `failed`; nothing that did not complete moves `latest`."""
 

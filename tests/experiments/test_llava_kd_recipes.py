@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_run import tiny
+from conftest import tiny_run_args as tiny
 from workbench.cli import main
 
 RECIPE = "experiments/windtunnel/llava_kd.yaml"

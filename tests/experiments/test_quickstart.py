@@ -14,30 +14,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from test_run import tiny
+from conftest import QUICKSTART, quick, tiny_run_args as tiny
 from workbench.cli import main
 from workbench.config import load_config
 
-QUICKSTART = "experiments/windtunnel/quickstart.yaml"
-
-
-def quick(root, *extra):
-    """The quickstart at tiny size: 40 training images, 20% labelled, a few steps per stage."""
-    args = [
-        f"out_root={root}/runs", f"data.root={root}/data", "data.windtunnel.n_train=40", "data.windtunnel.n_val=16",
-        "data.batch_size=8", "data.eval_batch_size=16", "data.labeled_fraction=0.2", "data.max_new_tokens=3",
-        "student.kwargs.text_hidden=32", "student.kwargs.vision_hidden=32", "student.kwargs.text_heads=2",
-        "student.kwargs.vision_heads=2",
-        "trainer.max_steps=4", "trainer.val_every_n_steps=2", "trainer.log_every_n_steps=1",
-        "stages.teacher.trainer.max_steps=6", "stages.teacher.trainer.val_every_n_steps=3",
-        "stages.teacher.student.kwargs.text_hidden=48", "stages.teacher.student.kwargs.text_layers=2",
-        "stages.teacher.student.kwargs.vision_hidden=32", "stages.teacher.student.kwargs.vision_layers=1",
-        "stages.teacher.student.kwargs.text_heads=2", "stages.teacher.student.kwargs.vision_heads=2",
-        *extra,
-    ]
-    if "stages=null" in extra:  # the experiment's top level alone
-        args = [a for a in args if not a.startswith("stages.")]
-    return args
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Logit-distillation losses (`losses/logit.py`) and their weighted combination (`losses/combine.py`).
+"""Logit-distillation losses (`losses/logit.py`) , the logit terms (`losses/divergence.py`) and their weighted sum (`losses/combine.py`).
 
 Reference values are computed independently here with plain Python loops over floats.
 """

@@ -1,6 +1,6 @@
 """Assertions shared by the kernel tests (tests/test_kernel_*.py).
 
-Imported as `from kernel_utils import assert_close_verbose` (pytest puts tests/ on sys.path).
+Imported as `from kernel_utils import assert_close_verbose` (pytest puts tests/kernels/ on sys.path).
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def test_bad_matformer_configs_exit_2(tmp_path, capsys, override, message):
 
 def test_vlm_language_model_trains_nested(tmp_path):
     """A tiny LLaVA with `matformer:` nests its language model only and logs every granularity."""
-    from test_run import tiny
+    from conftest import tiny_run_args as tiny
 
     args = ["run", "experiments/windtunnel/teacher.yaml", *tiny(tmp_path), "matformer.granularities=[1.0,0.5]"]
     assert main(args) == 0

@@ -3,6 +3,7 @@ registries' argument checks, and the LR schedules / AdamW parameter groups in op
 Cheap: nothing here builds a model from a config."""
 
 import math
+import inspect
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,11 @@ from torch import nn
 from workbench.config import stage_configs, RunConfig, load_config, merge_config, to_yaml
 from workbench.errors import WorkbenchError
 from workbench.optim import lr_multiplier, param_groups
-from workbench.registry import DATASETS, LOSSES, STUDENTS
+from workbench.registry import DATASETS, LOSSES, STUDENTS, TEACHERS
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
+TEACHERS_GET = TEACHERS.get
+
 SHIPPED = sorted((REPO / "experiments").rglob("*.yaml"))
 KD_RECIPE = REPO / "experiments" / "windtunnel" / "student_kd.yaml"
 TEACHER_RECIPE = REPO / "experiments" / "windtunnel" / "teacher.yaml"
@@ -46,6 +49,34 @@ def test_every_shipped_yaml_loads(path):
     assert cfg.name == raw.get("name", cfg.name) and cfg.name != RunConfig().name  # the YAML was applied
     stages = [s for _, s in stage_configs(cfg)] if cfg.stages else [cfg]
     assert all(s.loss for s in stages), "a recipe (or stage) without loss terms cannot train"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO)) for p in SHIPPED])
+def test_every_shipped_yaml_binds_to_the_builders(path):
+    """Each stage's student kwargs, teacher keys, loss terms and transforms fit the signatures
+    of what they name: a recipe that loads but names an argument a builder lost fails here."""
+    import timm
+
+    import students.minivit  # noqa: F401 - registers the MiniViT models with timm
+    from workbench.build.loss import build_term
+    from workbench.build.student import requested_transforms
+    from workbench.build.teacher import teacher_arguments
+    from workbench.registry import TRANSFORMS
+
+    cfg = load_config(path)
+    for stage in [s for _, s in stage_configs(cfg)] if cfg.stages else [cfg]:
+        if stage.student.path is None:
+            if stage.student.type in STUDENTS.names():
+                STUDENTS.check_kwargs(stage.student.type, stage.student.kwargs, "student.kwargs")
+            else:  # image classification: a timm architecture
+                assert timm.is_model(stage.student.type), stage.student.type
+        if stage.teacher is not None:
+            assert set(teacher_arguments(stage.teacher)) <= set(inspect.signature(
+                TEACHERS_GET(stage.teacher.type)).parameters)
+        for name, term in stage.loss.items():
+            assert build_term(name, term) is not None
+        for name, options in requested_transforms(stage).items():
+            TRANSFORMS.check_kwargs(name, options, name)
 
 
 # ---- base: inheritance --------------------------------------------------------------------

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from losses.inputs import TOKEN_MASKS, LossInputs, check_choice
-from losses.logit import cross_entropy, forward_kl, jsd, reverse_kl, soft_cross_entropy, sparse_divergence, tvd
+from losses.logit import (check_divergence_options, cross_entropy, forward_kl, jsd, reverse_kl, soft_cross_entropy,
+                          sparse_divergence, tvd)
 from losses.term import LossTerm
 
 DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "tvd": tvd, "soft_ce": soft_cross_entropy}
@@ -86,12 +87,8 @@ class LogitDivergenceTerm(LossTerm):
         super().__init__()
         check_choice("reduction", reduction, ("mean", "batchmean"))
         self.reduction = reduction
-        check_choice("divergence", divergence, list(DIVERGENCES))
+        check_divergence_options(divergence, temperature, beta, kinds=tuple(DIVERGENCES))
         check_choice("token mask", mask, TOKEN_MASKS)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {beta}")
         self.divergence = divergence
         self.temperature = temperature
         self.mask = mask

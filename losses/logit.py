@@ -25,6 +25,20 @@ def divergence_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def check_divergence_options(kind: str | None = None, temperature: float = 1.0, beta: float = 0.5,
+                             kinds: tuple[str, ...] | None = None) -> None:
+    """The one check of a divergence's options, used by the functions here, the fused kernel
+    (`kernels.fused_linear_kd`) and the loss terms (`losses/divergence.py`): `kind` one of
+    `kinds` (default: the divergences a top-k teacher serves), tau > 0, beta in [0, 1]."""
+    kinds = SPARSE_DIVERGENCES if kinds is None else kinds
+    if kind is not None and kind not in kinds:
+        raise ValueError(f"unknown divergence {kind!r}; valid: {', '.join(kinds)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+
+
 def _keep_rows(x: Tensor, mask: Tensor | None, event_shape: tuple[int, ...]) -> Tensor:
     """Rows of `x` at kept positions, flattened over the leading dims.
 
@@ -86,8 +100,7 @@ def _divergence_loss(
         Scalar: tau**2 * (sum of per-token divergences over kept tokens) / (number of kept
         tokens). Exactly 0, still attached to the student's graph, when no token is kept.
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_divergence_options(temperature=temperature)
     _check_logits(student_logits, teacher_logits)
     _check_mask(mask, student_logits.shape[:-1])
     vocab = (student_logits.shape[-1],)
@@ -215,8 +228,7 @@ def jsd(
     Returns:
         Scalar per-token mean over kept tokens (0 when none is kept).
     """
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    check_divergence_options(temperature=temperature, beta=beta)
     if beta == 0.0:
         return forward_kl(student_logits, teacher_logits, mask, temperature)
     if beta == 1.0:
@@ -422,12 +434,7 @@ def sparse_divergence(
     Returns:
         (N,) per-row divergences times tau**2, in the compute dtype (float32 or wider).
     """
-    if kind not in SPARSE_DIVERGENCES:
-        raise ValueError(f"unknown divergence {kind!r}; valid: {', '.join(SPARSE_DIVERGENCES)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    check_divergence_options(kind, temperature, beta)
     _check_sparse_target(student_logits, topk_ids, topk_logp)
     if kind == "jsd" and beta in (0.0, 1.0):  # the endpoints, as in the dense `jsd`
         kind = "forward_kl" if beta == 0.0 else "reverse_kl"

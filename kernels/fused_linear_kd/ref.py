@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from losses.logit import (
-    SPARSE_DIVERGENCES,
     TVD_TIE_RTOL,
-    divergence_dtype,
+    check_divergence_options,
     check_topk_ids,
+    divergence_dtype,
     forward_kl,
     jsd,
     reverse_kl,
@@ -99,12 +99,7 @@ def check_inputs(
     JSD's endpoints become the KL they equal (beta = 0 forward, beta = 1 reverse), as in
     `losses.logit.jsd`, so the kernels only see strict 0 < beta < 1.
     """
-    if kind not in SPARSE_DIVERGENCES:
-        raise ValueError(f"unknown divergence kind {kind!r}; valid: {', '.join(SPARSE_DIVERGENCES)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    check_divergence_options(kind, temperature, beta)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     if chunk_size is not None and chunk_size < 1:

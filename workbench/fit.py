@@ -147,14 +147,9 @@ def _checkpoint_step(ckpt) -> int:
                              "writing it? Remove it to restart this stage from scratch") from None
 
 
-def _start_summary(cfg: RunConfig, prepared: Prepared, run_dir: RunDir) -> dict[str, Any]:
-    built = prepared.built
-    return {"name": cfg.name, "run_id": run_dir.path.name, "status": "running", "target": built.target.name,
-            "params": {"student": count_params(built.student),
-                       "student_trainable": count_params(built.student, trainable=True),
-                       "teacher": count_params(built.teacher),
-                       "projectors": count_params(built.loss, trainable=True)},
-            **built.notes, **prepared.notes}
+def _params(built: Built) -> dict[str, int | None]:
+    return {"student": count_params(built.student), "student_trainable": count_params(built.student, trainable=True),
+            "teacher": count_params(built.teacher), "projectors": count_params(built.loss, trainable=True)}
 
 
 def _module(cfg: RunConfig, built: Built) -> DistillModule:
@@ -173,16 +168,20 @@ def train(cfg: RunConfig, built: Built, run_dir: RunDir, resume: bool = False,
     `before_fit` runs on rank 0 just before `Trainer.fit` (multi-stage DDP: release the workers).
     """
     start, is_main = time.time(), not is_worker_process()
-    prepared = Prepared(built)
-    train_loader, val_loader, sampler = loaders(cfg, prepared)
     ckpt = run_dir.last_checkpoint if resume and run_dir.last_checkpoint.is_file() else None
     resumed_step = _checkpoint_step(ckpt) if ckpt else 0
-    summary = _start_summary(cfg, prepared, run_dir)
+    summary: dict[str, Any] = {"name": cfg.name, "run_id": run_dir.path.name, "status": "running",
+                               "target": built.target.name, **built.notes}
     earlier_metrics = run_dir.path / "metrics.before-resume.csv"
-    if is_main:
-        _begin(cfg, built, run_dir, summary, val_loader, earlier_metrics)
-    _announce(run_dir, summary, resumed_step if ckpt else None)
     try:
+        if is_main:
+            run_dir.config.write_text(to_yaml(cfg))  # first: a run that fails from here on can be resumed
+        prepared = Prepared(built)  # may run the teacher over the data set (a cache)
+        train_loader, val_loader, sampler = loaders(cfg, prepared)
+        summary.update(params=_params(built), **prepared.notes)
+        if is_main:
+            _begin(cfg, built, run_dir, summary, val_loader, earlier_metrics)
+        _announce(run_dir, summary, resumed_step if ckpt else None)
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         module = _module(cfg, built)
         callbacks = [SamplerState(sampler, cfg.trainer.accumulate_grad_batches), *built.target.callbacks()]
@@ -206,8 +205,7 @@ def train(cfg: RunConfig, built: Built, run_dir: RunDir, resume: bool = False,
 
 
 def _begin(cfg: RunConfig, built: Built, run_dir: RunDir, summary: dict[str, Any], val_loader, earlier) -> None:
-    """Rank 0 before fitting: the config, the metrics so far (kept aside), the teacher's score."""
-    run_dir.config.write_text(to_yaml(cfg))
+    """Rank 0 before fitting: the metrics so far (kept aside), the teacher's score."""
     if run_dir.metrics.is_file():  # Lightning's CSV logger would delete it
         os.replace(run_dir.metrics, earlier)
     teacher = built.target.answering_teacher

@@ -17,7 +17,6 @@ from workbench.cli import main
 TEACHER = "experiments/windtunnel/teacher.yaml"
 
 
-
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_mid_training_ends_interrupted_and_resumes(tmp_path, signum, code):
     args = tiny_run_args(tmp_path, "trainer.max_steps=100", "trainer.val_every_n_steps=100",
@@ -100,3 +99,37 @@ def test_sigterm_outside_fit_unwinds_past_except_exception_and_maps_to_143(monke
     with pytest.raises(KeyboardInterrupt):
         interrupt._on_signal(signal.SIGINT, None)
     assert interrupt.ending(SystemExit(1)) == ("interrupted", "SIGINT")  # Lightning's exit after Ctrl-C
+
+
+def test_a_target_that_fails_while_preparing_ends_failed_and_can_be_resumed(tmp_path, capsys):
+    """Work over the data set (a teacher cache) runs after the run directory exists: when it
+    fails the run is recorded as failed, with its config, so `--resume` can finish it."""
+    from teachers.errors import TeacherError
+    from workbench.registry import TARGETS
+    from workbench.targets.none import NoTeacher
+
+    class Flaky(NoTeacher):
+        name, priority, failures = "flaky", -1, [1]
+
+        @classmethod
+        def applies(cls, ctx) -> bool:
+            return False
+
+        def prepare(self) -> dict:
+            if self.failures and self.failures.pop():
+                raise TeacherError("the teacher cache could not be made")
+            return {"prepared": True}
+
+    TARGETS.register("flaky", Flaky)
+    try:
+        assert main(["run", TEACHER, *tiny_run_args(tmp_path, "run_id=f", "target=flaky")]) == 2
+        assert "could not be made" in capsys.readouterr().err
+        run = tmp_path / "runs" / "windtunnel-teacher" / "f"
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "failed" and "could not be made" in summary["error"]
+        assert not (run.parent / "latest").exists()
+        assert main(["run", "--resume", str(run)]) == 0
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["prepared"] is True
+    finally:
+        TARGETS.unregister("flaky")

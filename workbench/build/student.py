@@ -18,6 +18,7 @@ from workbench.errors import WorkbenchError
 from workbench.registry import STUDENTS, TRANSFORMS, closest
 
 INIT_FROM_ORDER = 50  # transforms ordered below this run before `init_from`, the others after
+TYPED_TRANSFORMS = ("hybrid", "matformer")  # transforms with a typed top-level config block
 
 
 def create_student(cfg: RunConfig, data: Data) -> nn.Module:
@@ -81,7 +82,7 @@ def _processor_fields(student_type: str, processor) -> dict[str, Any]:
 def requested_transforms(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """Transform name -> options: `hybrid:` and `matformer:` (typed keys) and `transforms:`."""
     wanted = {name: dict(options or {}) for name, options in cfg.transforms.items()}
-    for name in ("hybrid", "matformer"):
+    for name in TYPED_TRANSFORMS:
         block = getattr(cfg, name)
         if block is not None:
             if name in wanted:
@@ -93,12 +94,12 @@ def requested_transforms(cfg: RunConfig) -> dict[str, dict[str, Any]]:
 def apply_transforms(student: nn.Module, wanted: dict[str, dict[str, Any]], before_init: bool,
                      notes: dict[str, Any]) -> None:
     """Apply the requested transforms of one side of `init_from`, in their registered order."""
-    chosen = [(TRANSFORMS.info[n].get("order", INIT_FROM_ORDER), n) for n in wanted if TRANSFORMS.get(n, "transforms")]
-    for order, name in sorted(chosen):
+    for name in wanted:
+        TRANSFORMS.get(name, "transforms")
+    for order, name in sorted((TRANSFORMS.info[n].get("order", INIT_FROM_ORDER), n) for n in wanted):
         if (order < INIT_FROM_ORDER) != before_init:
             continue
-        key = "transforms" if name not in ("hybrid", "matformer") else ""
-        where = f"{key}.{name}" if key else name
+        where = name if name in TYPED_TRANSFORMS else f"transforms.{name}"
         try:
             note = TRANSFORMS.build(name, where, fixed={"student": student}, **wanted[name])
         except ValueError as e:

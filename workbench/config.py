@@ -122,6 +122,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     checkpoint_every_n_steps: int | None = None  # default: at every validation
     progress_bar: bool = True
+    loggers: list[str] = field(default_factory=lambda: ["csv"])  # csv (always on) | tensorboard | wandb | mlflow
     fused_logits: bool = False  # logit terms from hidden states in row chunks (kernels/fused_linear_kd): no (B, L, V) student logits
     on_nonfinite: str = "stop"  # stop | skip: a nan/inf loss, term or gradient ends the run, or skips that step
     max_skipped_steps: int = 10  # with on_nonfinite=skip: the run stops at the next one after this many
@@ -535,6 +536,10 @@ def _validate_term(name: str, term: Any) -> None:
 
 
 def _validate_trainer(t: TrainerConfig) -> None:
+    from workbench.loggers import LOGGERS
+
+    for name in t.loggers:
+        _choice("trainer.loggers", name, LOGGERS)
     _choice("trainer.on_nonfinite", t.on_nonfinite)
     _choice("trainer.precision", str(t.precision))
     at_least_1 = {"accumulate_grad_batches": t.accumulate_grad_batches, "log_every_n_steps": t.log_every_n_steps,

@@ -17,7 +17,6 @@ from typing import Any, Callable
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from workbench.batch import model_inputs
@@ -28,6 +27,7 @@ from workbench.data.sampler import SamplerState, StepBatchSampler
 from workbench.errors import WorkbenchError
 from workbench.guard import Diverged, DivergenceGuard, first_nonfinite
 from workbench.interrupt import ending, fitting, reraise
+from workbench.loggers import Throughput, finish_loggers, make_loggers
 from workbench.metrics import accuracies, merge_scores, score_outputs
 from workbench.module import DistillModule, VisionDistillModule
 from workbench.rundir import RunDir, handed_to_workers, is_worker_process
@@ -102,7 +102,7 @@ def make_trainer(cfg: RunConfig, run_dir: RunDir, callbacks: list[pl.Callback]) 
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=cfg.optim.grad_clip or None,
         num_sanity_val_steps=0,
-        logger=CSVLogger(run_dir.path, name="", version=""),
+        logger=make_loggers(cfg, run_dir),
         callbacks=[DivergenceGuard(t.on_nonfinite, t.max_skipped_steps), checkpoint, *callbacks],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # StepBatchSampler shards batches across ranks itself
@@ -184,7 +184,8 @@ def train(cfg: RunConfig, built: Built, run_dir: RunDir, resume: bool = False,
         _announce(run_dir, summary, resumed_step if ckpt else None)
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         module = _module(cfg, built)
-        callbacks = [SamplerState(sampler, cfg.trainer.accumulate_grad_batches), *built.target.callbacks()]
+        callbacks = [SamplerState(sampler, cfg.trainer.accumulate_grad_batches), Throughput(),
+                     *built.target.callbacks()]
         trainer = make_trainer(cfg, run_dir, callbacks)
         if is_main and before_fit is not None:
             before_fit()
@@ -193,6 +194,7 @@ def train(cfg: RunConfig, built: Built, run_dir: RunDir, resume: bool = False,
             with fitting(), handed_to_workers(run_dir):
                 trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt)
         finally:
+            finish_loggers(trainer.loggers)
             if is_main:
                 _merge_metrics(run_dir, earlier_metrics, resumed_step)
         if trainer.is_global_zero:
@@ -258,6 +260,9 @@ def _finish(cfg: RunConfig, built: Built, run_dir: RunDir, trainer: pl.Trainer, 
     )
     if getattr(module, "distributed_check", None):
         summary["distributed"] = module.distributed_check
+    throughput = next(cb for cb in trainer.callbacks if isinstance(cb, Throughput)).summary()
+    if throughput:
+        summary["throughput"] = throughput  # medians over training steps
     guard = next(cb for cb in trainer.callbacks if isinstance(cb, DivergenceGuard))
     if guard.skipped:
         summary["skipped_steps"] = guard.skipped

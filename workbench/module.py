@@ -22,6 +22,7 @@ from workbench.config import MatFormerConfig, OptimConfig
 from workbench.metrics import accuracies, merge_scores, score_outputs
 from workbench.optim import make_optimizer
 from workbench.batch import model_inputs
+from workbench.loggers import diagnostics
 from workbench.targets import Target
 from workbench.taps import FeatureTaps, TapPoint
 
@@ -106,9 +107,12 @@ class DistillModule(pl.LightningModule):
         if self.matformer is not None:
             total = self._matformer_step(batch, n)
         else:
-            total, terms = self.loss(self._loss_inputs(batch, fused=self.fused_logits))
+            inputs = self._loss_inputs(batch, fused=self.fused_logits)
+            total, terms = self.loss(inputs)
             for name, value in terms.items():
                 self._log_train(name, value, n)
+            if self.loss.needs_teacher:
+                self.log_dict(diagnostics(inputs), batch_size=n)
         self._log_train("loss", total, n, prog_bar=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return total
@@ -157,8 +161,10 @@ class DistillModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         inputs = self._loss_inputs(batch)
         if self.target.scores_validation or not self.loss.needs_teacher:
-            total, _ = self.loss(inputs)
-            self.log("val/loss", total, batch_size=batch["labels"].shape[0], sync_dist=True)
+            total, terms = self.loss(inputs)
+            n = batch["labels"].shape[0]
+            self.log("val/loss", total, batch_size=n, sync_dist=True)
+            self.log_dict({f"val/{name}": value for name, value in terms.items()}, batch_size=n, sync_dist=True)
         merge_scores(self._val_scores, score_outputs(inputs.student_logits, batch))
 
     def on_validation_epoch_end(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from losses.inputs import FEATURE_MASKS, LossInputs, check_choice
 from losses.term import LossTerm, TappedTerm, align_tokens

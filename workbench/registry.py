@@ -93,7 +93,6 @@ class Registry:
     def check_kwargs(self, name: str, kwargs: dict[str, Any], where: str, siblings: tuple[str, ...] = ()) -> None:
         """Fail on arguments the builder does not take or whose type does not fit; `siblings`
         are other keys valid beside them (a loss term's `type` and `weight`), for suggestions."""
-        fn = self.get(name)
         params, hints = self.parameters(name)
         for key, value in kwargs.items():
             if key in self._presets[name]:

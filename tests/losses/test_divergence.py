@@ -8,7 +8,7 @@ from conftest import fake_inputs
 from losses.divergence import CrossEntropyTerm, LogitDivergenceTerm, MDistTerm
 from losses.inputs import IGNORE_INDEX, LossInputs
 from losses.logit import forward_kl
-from losses.relation import RDistTerm, rdist
+from losses.relation import RDistTerm
 
 torch.manual_seed(0)
 

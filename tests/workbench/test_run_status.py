@@ -3,7 +3,6 @@
 built ends `failed`; nothing that did not complete moves `latest`."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

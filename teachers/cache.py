@@ -217,7 +217,7 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _weights_digest(path: Path) -> str:
+def weights_digest(path: Path) -> str:
     """sha256 of a weights file: whole content up to 256 MiB, else size + header + 16 samples."""
     size = path.stat().st_size
     if size <= _WHOLE_FILE_LIMIT:
@@ -273,7 +273,7 @@ def fingerprint_teacher(path: str, revision: str | None = None) -> dict[str, Any
         raise TeacherError(f"teacher folder {folder} has no *.safetensors or *.bin weights")
     digest = hashlib.sha256()
     for file in weights:
-        digest.update(f"{file.name}\0{_weights_digest(file)}\n".encode())
+        digest.update(f"{file.name}\0{weights_digest(file)}\n".encode())
     return {
         "path": str(path), "revision": revision,
         "config_sha256": _sha256_file(config), "weights_sha256": digest.hexdigest(),

@@ -1,5 +1,5 @@
-"""`workbench` command line: run (single, multi-stage, sweeps, resume), cache-teacher, compare, extract,
-data, bench, doctor.
+"""`workbench` command line: run (single, multi-stage, sweeps, resume), cache-teacher, eval, compare,
+extract, data, bench, doctor.
 
 Bad input of any kind exits with code 2 and a short message (no traceback; `--debug` shows
 it). Anything else that fails is a bug and keeps its traceback.
@@ -101,11 +101,23 @@ def _cmd_data(args: argparse.Namespace) -> None:
           + (", classification/" if args.n_classification else ""))
 
 
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from workbench.evaluation import eval_command
+
+    config, overrides = args.config, args.overrides
+    if config is not None and "=" in config and not Path(config).is_file():  # `eval RUN key=value`
+        config, overrides = None, [config, *overrides]
+    eval_command(args.source, config, overrides, data=args.data, processor=args.processor,
+                 image_folder=args.image_folder, teacher=args.teacher, out=args.out, batch_size=args.batch_size)
+
+
 def _cmd_compare(args: argparse.Namespace) -> None:
     from workbench.results import compare_command
 
     print(compare_command(args.paths, by=args.by, metrics=args.metric, fmt=args.format,
-                          group_seeds=not args.per_run), end="")
+                          group_seeds=not args.per_run, mixed=args.mixed), end="")
 
 
 def _cmd_bench_kernels(args: argparse.Namespace) -> None:
@@ -179,12 +191,28 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--question-first", action="store_true", help="put the first question before the image")
     w.set_defaults(func=_cmd_data)
 
+    ev = sub.add_parser("eval", help="score a run's or a folder's model (and its teacher) on a held-out split; "
+                                     "writes eval.json")
+    ev.add_argument("source", help="a run directory (its exported student; a multi-stage run's last), a stage "
+                                   "directory, or a model folder (exported student, extracted submodel, teacher)")
+    ev.add_argument("config", nargs="?", help="experiment YAML whose data.val to score on (default: the run's config)")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides of that config, e.g. data.limit_val=100")
+    ev.add_argument("--data", help="a held-out LLaVA-format JSON, or for an image classifier a <class>/<image> folder")
+    ev.add_argument("--image-folder", help="with --data: where its image paths are relative to (default: its folder)")
+    ev.add_argument("--processor", help="with --data: the processor folder (default: the model folder's)")
+    ev.add_argument("--teacher", help="a teacher folder to score beside it, or 'none' (default: the config's teacher)")
+    ev.add_argument("--batch-size", type=int, help="default data.eval_batch_size, or 32")
+    ev.add_argument("--out", help="where to write eval.json (default: in the run directory, else here)")
+    ev.set_defaults(func=_cmd_eval)
+
     c = sub.add_parser("compare", help="one table of runs: the settings that differ, metrics as mean ± std over seeds")
     c.add_argument("paths", nargs="+", help="run dirs, sweep dirs, folders of runs or globs, e.g. 'runs/study/sweep-*'")
     c.add_argument("--by", action="append", metavar="KEY", help="config key to group by (repeatable; default: those that differ)")
     c.add_argument("--metric", action="append", metavar="NAME", help="summary key, e.g. student.acc/color (repeatable)")
     c.add_argument("--format", choices=("md", "csv", "json"), default="md")
     c.add_argument("--per-run", action="store_true", help="one row per run instead of averaging over seeds")
+    c.add_argument("--mixed", action="store_true", help="average runs scored on different held-out data, teachers or "
+                                                       "evaluation code (refused by default)")
     c.set_defaults(func=_cmd_compare)
 
     x = sub.add_parser("extract", help="cut a Mix'n'Match submodel out of a MatFormer model into its own folder")

@@ -19,7 +19,6 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from workbench.batch import model_inputs
 from workbench.build import Built
 from workbench.checkpoint import AtomicCheckpointIO
 from workbench.config import RunConfig, to_yaml
@@ -28,7 +27,7 @@ from workbench.errors import WorkbenchError
 from workbench.guard import Diverged, DivergenceGuard, first_nonfinite
 from workbench.interrupt import ending, fitting, reraise
 from workbench.loggers import Throughput, finish_loggers, make_loggers
-from workbench.metrics import accuracies, merge_scores, score_outputs
+from workbench.evaluation import data_fingerprint, evaluate, scored_on, teacher_fingerprint
 from workbench.module import DistillModule, VisionDistillModule
 from workbench.rundir import RunDir, handed_to_workers, is_worker_process
 
@@ -61,21 +60,6 @@ def loaders(cfg: RunConfig, prepared: Prepared) -> tuple[DataLoader, DataLoader 
         val = DataLoader(prepared.built.splits.val, batch_size=d.eval_batch_size, shuffle=False,
                          collate_fn=prepared.eval_collator, **common)
     return train, val, sampler
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
-    """Answer accuracy (overall and per question type) of any VLM, or top-1 accuracy of an
-    image classifier, on a held-out loader."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    scores: dict[str, tuple[int, int]] = {}
-    for batch in loader:
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
-        merge_scores(scores, score_outputs(model(**inputs), batch))
-    model.train(was_training)
-    return accuracies(scores)
 
 
 def count_params(model: torch.nn.Module | None, trainable: bool = False) -> int | None:
@@ -211,6 +195,9 @@ def _begin(cfg: RunConfig, built: Built, run_dir: RunDir, summary: dict[str, Any
     if run_dir.metrics.is_file():  # Lightning's CSV logger would delete it
         os.replace(run_dir.metrics, earlier)
     teacher = built.target.answering_teacher
+    if val_loader is not None:
+        summary["scored_on"] = scored_on(data_fingerprint(built.splits.val, built.processor),
+                                         teacher_fingerprint(cfg), built.classification)
     if teacher is not None and cfg.eval_teacher and val_loader is not None:
         summary["teacher"] = evaluate(teacher, val_loader)
     run_dir.write_summary(summary)

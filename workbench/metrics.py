@@ -12,11 +12,39 @@ import torch
 from losses.inputs import IGNORE_INDEX
 
 
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the positions whose next-token prediction is an answer token - what
+    `logits_to_keep` takes so that a model computes logits there only."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def answer_predictions(model: torch.nn.Module, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    """The model's argmax at every answer position, (N,) in reading order, without building
+    (B, L, V) logits: the LM head runs on the answer positions only (`logits_to_keep`).
+
+    A model whose forward ignores `logits_to_keep` (it returns (B, L, V)) is still scored, from
+    its full logits."""
+    keep = answer_positions(labels).to(inputs["input_ids"].device)
+    logits = model(**inputs, logits_to_keep=keep).logits
+    if logits.dim() == 3:
+        logits = logits[keep]
+    return logits.argmax(-1)
+
+
 def answer_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact-match correctness of every answer span from (B, L, V) next-token logits; see
+    `spans_correct`."""
+    return spans_correct(logits[:, :-1][answer_positions(labels)[:, :-1]].argmax(-1), labels)
+
+
+def spans_correct(predictions: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-match correctness of every answer span.
 
     Args:
-        logits: (B, L, V) next-token logits.
+        predictions: (N,) predicted token at each answer position, in the order of
+            `answer_positions(labels)` (row by row, left to right).
         labels: (B, L) answer token ids, IGNORE_INDEX elsewhere.
     Returns:
         correct: (S,) bool, one entry per contiguous answer span (turn), in reading order.
@@ -24,11 +52,12 @@ def answer_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """
     target = labels[:, 1:]  # (B, L-1) token predicted at each position
     mask = target != IGNORE_INDEX
-    wrong = (logits[:, :-1].argmax(-1) != target) & mask
+    wrong = torch.zeros_like(mask)
+    wrong[mask] = predictions.to(target.device) != target[mask]
     starts = mask & ~torch.nn.functional.pad(mask, (1, 0))[:, :-1]  # first token of each span
     span_id = torch.cumsum(starts.flatten().long(), 0).view_as(mask) - 1  # (B, L-1)
     n_spans = int(starts.sum())
-    errors = torch.zeros(n_spans, dtype=torch.long, device=logits.device)
+    errors = torch.zeros(n_spans, dtype=torch.long, device=labels.device)
     errors.scatter_add_(0, span_id[mask], wrong[mask].long())
     row = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[starts]
     return errors == 0, row
@@ -41,7 +70,11 @@ def score_batch(logits: torch.Tensor, labels: torch.Tensor, tags: list[list[str]
         logits: (B, L, V); labels: (B, L).
         tags: per row, one tag per answer span in reading order (rows may have none).
     """
-    correct, row = answer_correct(logits, labels)
+    return score_spans(*answer_correct(logits, labels), tags)
+
+
+def score_spans(correct: torch.Tensor, row: torch.Tensor, tags: list[list[str]] | None = None) -> dict[str, tuple[int, int]]:
+    """(correct, total) over spans from `spans_correct`, overall (key "all") and per tag."""
     out = {"all": (int(correct.sum()), int(correct.numel()))}
     if tags:
         seen: dict[int, int] = {}

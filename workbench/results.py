@@ -29,6 +29,9 @@ CONFIG = "config."
 # Settings that differ between runs without being what the ablation varies.
 _BOOKKEEPING = re.compile(r"^config\.(stages\.[^.]+\.)?(seed|run_id|name|out_root)$|^config\.sweep(\.|$)")
 _SEED = "config.seed"
+SCORED_ON = ("scored_on.protocol", "scored_on.data", "scored_on.teacher")  # workbench/evaluation.py scored_on
+_WHAT = {"scored_on.protocol": "evaluation code (protocol)", "scored_on.data": "held-out data",
+         "scored_on.teacher": "teacher"}
 FORMATS = ("md", "csv", "json")
 
 
@@ -244,7 +247,7 @@ def _sort_key(key: tuple) -> tuple:
 
 
 def aggregate(df: pd.DataFrame, by: list[str] | None = None, metrics: list[str] | None = None,
-              group_seeds: bool = True) -> pd.DataFrame:
+              group_seeds: bool = True, mixed: bool = False) -> pd.DataFrame:
     """Group runs by their settings and average the metrics over seeds (numbers, not text).
 
     Args:
@@ -253,13 +256,18 @@ def aggregate(df: pd.DataFrame, by: list[str] | None = None, metrics: list[str] 
         metrics: summary keys (`student.acc`, `final_train.train/loss`); default: `default_metrics(df)`.
         group_seeds: fold runs with the same settings into one row; False keeps one row per run
             and adds `config.seed`.
+        mixed: average runs of one row even when they were scored on different held-out data,
+            teachers or evaluation code (their `scored_on` records differ).
 
     Returns:
-        Columns: the keys, `n` (runs in the row), then `<metric>` (mean) and `<metric>.std`
-        per metric (std is NaN for a single run; non-numeric metrics list their distinct values).
+        Columns: the keys, `n` (runs in the row), `status` when some run is not completed,
+        `scored_on` when rows were scored on different data, teachers or code (which differ,
+        by short hash), then `<metric>` (mean) and `<metric>.std` per metric (std is NaN for a
+        single run; non-numeric metrics list their distinct values).
 
     Raises:
-        WorkbenchError: for a key or metric that no run has.
+        WorkbenchError: for a key or metric that no run has; for a row whose runs were scored
+            differently, unless `mixed`.
     """
     config_cols = [c for c in df.columns if c.startswith(CONFIG)]
     summary_cols = [c for c in df.columns if c != "run" and not c.startswith(CONFIG)]
@@ -271,14 +279,46 @@ def aggregate(df: pd.DataFrame, by: list[str] | None = None, metrics: list[str] 
     for i, (_, row) in enumerate(df.iterrows()):
         key = tuple(_cell(row[k]) for k in keys) if group_seeds else (*(_cell(row[k]) for k in keys), i)
         groups.setdefault(key, []).append(i)
+    scored = [c for c in SCORED_ON if c in df.columns and len({_cell(v) for v in df[c]}) > 1]
     rows = []
     for key in sorted(groups, key=_sort_key):
         part = df.iloc[groups[key]]
-        row: dict[str, Any] = dict(zip(keys, key)) | {"n": len(part)}
+        if not mixed:
+            _refuse_mixed(part, dict(zip(keys, key)), scored)
+        row: dict[str, Any] = dict(zip(keys, key)) | {"n": len(part), "status": _statuses(part),
+                                                       "scored_on": _scored_on(part, scored)}
         for name in names:
             row[name], row[f"{name}.std"] = _mean_std(part[name])
         rows.append(row)
-    return pd.DataFrame(rows, columns=[*keys, "n", *(c for m in names for c in (m, f"{m}.std"))])
+    extra = [c for c, needed in (("status", any(r["status"] != "completed" for r in rows)), ("scored_on", scored))
+             if needed]
+    return pd.DataFrame(rows, columns=[*keys, "n", *extra, *(c for m in names for c in (m, f"{m}.std"))])
+
+
+def _statuses(part: pd.DataFrame) -> str:
+    """"completed", or the count of each status ("2 completed, 1 failed") when they differ."""
+    if "status" not in part.columns:
+        return "unknown"
+    counts = part["status"].fillna("unknown").value_counts()
+    if list(counts.index) == ["completed"]:
+        return "completed"
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+
+
+def _scored_on(part: pd.DataFrame, columns: list[str]) -> str:
+    """The `scored_on` hashes that differ between rows, e.g. "data 1a2b3c4d, teacher 9f8e7d6c"."""
+    return "; ".join(f"{c.split('.')[1]} " + ",".join(sorted({str(_cell(v))[:8] for v in part[c]})) for c in columns)
+
+
+def _refuse_mixed(part: pd.DataFrame, setting: dict[str, Any], columns: list[str]) -> None:
+    for column in columns:
+        values = {_cell(v) for v in part[column]}
+        if len(values) > 1:
+            label = ", ".join(f"{k.removeprefix(CONFIG)}={v}" for k, v in setting.items()) or "all runs"
+            runs = ", ".join(Path(r).name for r in part["run"])
+            raise WorkbenchError(f"the runs of one row ({label}: {runs}) were scored on different {_WHAT[column]}; "
+                                 "their mean would mix incomparable numbers. Compare them with --per-run, or "
+                                 "pass --mixed to average anyway")
 
 
 def _mean_std(values: pd.Series) -> tuple[Any, float]:
@@ -306,7 +346,7 @@ def _decimals(mean: float, std: float, accuracy: bool) -> int:
 
 
 def compare(df: pd.DataFrame, by: list[str] | None = None, metrics: list[str] | None = None,
-            group_seeds: bool = True) -> pd.DataFrame:
+            group_seeds: bool = True, mixed: bool = False) -> pd.DataFrame:
     """The ablation table: the settings that differ, then metrics as `mean ± std` over seeds.
 
     Args:
@@ -314,13 +354,15 @@ def compare(df: pd.DataFrame, by: list[str] | None = None, metrics: list[str] | 
         by: config keys to show (with or without `config.`); default: those that differ.
         metrics: summary keys; default: overall accuracies and `wall_time_s`.
         group_seeds: fold runs that differ only by seed into one row with `n` = their count.
+        mixed: see `aggregate`.
 
     Returns:
-        One row per setting: key columns with their values, `n`, and one text column per
+        One row per setting: key columns with their values, `n`, `status` and `scored_on`
+        (see `aggregate`), and one text column per
         metric (`"0.512 ± 0.013"`; accuracies to 3 decimals; no `±` for a single run;
         None where no run of the row has the metric).
     """
-    agg = aggregate(df, by, metrics, group_seeds)
+    agg = aggregate(df, by, metrics, group_seeds, mixed)
     names = [c for c in agg.columns if f"{c}.std" in agg.columns]
     table = agg.drop(columns=[f"{m}.std" for m in names])
     for name in names:
@@ -373,6 +415,7 @@ def format_table(df: pd.DataFrame, fmt: str = "md") -> str:
 
 
 def compare_command(paths: list[str], by: list[str] | None = None, metrics: list[str] | None = None,
-                    fmt: str = "md", group_seeds: bool = True) -> str:
+                    fmt: str = "md", group_seeds: bool = True, mixed: bool = False) -> str:
     """What `workbench compare` prints: load, compare, render."""
-    return format_table(compare(load_runs(*paths), by=by, metrics=metrics, group_seeds=group_seeds), fmt)
+    table = compare(load_runs(*paths), by=by, metrics=metrics, group_seeds=group_seeds, mixed=mixed)
+    return format_table(table, fmt)

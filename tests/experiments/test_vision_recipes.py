@@ -17,7 +17,7 @@ from workbench.cli import main
 from workbench.config import DataConfig, load_config
 from workbench.data.vision import ImageCollator, digits_splits, image_folder_splits, windtunnel_classification_splits
 from workbench.errors import INPUT_ERRORS
-from workbench.fit import evaluate
+from workbench.evaluation import evaluate
 
 DEIT = "experiments/windtunnel/minivit_deit.yaml"
 SWIN = "experiments/windtunnel/minivit_swin.yaml"
@@ -164,7 +164,14 @@ def test_exported_minivit_scores_what_the_summary_says(deit_run):
     cfg = load_config(stage.parents[1] / "config.yaml")
     val = digits_splits(replace(cfg.data, limit_val=64)).val
     acc = evaluate(model, DataLoader(val, batch_size=32, collate_fn=ImageCollator()))["acc"]
-    assert acc == pytest.approx(json.loads((stage / "summary.json").read_text())["student"]["acc"])
+    summary = json.loads((stage / "summary.json").read_text())
+    assert acc == pytest.approx(summary["student"]["acc"])
+    # `workbench eval` of the stage: the student and its (timm) teacher, as the summary says
+    assert main(["eval", str(stage)]) == 0
+    report = json.loads((stage / "eval.json").read_text())
+    assert report["scored_on"] == summary["scored_on"] and report["scored_on"]["protocol"] == "top1/1"
+    assert report["models"]["student"]["scores"]["acc"] == pytest.approx(summary["student"]["acc"])
+    assert report["models"]["teacher"]["scores"]["acc"] == pytest.approx(summary["teacher"]["acc"])
 
 
 def test_swin_weight_distillation_recipe_runs(tmp_path):

@@ -11,6 +11,7 @@ import torch
 import students
 from conftest import TINY_STUDENT
 from workbench.build.student import processor_fields
+from workbench.metrics import answer_positions, answer_predictions
 from workbench.data.llava import LlavaDataset, VLMCollator
 from workbench.registry import STUDENTS
 
@@ -83,3 +84,13 @@ def test_registered_student_builds_trains_saves_and_reloads(name, tmp_path, proc
     with torch.no_grad():
         after = reloaded(**inputs).logits
     torch.testing.assert_close(after, before)
+
+    # held-out scoring: the LM head sees the answer positions only, and picks what full logits pick
+    keep = answer_positions(batch["labels"])
+    seen = []
+    hook = reloaded.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    with torch.no_grad():
+        predictions = answer_predictions(reloaded, inputs, batch["labels"])
+    hook.remove()
+    assert seen == [(int(keep.sum()), seen[0][-1])]
+    assert torch.equal(predictions, after[keep].argmax(-1))

@@ -119,7 +119,7 @@ def bench_elastic(source: str, specs: list[str] | None = None, batch: int = 8, r
     from workbench.bench import machine
     from workbench.elastic import spec_for
     from workbench.batch import model_inputs
-    from workbench.fit import evaluate
+    from workbench.evaluation import evaluate
 
     model, model_dir, cfg = _source(source)
     chosen = default_specs(model) if not specs else [(s, spec_for(model, s, skip)) for s in specs]

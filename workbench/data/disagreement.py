@@ -11,7 +11,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from workbench.batch import model_inputs
-from workbench.metrics import answer_correct
+from workbench.metrics import answer_predictions, spans_correct
 
 
 class DisagreementPool:
@@ -42,9 +42,9 @@ class DisagreementPool:
             rows = self.pseudo_rows[b:b + self.batch_size]
             batch = self.collator([self.train[i] for i in rows])
             inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
-            logits = self.student(**inputs).logits.cpu()
-            correct, row = answer_correct(logits, batch["labels"])
-            wrong = set(row[~correct].tolist())
+            labels = batch["labels"].to(device)
+            correct, row = spans_correct(answer_predictions(self.student, inputs, labels), labels)
+            wrong = set(row[~correct].cpu().tolist())
             out += [rows[r] for r in sorted(wrong)]
         self.student.train(was_training)
         return out

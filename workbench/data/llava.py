@@ -119,18 +119,18 @@ class LlavaDataset(Dataset):
         if image and Path(image).is_absolute() and not self.absolute_images:
             raise WorkbenchError(f"{where}: image path {image} is absolute; image paths are relative to "
                                  f"data.image_folder ({self.image_folder}) unless data.absolute_images=true")
-        if image and not Path(image).is_absolute() and not self._image_path(image).resolve().is_relative_to(
+        if image and not Path(image).is_absolute() and not self.image_path(image).resolve().is_relative_to(
                 self.image_folder.resolve()):
             raise WorkbenchError(f"{where}: image path {image!r} leaves data.image_folder ({self.image_folder})")
 
-    def _image_path(self, image: str) -> Path:
+    def image_path(self, image: str) -> Path:
         return Path(image) if Path(image).is_absolute() else self.image_folder / image
 
     def _image_problem(self, rec: dict) -> str | None:
         """Why the record's image cannot be used (missing, not an image), or None. Reads headers only."""
         if not rec.get("image"):
             return None
-        path = self._image_path(rec["image"])
+        path = self.image_path(rec["image"])
         if not path.is_file():
             return f"image file {path} does not exist"
         try:
@@ -147,7 +147,7 @@ class LlavaDataset(Dataset):
         rec = self.records[i]
         image = None
         if rec.get("image"):
-            path = self._image_path(rec["image"])
+            path = self.image_path(rec["image"])
             try:
                 with Image.open(path) as im:
                     image = im.convert("RGB")

@@ -118,6 +118,12 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
     print(compare_command(args.paths, by=args.by, metrics=args.metric, fmt=args.format,
                           group_seeds=not args.per_run, mixed=args.mixed), end="")
+    if args.plot:
+        from workbench.compare_plot import plot_compare
+        from workbench.results import load_runs
+
+        plot_compare(load_runs(*args.paths), args.plot, by=args.by, x=args.x, mixed=args.mixed)
+        print(f"plot written to {args.plot}")
 
 
 def _cmd_bench_kernels(args: argparse.Namespace) -> None:
@@ -211,6 +217,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--metric", action="append", metavar="NAME", help="summary key, e.g. student.acc/color (repeatable)")
     c.add_argument("--format", choices=("md", "csv", "json"), default="md")
     c.add_argument("--per-run", action="store_true", help="one row per run instead of averaging over seeds")
+    c.add_argument("--plot", metavar="PNG", help="also draw held-out accuracy against step per row, and against "
+                                                 "parameters (or --x) when the runs differ in size")
+    c.add_argument("--x", default="params.student", help="summary key for the size axis of --plot, e.g. a "
+                                                          "measured latency (default params.student)")
     c.add_argument("--mixed", action="store_true", help="average runs scored on different held-out data, teachers or "
                                                        "evaluation code (refused by default)")
     c.set_defaults(func=_cmd_compare)

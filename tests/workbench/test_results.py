@@ -231,3 +231,36 @@ def test_notebook_runs_on_the_sweep(sweep, tmp_path, monkeypatch):
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
     assert "4 runs" in printed and "optim.lr" in printed
+
+
+def test_pareto_front_keeps_points_no_smaller_point_beats():
+    from workbench.compare_plot import _pareto
+
+    assert _pareto([(4, 0.5), (1, 0.2), (2, 0.6), (3, 0.4), (8, 0.9)]) == [(1, 0.2), (2, 0.6), (8, 0.9)]
+
+
+def test_compare_plot_curves_per_row_and_accuracy_against_size(sweep, tmp_path, capsys):
+    from workbench.compare_plot import plot_compare
+
+    out = tmp_path / "compare.png"
+    assert main(["compare", str(sweep), "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "plot written to" in capsys.readouterr().out
+    drawn = plot_compare(load_runs(sweep), out)
+    assert drawn == {"curves": {"optim.lr=0.001": 2, "optim.lr=0.003": 2}}  # one size: no size panel
+
+    study = tmp_path / "study"  # the same runs, one learning rate's claiming twice the parameters
+    for run in load_runs(sweep)["run"]:
+        copy = shutil.copytree(run, study / Path(run).name, ignore=shutil.ignore_patterns("checkpoints", "student"))
+        summary = json.loads((copy / "summary.json").read_text())
+        if "lr=0.003" in copy.name:
+            summary["params"]["student"] *= 2
+        (copy / "summary.json").write_text(json.dumps(summary))
+    runs = load_runs(study)
+    drawn = plot_compare(runs, out)
+    sizes = {label: x for label, x, _ in drawn["points"]}
+    base = runs["params.student"].min()
+    assert sizes == {"optim.lr=0.001": base, "optim.lr=0.003": 2 * base}
+    accs = {label: y for label, _, y in drawn["points"]}
+    assert accs["optim.lr=0.001"] == pytest.approx(runs[runs["config.optim.lr"] == 0.001]["student.acc"].mean())
+    with pytest.raises(WorkbenchError, match="no run's summary has 'latency_ms'"):
+        plot_compare(runs, out, x="latency_ms")

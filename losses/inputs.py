@@ -7,7 +7,7 @@ into a scalar.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -78,6 +78,19 @@ class LossInputs:
     image_grids: list[tuple[int, int]] | None = None
     vision_features: Tensor | None = None
     vision_grid: tuple[int, int] | None = None
+
+    @classmethod
+    def before_student(cls, labels: Tensor, attention_mask: Tensor | None = None,
+                       image_mask: Tensor | None = None) -> LossInputs:
+        """A batch's inputs before the student pass, for the teacher side to fill first; not
+        checked until `dataclasses.replace(inputs, student_logits=...)` completes it."""
+        inputs = object.__new__(cls)
+        for f in fields(cls):
+            default = f.default_factory() if f.default_factory is not MISSING else (
+                None if f.default is MISSING else f.default)
+            setattr(inputs, f.name, default)
+        inputs.labels, inputs.attention_mask, inputs.image_mask = labels, attention_mask, image_mask
+        return inputs
 
     def __post_init__(self) -> None:
         if self.classification:

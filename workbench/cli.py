@@ -101,14 +101,19 @@ def _cmd_data(args: argparse.Namespace) -> None:
           + (", classification/" if args.n_classification else ""))
 
 
-def _cmd_eval(args: argparse.Namespace) -> None:
+def _optional_config(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """An optional CONFIG positional followed by overrides: `key=value` there is an override."""
     from pathlib import Path
 
+    if config is not None and "=" in config and not Path(config).is_file():
+        return None, [config, *overrides]
+    return config, list(overrides)
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
     from workbench.evaluation import eval_command
 
-    config, overrides = args.config, args.overrides
-    if config is not None and "=" in config and not Path(config).is_file():  # `eval RUN key=value`
-        config, overrides = None, [config, *overrides]
+    config, overrides = _optional_config(args.config, args.overrides)
     eval_command(args.source, config, overrides, data=args.data, processor=args.processor,
                  image_folder=args.image_folder, teacher=args.teacher, out=args.out, batch_size=args.batch_size)
 
@@ -143,6 +148,13 @@ def _cmd_bench_elastic(args: argparse.Namespace) -> None:
     from workbench.bench.elastic import bench_elastic_command
 
     bench_elastic_command(args.source, args.spec, args.batch, args.repeats, args.skip, args.json, args.plot)
+
+
+def _cmd_bench_step(args: argparse.Namespace) -> None:
+    from workbench.bench.step import bench_step_command
+
+    config, overrides = _optional_config(args.config, args.overrides)
+    bench_step_command(config, overrides, args.steps, args.warmup, args.batch, args.threads, args.json)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> None:
@@ -272,6 +284,18 @@ def parser() -> argparse.ArgumentParser:
     bd.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     bd.add_argument("--json", metavar="OUT", help="also write the rows and the machine to this JSON file")
     bd.set_defaults(func=_cmd_bench_decode)
+
+    bs = bsub.add_parser("step", help="a DistillModule training step vs a hand-written torch loop on the same "
+                                      "models and batch (target ratio <= 1.05)")
+    bs.add_argument("config", nargs="?", help="a CE + forward-KL experiment with an online teacher (default: the wind "
+                                              "tunnel KD recipe with a random teacher of the wind-tunnel size)")
+    bs.add_argument("overrides", nargs="*", help="key=value overrides")
+    bs.add_argument("--steps", type=int, default=60, help="timed pairs of steps")
+    bs.add_argument("--warmup", type=int, default=5, help="pairs discarded first")
+    bs.add_argument("--batch", type=int, default=32)
+    bs.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    bs.add_argument("--json", metavar="OUT", help="also write the result and the machine to this JSON file")
+    bs.set_defaults(func=_cmd_bench_step)
 
     doc = sub.add_parser("doctor", help="versions, CUDA / Triton / mamba-ssm / bitsandbytes, kernel paths")
     doc.add_argument("--json", action="store_true")

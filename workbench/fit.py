@@ -136,7 +136,7 @@ def _params(built: Built) -> dict[str, int | None]:
             "teacher": count_params(built.teacher), "projectors": count_params(built.loss, trainable=True)}
 
 
-def _module(cfg: RunConfig, built: Built) -> DistillModule:
+def make_module(cfg: RunConfig, built: Built) -> DistillModule:
     tags = sorted({t for rec in getattr(built.splits.val, "records", []) for t in rec.get("qtypes", [])})
     module_cls = VisionDistillModule if built.classification else DistillModule
     return module_cls(built.student, built.loss, built.target, cfg.optim, cfg.trainer.max_steps, tuple(tags),
@@ -167,7 +167,7 @@ def train(cfg: RunConfig, built: Built, run_dir: RunDir, resume: bool = False,
             _begin(cfg, built, run_dir, summary, val_loader, earlier_metrics)
         _announce(run_dir, summary, resumed_step if ckpt else None)
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        module = _module(cfg, built)
+        module = make_module(cfg, built)
         callbacks = [SamplerState(sampler, cfg.trainer.accumulate_grad_batches), Throughput(),
                      *built.target.callbacks()]
         trainer = make_trainer(cfg, run_dir, callbacks)

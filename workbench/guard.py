@@ -34,19 +34,33 @@ def first_nonfinite(named: Iterable[tuple[str, torch.Tensor | None]]) -> str | N
     return None
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element is finite, with one synchronisation: the largest magnitude (an
+    inf-norm, which a nan or inf propagates into and large finite values cannot overflow)."""
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=float("inf"))))
+
+
 class DivergenceGuard(pl.Callback):
     """Checks what `DistillModule` logged this step (`step_values`), the gradients before each
     optimizer step and the weights before each checkpoint."""
 
     def __init__(self, mode: str = "stop", max_skips: int = 10):
         self.mode, self.max_skips, self.skipped = mode, max_skips, 0
+        self._params: list[torch.nn.Parameter] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._params = [p for p in pl_module.parameters() if p.requires_grad]  # walking the modules every step costs
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         values, pl_module.step_values = pl_module.step_values, []
-        bad = first_nonfinite(values)
-        if bad is not None:
+        bad = None
+        if not _all_finite([v for _, v in values]):
+            bad = first_nonfinite(values)
             what = f"loss term {bad!r}"
-        elif getattr(trainer.precision_plugin, "scaler", None) is None:
+        elif getattr(trainer.precision_plugin, "scaler", None) is None and not _all_finite(
+                [p.grad for p in self._params or pl_module.parameters() if p.grad is not None]):
             bad = first_nonfinite((n, p.grad) for n, p in pl_module.named_parameters())
             what = f"the gradient of {bad}"
         # else: fp16 mixed precision - an inf gradient is the loss scale overflowing, and the

@@ -84,6 +84,12 @@ def finish_loggers(loggers: list[Logger]) -> None:
             logger.experiment.finish()
 
 
+def logs_this_step(trainer: pl.Trainer, step: int) -> bool:
+    """Whether training values of optimizer step `step` (1-based) reach the loggers: every
+    `log_every_n_steps` steps, and the last step (its values end up in the summary)."""
+    return step % max(trainer.log_every_n_steps, 1) == 0 or (trainer.max_steps > 0 and step >= trainer.max_steps)
+
+
 class Throughput(pl.Callback):
     """Logs `perf/step_time_s`, `perf/samples_per_s` and `perf/tokens_per_s` (non-padding
     tokens, all ranks) for every training batch; `summary()` gives the medians."""
@@ -101,6 +107,8 @@ class Throughput(pl.Callback):
         mask = batch.get("attention_mask")
         tokens = (int(mask.sum()) if mask is not None else 0) * trainer.world_size
         self.rows.append((seconds, samples / seconds, tokens / seconds))
+        if not logs_this_step(trainer, trainer.global_step):
+            return
         values = {"perf/step_time_s": seconds, "perf/samples_per_s": samples / seconds}
         if mask is not None:
             values["perf/tokens_per_s"] = tokens / seconds

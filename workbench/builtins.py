@@ -14,7 +14,7 @@ from students.vlm import llava_from_parts, tiny_llava
 from teachers.hf_vlm import HFVLMTeacher
 from teachers.timm_vit import TimmTeacher
 from teachers.vision_encoder import VisionEncoderTeacher
-from workbench.data import llava_splits, windtunnel_splits
+from workbench.data import hf_dataset_splits, llava_splits, windtunnel_splits
 from workbench.data.vision import digits_splits, image_folder_splits, windtunnel_classification_splits
 from workbench.registry import DATASETS, LOSSES, STUDENTS, TARGETS, TEACHERS, TRANSFORMS
 from workbench.targets.cached import CachedTeacher
@@ -57,6 +57,7 @@ TRANSFORMS.register("hybrid", hybrid_transform, order=10)
 TRANSFORMS.register("matformer", matformer_transform, order=60)
 
 DATASETS.register("llava", llava_splits)
+DATASETS.register("hf_dataset", hf_dataset_splits)
 DATASETS.register("windtunnel", windtunnel_splits)
 DATASETS.register("image_folder", image_folder_splits)
 DATASETS.register("digits", digits_splits)

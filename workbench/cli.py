@@ -157,6 +157,12 @@ def _cmd_bench_step(args: argparse.Namespace) -> None:
     bench_step_command(config, overrides, args.steps, args.warmup, args.batch, args.threads, args.json)
 
 
+def _cmd_bench_first_step(args: argparse.Namespace) -> None:
+    from workbench.bench.startup import bench_first_step_command
+
+    bench_first_step_command(args.records, args.images, args.overrides, args.json)
+
+
 def _cmd_doctor(args: argparse.Namespace) -> None:
     from workbench.device import environment
 
@@ -296,6 +302,14 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     bs.add_argument("--json", metavar="OUT", help="also write the result and the machine to this JSON file")
     bs.set_defaults(func=_cmd_bench_step)
+
+    bf = bsub.add_parser("first-step", help="time from `workbench run` to the first training step on a large "
+                                            "LLaVA JSON (target < 60 s)")
+    bf.add_argument("overrides", nargs="*", help="key=value overrides of the run")
+    bf.add_argument("--records", type=int, default=200_000)
+    bf.add_argument("--images", type=int, default=3000, help="distinct image files the records share")
+    bf.add_argument("--json", metavar="OUT", help="also write the result and the machine to this JSON file")
+    bf.set_defaults(func=_cmd_bench_first_step)
 
     doc = sub.add_parser("doctor", help="versions, CUDA / Triton / mamba-ssm / bitsandbytes, kernel paths")
     doc.add_argument("--json", action="store_true")

@@ -65,12 +65,13 @@ class WindTunnelConfig:
 
 @dataclass
 class DataConfig:
-    """Training and held-out conversations in LLaVA format."""
+    """Training and held-out conversations (LLaVA JSON, JSONL, Hugging Face datasets) or images."""
 
-    type: str = "llava"  # registry key: llava | windtunnel | image_folder | digits | windtunnel_classification
-    train: str | None = None  # LLaVA-format JSON (image_folder: a folder of <class>/<image>)
+    type: str = "llava"  # registry key: llava | hf_dataset | windtunnel | image_folder | digits | windtunnel_classification
+    train: str | None = None  # llava: .json list or .jsonl; hf_dataset: save_to_disk folder or .parquet/.arrow (glob); image_folder: <class>/<image>
     val: str | None = None
-    image_folder: str | None = None  # image paths are relative to this (default: the JSON's folder)
+    columns: dict[str, str] = field(default_factory=dict)  # hf_dataset: {id, conversations|messages, image|images, qtypes} -> column
+    image_folder: str | None = None  # image paths are relative to this (default: the data file's folder)
     absolute_images: bool = False  # allow absolute image paths in records (else they are refused)
     bad_images: str = "error"  # error | skip: records whose image is missing or unreadable (skipped are counted)
     root: str = "data"  # where the wind tunnel is generated (one sub-folder per world)

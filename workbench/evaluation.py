@@ -67,8 +67,8 @@ def data_fingerprint(dataset: Dataset, processor: Any = None) -> dict[str, Any]:
     base = getattr(dataset, "dataset", dataset)  # a Subset (limit_val)
     if hasattr(base, "json_path"):  # LLaVA-format records
         images = sorted({(r["image"], _size(base.image_path(r["image"]))) for r in base.records if r.get("image")})
-        fingerprint = fingerprint_data([str(r.get("id", i)) for i, r in enumerate(base.records)], [base.json_path],
-                                       {"images_sha256": short_hash(images)})
+        fingerprint = fingerprint_data([str(r.get("id", i)) for i, r in enumerate(base.records)],
+                                       base.source_files(), {"images_sha256": short_hash(images)})
     elif hasattr(base, "reader"):  # a timm image folder
         samples = [(str(Path(p).relative_to(base.reader.root)), _size(Path(p)), int(c))
                    for p, c in base.reader.samples]

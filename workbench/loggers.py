@@ -92,13 +92,19 @@ def logs_this_step(trainer: pl.Trainer, step: int) -> bool:
 
 class Throughput(pl.Callback):
     """Logs `perf/step_time_s`, `perf/samples_per_s` and `perf/tokens_per_s` (non-padding
-    tokens, all ranks) for every training batch; `summary()` gives the medians."""
+    tokens, all ranks) for every training batch; `summary()` gives the medians and the time
+    from the process's start (`workbench run`) to the first training step."""
 
     def __init__(self) -> None:
         self.rows: list[tuple[float, float, float]] = []
         self._start = 0.0
+        self.first_step_s: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.first_step_s is None:
+            import psutil
+
+            self.first_step_s = time.time() - psutil.Process().create_time()
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -118,7 +124,8 @@ class Throughput(pl.Callback):
         if not self.rows:
             return {}
         step, samples, tokens = (statistics.median(r[i] for r in self.rows) for i in range(3))
-        out = {"step_time_s": round(step, 4), "samples_per_s": round(samples, 2)}
+        out = {"step_time_s": round(step, 4), "samples_per_s": round(samples, 2),
+               "time_to_first_step_s": round(self.first_step_s, 2)}
         return {**out, "tokens_per_s": round(tokens, 1)} if tokens else out
 
 

@@ -45,6 +45,21 @@ def test_csv_has_every_term_at_train_and_validation_and_throughput(logged_run):
     summary = json.loads((logged_run / "summary.json").read_text())
     t = summary["throughput"]
     assert t["step_time_s"] > 0 and t["samples_per_s"] > 0 and t["tokens_per_s"] > t["samples_per_s"]
+    assert t["time_to_first_step_s"] > 0
+
+
+def test_training_values_are_logged_on_the_steps_lightning_writes_and_the_last(tmp_path):
+    from workbench.cli import main
+
+    args = tiny_run_args(tmp_path, "trainer.max_steps=5", "trainer.log_every_n_steps=2", "trainer.val_every_n_steps=5")
+    assert main(["run", "experiments/windtunnel/teacher.yaml", *args]) == 0
+    run = tmp_path / "runs" / "windtunnel-teacher" / "latest"
+    frame = pd.read_csv(run / "metrics.csv")
+    logged = frame.dropna(subset=["train/loss"])
+    assert len(logged) == 2 and logged["perf/step_time_s"].notna().all()  # steps 2 and 4, as Lightning writes
+    summary = json.loads((run / "summary.json").read_text())
+    last = summary["final_train"]["train/loss"]  # step 5's values still reach the summary
+    assert math.isfinite(last) and last != pytest.approx(logged["train/loss"].iloc[-1])
 
 
 def test_tensorboard_event_files_hold_the_same_values(logged_run):

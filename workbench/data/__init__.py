@@ -1,6 +1,6 @@
 """Datasets by registry key: each returns the training and held-out splits of a `DataConfig`.
 
-`llava` reads LLaVA-format files from any path; `windtunnel` generates the world once per
+`llava` reads LLaVA JSON or JSONL files from any path, `hf_dataset` Hugging Face datasets; `windtunnel` generates the world once per
 parameter set under `data.root` (atomically, so an interrupted generation is never reused)
 and then reads it through the same LLaVA loader. The image-classification datasets
 (`image_folder`, `digits`, `windtunnel_classification`) live in `workbench/data/vision.py`.
@@ -20,8 +20,8 @@ from workbench.data.llava import LlavaDataset, VLMCollator
 from workbench.data.windtunnel import WORLD_VERSION, WorldConfig, write_windtunnel
 from workbench.errors import WorkbenchError
 
-__all__ = ["LlavaDataset", "VLMCollator", "Splits", "generate_windtunnel", "llava_splits", "windtunnel_splits",
-           "write_windtunnel"]
+__all__ = ["LlavaDataset", "VLMCollator", "Splits", "generate_windtunnel", "hf_dataset_splits", "llava_splits",
+           "windtunnel_splits", "write_windtunnel"]
 
 
 @dataclass
@@ -39,6 +39,26 @@ def llava_splits(cfg) -> Splits:
     train = LlavaDataset(cfg.train, cfg.image_folder, limit=cfg.limit_train, **images)
     val = LlavaDataset(cfg.val, cfg.image_folder, limit=cfg.limit_val, **images) if cfg.val else None
     return Splits(train, val)
+
+
+def hf_dataset_splits(cfg) -> Splits:
+    """`data.train` / `data.val` as Hugging Face datasets: `save_to_disk` folders or parquet /
+    arrow files (globs allowed), columns mapped by `data.columns`; images as paths (relative
+    to `data.image_folder`, default the dataset's folder) or as bytes."""
+    from workbench.data.sources import hf_records, load_hf_dataset
+
+    if not cfg.train:
+        raise WorkbenchError("config key 'data.train' must name a dataset folder or parquet / arrow files")
+
+    def split(path: str, key: str, limit: int | None) -> LlavaDataset:
+        ds = load_hf_dataset(path, key)
+        records, images = hf_records(ds, dict(cfg.columns), path)
+        folder = cfg.image_folder or (path if Path(path).is_dir() else str(Path(path).parent))
+        return LlavaDataset(path, folder, limit=limit, bad_images=cfg.bad_images, absolute_images=cfg.absolute_images,
+                            records=records, images=images)
+
+    return Splits(split(cfg.train, "data.train", cfg.limit_train),
+                  split(cfg.val, "data.val", cfg.limit_val) if cfg.val else None)
 
 
 def windtunnel_dir(cfg) -> Path:

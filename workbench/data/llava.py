@@ -9,7 +9,6 @@ assistant answers (and the end-of-turn token) in `labels`.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from losses.inputs import IGNORE_INDEX
+from workbench.data.sources import IMAGE_PLACEHOLDER, FileImages, read_json_records
 from workbench.errors import WorkbenchError
 
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-IMAGE_PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use marks around answers while rendering
 
 
@@ -46,33 +45,41 @@ def _to_messages(conversations: list[dict], has_image: bool) -> list[dict]:
 
 
 class LlavaDataset(Dataset):
-    """A LLaVA-format JSON file plus its image folder, validated up front.
+    """Conversation records (see `workbench/data/sources.py` for the layouts read) and their
+    images, checked up front.
 
-    Every referenced image is checked for existence when the dataset is built, so a
-    missing file fails before training starts, with the record id and path in the message.
+    Every record's structure is checked when the dataset is built, and every image file's
+    header once per distinct file, so a broken record fails before training starts with its
+    id in the message; images stored as bytes in a dataset are checked when decoded.
 
     Args:
-        json_path: the JSON list of records.
-        image_folder: where `record["image"]` paths are relative to (default: the JSON's folder).
+        json_path: a LLaVA JSON list, or a JSONL file; with `records`, what they came from.
+        image_folder: where `record["image"]` paths are relative to (default: the file's folder).
         limit: keep only the first `limit` records (quick experiments).
+        bad_images: "error" or "skip" (counted in `skipped_images`; a lazily decoded image
+            that fails is replaced by the next record that decodes).
+        records, images: records already read (`sources.hf_records`) and their image source.
     """
 
     def __init__(self, json_path: str | Path, image_folder: str | Path | None = None, limit: int | None = None,
-                 bad_images: str = "error", absolute_images: bool = False):
+                 bad_images: str = "error", absolute_images: bool = False, records: list | None = None,
+                 images: Any = None):
         self.json_path = Path(json_path)
-        if not self.json_path.is_file():
-            raise WorkbenchError(f"data file {self.json_path} does not exist")
-        try:
-            records = json.loads(self.json_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise WorkbenchError(f"data file {self.json_path} is not valid JSON: {e}") from None
-        if not isinstance(records, list):
-            raise WorkbenchError(f"data file {self.json_path} must hold a JSON list of records")
-        self.image_folder = Path(image_folder) if image_folder else self.json_path.parent
-        self.absolute_images = absolute_images
+        if records is None:
+            if not self.json_path.is_file():
+                raise WorkbenchError(f"data file {self.json_path} does not exist")
+            records = read_json_records(self.json_path)
+        self.image_folder = Path(image_folder) if image_folder else (
+            self.json_path if self.json_path.is_dir() else self.json_path.parent)
+        self.absolute_images, self.bad_images = absolute_images, bad_images
+        self.images = images or FileImages(self.image_folder)
+        self._inside: dict[str, bool] = {}
         records = records[:limit] if limit else records
         if not records:
             raise WorkbenchError(f"data file {self.json_path} holds no records (empty dataset)")
+        self._keep(records)
+
+    def _keep(self, records: list) -> None:
         seen: dict[str, int] = {}
         self.records, self.skipped_images = [], []
         for i, rec in enumerate(records):
@@ -82,10 +89,10 @@ class LlavaDataset(Dataset):
                 raise WorkbenchError(f"{self.json_path} records {seen[key]} and {i} share the id {key!r}; ids must be "
                                      "unique (teacher caches and pseudo-labels are looked up by id)")
             seen[key] = i
-            problem = self._image_problem(rec)
+            problem = self.images.problem(rec) if rec.get("image") else None
             if problem is None:
                 self.records.append(rec)
-            elif bad_images == "skip":
+            elif self.bad_images == "skip":
                 self.skipped_images.append({"id": key, "problem": problem})
             else:
                 raise WorkbenchError(f"{self.json_path} record {i} (id {key!r}): {problem}; fix or remove it, or set "
@@ -101,7 +108,7 @@ class LlavaDataset(Dataset):
         where = f"{where} (id {rec.get('id', i)!r})"
         turns = rec.get("conversations")
         if not isinstance(turns, list) or not turns:
-            raise WorkbenchError(f"{where}: needs a non-empty 'conversations' list")
+            raise WorkbenchError(f"{where}: needs a non-empty 'conversations' list (or 'messages')")
         for turn in turns:
             if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
                 raise WorkbenchError(f"{where}: each turn must be an object with 'from' in {sorted(ROLES)} and a "
@@ -116,50 +123,57 @@ class LlavaDataset(Dataset):
             raise WorkbenchError(f"{where}: 'image' must be a path string, got {type(image).__name__} {image!r}")
         if image and not any(ROLES[t["from"]] == "user" and IMAGE_PLACEHOLDER in t["value"] for t in turns):
             raise WorkbenchError(f"{where}: has an image but no '<image>' in a human turn")
-        if image and Path(image).is_absolute() and not self.absolute_images:
-            raise WorkbenchError(f"{where}: image path {image} is absolute; image paths are relative to "
-                                 f"data.image_folder ({self.image_folder}) unless data.absolute_images=true")
-        if image and not Path(image).is_absolute() and not self.image_path(image).resolve().is_relative_to(
-                self.image_folder.resolve()):
+        if image and isinstance(self.images, FileImages):
+            self._check_path(where, image)
+
+    def _check_path(self, where: str, image: str) -> None:
+        if Path(image).is_absolute():
+            if not self.absolute_images:
+                raise WorkbenchError(f"{where}: image path {image} is absolute; image paths are relative to "
+                                     f"data.image_folder ({self.image_folder}) unless data.absolute_images=true")
+            return
+        if image not in self._inside:  # resolving is a few system calls: once per distinct image
+            self._inside[image] = self.image_path(image).resolve().is_relative_to(self.image_folder.resolve())
+        if not self._inside[image]:
             raise WorkbenchError(f"{where}: image path {image!r} leaves data.image_folder ({self.image_folder})")
+
+    def source_files(self) -> list[Path]:
+        """The files the records were read from (a dataset's arrow files), for fingerprints."""
+        files = getattr(getattr(self.images, "dataset", None), "cache_files", None)
+        if files:
+            return [Path(f["filename"]) for f in files]
+        return [self.json_path]
 
     def image_path(self, image: str) -> Path:
         return Path(image) if Path(image).is_absolute() else self.image_folder / image
-
-    def _image_problem(self, rec: dict) -> str | None:
-        """Why the record's image cannot be used (missing, not an image), or None. Reads headers only."""
-        if not rec.get("image"):
-            return None
-        path = self.image_path(rec["image"])
-        if not path.is_file():
-            return f"image file {path} does not exist"
-        try:
-            with Image.open(path) as im:
-                im.size  # noqa: B018 - parses the header
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            return f"image file {path} is not a readable image ({type(e).__name__})"
-        return None
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
-        rec = self.records[i]
-        image = None
-        if rec.get("image"):
-            path = self.image_path(rec["image"])
-            try:
-                with Image.open(path) as im:
-                    image = im.convert("RGB")
-            except OSError as e:  # a header that parses over a body that does not
-                raise WorkbenchError(f"image file {path} (record id {rec.get('id', i)!r}) cannot be decoded: {e}") \
-                    from None
+        for k in range(len(self.records)):  # a lazily checked image that fails is replaced by the next record's
+            rec = self.records[(i + k) % len(self.records)]
+            image = self._open(rec) if rec.get("image") else None
+            if image is not None or not rec.get("image"):
+                break
+        else:
+            raise WorkbenchError(f"{self.json_path}: no record's image decodes (data.bad_images=skip)")
         return {
             "id": str(rec.get("id", i)),
             "image": image,
             "messages": _to_messages(rec["conversations"], image is not None),
             "qtypes": rec.get("qtypes", []),  # optional per-answer tags, e.g. question types
         }
+
+    def _open(self, rec: dict):
+        try:
+            return self.images.open(rec)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # a header that parses over a bad body
+            if self.images.lazy and self.bad_images == "skip":
+                self.skipped_images.append({"id": str(rec.get("id")), "problem": f"{type(e).__name__}"})
+                return None
+            raise WorkbenchError(f"{self.images.describe(rec)} (record id {rec.get('id')!r}) cannot be decoded: "
+                                 f"{e}") from None
 
 
 @dataclass

@@ -53,7 +53,7 @@ def cache_fingerprint(cfg, processor, train: LlavaDataset, split: LabelSplit, te
         "teacher": fingerprint_teacher(t.path, t.revision),
         "processor": fingerprint_processor(processor),
         "data": fingerprint_data(
-            [str(r.get("id", i)) for i, r in enumerate(train.records)], [train.json_path],
+            [str(r.get("id", i)) for i, r in enumerate(train.records)], train.source_files(),
             {"labeled_fraction": cfg.data.labeled_fraction, "labeled_ids_sha256": split.labeled_ids_sha256,
              "unlabeled": split.mode, "limit_train": cfg.data.limit_train, "max_length": cfg.data.max_length,
              "max_new_tokens": cfg.data.max_new_tokens},

@@ -93,8 +93,11 @@ def extract_to(source: str | Path, spec_text: str, out: str | Path, skip: str | 
               "params_before": count_params(model), "params_after": count_params(static)}
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(static, "save_pretrained"):
+        import students
+
         static.save_pretrained(out)
         _copy_processing_files(model_dir, out)
+        students.write_remote_code(static, out)
     else:
         import students
 

@@ -97,14 +97,16 @@ def make_trainer(cfg: RunConfig, run_dir: RunDir, callbacks: list[pl.Callback]) 
 
 def export_student(built: Built, out) -> None:
     """A standalone folder `students.load` reads: save_pretrained of the student and the shared
-    processor, or a timm classifier in timm's hub format with the class names."""
-    if built.classification:
-        import students
+    processor (plus the remote code of custom structures, so stock transformers loads it too),
+    or a timm classifier in timm's hub format with the class names."""
+    import students
 
+    if built.classification:
         students.export_timm(built.student, out, built.splits.classes, built.splits.preprocess)
         return
     built.student.save_pretrained(out)
     built.processor.save_pretrained(out)
+    students.write_remote_code(built.student, out)  # loads without this project (trust_remote_code)
 
 
 def _merge_metrics(run_dir: RunDir, earlier, resumed_step: int) -> None:

@@ -37,6 +37,7 @@ class TeacherConfig:
     layer: int = -2  # vision_encoder: the hidden state whose patch features teach (-2 penultimate: EVE; -1 last: BREEN)
     cache: str | None = None  # teacher-logit cache folder, or "auto" (<out_root>/teacher-cache/<fingerprint>)
     top_k: int = 16  # ids kept per position when this run makes the cache itself
+    device: str = "auto"  # auto: the student's device | cpu: kept on the CPU (inputs go to it, logits come back)
 
 
 @dataclass
@@ -117,8 +118,9 @@ class TrainerConfig:
     val_every_n_steps: int = 250
     log_every_n_steps: int = 10
     accelerator: str = "auto"
-    devices: Any = 1  # int or "auto"
-    strategy: str = "auto"  # e.g. ddp (2 CPU processes work with gloo)
+    devices: Any = 1  # int or "auto" (per node)
+    num_nodes: int = 1  # machines (torchrun / SLURM set the ranks)
+    strategy: str = "auto"  # auto | ddp (2 CPU processes work with gloo) | fsdp (FSDP2: student blocks sharded) | any Lightning name
     precision: str = "32-true"
     accumulate_grad_batches: int = 1
     checkpoint_every_n_steps: int | None = None  # default: at every validation
@@ -182,6 +184,7 @@ class RunConfig:
 CHOICES = {
     "teacher.quantize": ("none", "int8", "nf4"),
     "teacher.dtype": ("float32", "bfloat16", "float16", "auto"),
+    "teacher.device": ("auto", "cpu"),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "data.unlabeled": ("auto", "pseudo", "drop"),
     "trainer.on_nonfinite": ("stop", "skip"),
@@ -424,6 +427,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.teacher is not None:
         _choice("teacher.quantize", cfg.teacher.quantize)
         _choice("teacher.dtype", cfg.teacher.dtype)
+        _choice("teacher.device", cfg.teacher.device)
     _choice("optim.schedule", cfg.optim.schedule)
     _validate_trainer(cfg.trainer)
     o = cfg.optim
@@ -547,6 +551,9 @@ def _validate_trainer(t: TrainerConfig) -> None:
                   "checkpoint_every_n_steps": 1 if t.checkpoint_every_n_steps is None else t.checkpoint_every_n_steps}
     if isinstance(t.devices, int):  # also "auto", a list of ids or Lightning's "0,1"
         at_least_1["devices"] = t.devices
+    at_least_1["num_nodes"] = t.num_nodes
+    if t.strategy == "fsdp" and not isinstance(t.devices, int):
+        raise WorkbenchError("config key 'trainer.devices' must be a number of devices per node with trainer.strategy=fsdp")
     for key, value in at_least_1.items():
         if value < 1:
             raise WorkbenchError(f"config key 'trainer.{key}' must be >= 1, got {getattr(t, key)!r}")

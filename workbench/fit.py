@@ -81,7 +81,8 @@ def make_trainer(cfg: RunConfig, run_dir: RunDir, callbacks: list[pl.Callback]) 
         log_every_n_steps=t.log_every_n_steps,
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        strategy=_strategy(t),
         precision=t.precision,
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=cfg.optim.grad_clip or None,
@@ -95,7 +96,29 @@ def make_trainer(cfg: RunConfig, run_dir: RunDir, callbacks: list[pl.Callback]) 
     )
 
 
-def export_student(built: Built, out) -> None:
+def _strategy(t):
+    """`fsdp` is FSDP2 (`torch.distributed.fsdp.fully_shard`) through Lightning's
+    ModelParallelStrategy, which also runs on CPU processes; checkpoints are whole files
+    (gathered on rank 0), so they load anywhere. Other names go to Lightning as they are."""
+    if t.strategy != "fsdp":
+        return t.strategy
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(data_parallel_size=t.devices * t.num_nodes, tensor_parallel_size=1,
+                                 save_distributed_checkpoint=False)
+
+
+def full_state_dict(cfg: RunConfig, student: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Under FSDP, the student's whole state gathered to CPU on rank 0 (every rank must call
+    this: it is a collective); None otherwise."""
+    if cfg.trainer.strategy != "fsdp":
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_student(built: Built, out, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """A standalone folder `students.load` reads: save_pretrained of the student and the shared
     processor (plus the remote code of custom structures, so stock transformers loads it too),
     or a timm classifier in timm's hub format with the class names."""
@@ -104,7 +127,7 @@ def export_student(built: Built, out) -> None:
     if built.classification:
         students.export_timm(built.student, out, built.splits.classes, built.splits.preprocess)
         return
-    built.student.save_pretrained(out)
+    built.student.save_pretrained(out, state_dict=state_dict)
     built.processor.save_pretrained(out)
     students.write_remote_code(built.student, out)  # loads without this project (trust_remote_code)
 
@@ -142,7 +165,8 @@ def make_module(cfg: RunConfig, built: Built) -> DistillModule:
     tags = sorted({t for rec in getattr(built.splits.val, "records", []) for t in rec.get("qtypes", [])})
     module_cls = VisionDistillModule if built.classification else DistillModule
     return module_cls(built.student, built.loss, built.target, cfg.optim, cfg.trainer.max_steps, tuple(tags),
-                      fused_logits=cfg.trainer.fused_logits, matformer=cfg.matformer)
+                      fused_logits=cfg.trainer.fused_logits, matformer=cfg.matformer,
+                      fsdp=cfg.trainer.strategy == "fsdp")
 
 
 def train(cfg: RunConfig, built: Built, run_dir: RunDir, resume: bool = False,
@@ -183,8 +207,9 @@ def train(cfg: RunConfig, built: Built, run_dir: RunDir, resume: bool = False,
             finish_loggers(trainer.loggers)
             if is_main:
                 _merge_metrics(run_dir, earlier_metrics, resumed_step)
+        full_state = full_state_dict(cfg, built.student)  # FSDP: gathered from every rank
         if trainer.is_global_zero:
-            _finish(cfg, built, run_dir, trainer, module, summary, time.time() - fit_start, val_loader)
+            _finish(cfg, built, run_dir, trainer, module, summary, time.time() - fit_start, val_loader, full_state)
             summary["wall_time_s"] = round(time.time() - start, 2)
             run_dir.write_summary(summary)
         return summary
@@ -229,15 +254,23 @@ def _ended(e: BaseException, run_dir: RunDir, summary: dict[str, Any], start: fl
 
 
 def _finish(cfg: RunConfig, built: Built, run_dir: RunDir, trainer: pl.Trainer, module: DistillModule,
-            summary: dict[str, Any], train_time: float, val_loader: DataLoader | None) -> None:
+            summary: dict[str, Any], train_time: float, val_loader: DataLoader | None,
+            full_state: dict[str, torch.Tensor] | None = None) -> None:
     """Rank 0 after a fit: refuse non-finite weights, export the student, fill the summary
-    (steps, throughput, final losses, held-out scores, every MatFormer granularity)."""
-    bad = first_nonfinite(built.student.state_dict().items())
+    (steps, throughput, final losses, held-out scores, every MatFormer granularity). Under
+    FSDP (`full_state`: the gathered weights) the export is what gets scored."""
+    bad = first_nonfinite((full_state if full_state is not None else built.student.state_dict()).items())
     if bad is not None:  # e.g. the last step's update overflowed after its checkpoint was checked
         raise Diverged(f"training diverged: weight {bad} is not finite after step {trainer.global_step}; "
                        "nothing was exported")
-    built.student.cpu()
-    export_student(built, run_dir.student)
+    if full_state is None:
+        built.student.cpu()
+    export_student(built, run_dir.student, full_state)
+    scored = built.student
+    if full_state is not None:
+        import students
+
+        scored = students.load(run_dir.student)
     samples = trainer.global_step * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
     summary.update(
         status="completed",
@@ -256,9 +289,9 @@ def _finish(cfg: RunConfig, built: Built, run_dir: RunDir, trainer: pl.Trainer, 
     if guard.skipped:
         summary["skipped_steps"] = guard.skipped
     if val_loader is not None:
-        summary["student"] = evaluate(built.student, val_loader)
+        summary["student"] = evaluate(scored, val_loader)
         if cfg.matformer is not None:
-            summary["granularities"] = _granularities(cfg, built.student, val_loader)
+            summary["granularities"] = _granularities(cfg, scored, val_loader)
 
 
 def _granularities(cfg: RunConfig, student: torch.nn.Module, val_loader: DataLoader) -> dict[str, Any]:

@@ -43,9 +43,10 @@ class DistillModule(pl.LightningModule):
 
     def __init__(self, student: nn.Module, loss: WeightedLoss, target: Target, optim: OptimConfig, total_steps: int,
                  val_tags: tuple[str, ...] = (), fused_logits: bool = False,
-                 matformer: MatFormerConfig | None = None):
+                 matformer: MatFormerConfig | None = None, fsdp: bool = False):
         super().__init__()
         self.matformer = matformer
+        self.fsdp = fsdp  # trainer.strategy=fsdp: `configure_model` shards the student
         self.student = student
         self.loss = loss  # a submodule: projectors of feature terms train with the student
         self.optim = optim
@@ -182,17 +183,44 @@ class DistillModule(pl.LightningModule):
             self.log(f"val/{name}", value, prog_bar=name == "acc", rank_zero_only=True)
         self._val_scores = {}
 
+    def configure_model(self) -> None:
+        """trainer.strategy=fsdp (FSDP2 through Lightning's ModelParallelStrategy): shard each
+        transformer block of the student (its `_no_split_modules`), then the rest of it, and
+        the loss terms' projectors over the data-parallel mesh. The teacher is not a
+        submodule: it is never sharded and never in the optimizer."""
+        if not self.fsdp or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        blocks = set(getattr(self.student, "_no_split_modules", None) or ())
+        for module in list(self.student.modules()):
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.student, mesh=mesh)
+        if any(p.requires_grad for p in self.loss.parameters()):
+            fully_shard(self.loss, mesh=mesh)
+        self._sharded = True
+
     def on_fit_end(self) -> None:
-        """Under DDP, check that every rank ends with the same student and a grad-free teacher."""
+        """Under DDP, check that every rank ends with the same student and a grad-free teacher
+        (under FSDP the ranks hold different shards by design: the teacher only)."""
         self.distributed_check = None
         if self.trainer.world_size == 1:
+            return
+        teacher_grads = float(any(p.grad is not None for p in (self.teacher.parameters() if self.teacher else [])))
+        if self.fsdp:  # what this rank holds of the student: about 1 / world_size when sharded
+            local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.student.parameters())
+            total = sum(p.numel() for p in self.student.parameters())
+            probes = self.all_gather(torch.tensor([local / total, 0.0, teacher_grads], device=self.device))
+            self.distributed_check = {"world_size": self.trainer.world_size, "sharded": True,
+                                      "student_share_per_rank": [round(float(x), 3) for x in probes[:, 0]],
+                                      "teacher_grads": bool(probes[:, 2].any())}
             return
         params = [p.detach().double().flatten() for p in self.student.parameters()]
         flat = torch.cat(params)
         weights = torch.arange(flat.numel(), device=flat.device, dtype=flat.dtype)  # position-sensitive checksum
-        probe = torch.tensor([flat.sum(), (flat * weights).sum(),
-                              float(any(p.grad is not None for p in (self.teacher.parameters() if self.teacher else [])))],
-                             device=self.device)
+        probe = torch.tensor([flat.sum(), (flat * weights).sum(), teacher_grads], device=self.device)
         probes = self.all_gather(probe)  # (world_size, 3)
         self.distributed_check = {
             "world_size": self.trainer.world_size,

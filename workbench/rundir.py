@@ -26,6 +26,7 @@ from workbench.errors import WorkbenchError
 
 CONFIG, SUMMARY, ENV, METRICS, RESULTS = "config.yaml", "summary.json", "env.json", "metrics.csv", "results.md"
 STUDENT, CHECKPOINTS, STAGES, LATEST = "student", "checkpoints", "stages", "latest"
+LAUNCH_FILE = ".launch"  # in a run directory made under torchrun / SLURM: the job it belongs to
 RUN_DIR_ENV = "WB_RUN_DIR"  # set while fitting: DDP worker processes re-run the CLI and open this directory
 
 
@@ -40,8 +41,30 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def launcher_rank() -> int | None:
+    """The global rank an external launcher gave this process (torchrun: RANK; SLURM srun:
+    SLURM_PROCID), or None when Lightning starts the other processes itself."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit() and os.environ.get("WORLD_SIZE" if key == "RANK" else "SLURM_NTASKS"):
+            return int(os.environ[key])
+    return None
+
+
+def launcher_job_id() -> str | None:
+    """What every rank of one torchrun / SLURM launch shares: the job's id."""
+    for key in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        value = os.environ.get(key)
+        if value and value != "none":
+            return value
+    return None
+
+
 def is_worker_process() -> bool:
-    """True in the extra processes Lightning's DDP launcher starts (they re-run the CLI)."""
+    """True in every process but rank 0: the extra processes Lightning's DDP launcher starts
+    (they re-run the CLI), or ranks > 0 of a torchrun / SLURM launch."""
+    rank = launcher_rank()
+    if rank is not None:
+        return rank != 0
     return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
 
 
@@ -152,6 +175,14 @@ def create(out_root: str | Path, name: str, config_text: str, run_id: str | None
     error, a generated one that another run took gets a `-2`, `-3`, ... suffix."""
     if is_worker_process() and os.environ.get(RUN_DIR_ENV):
         return RunDir(Path(os.environ[RUN_DIR_ENV]))
+    rank = launcher_rank()
+    if rank is not None:  # torchrun / srun start every rank: they agree on one directory by its name
+        run_id = run_id or (f"job-{launcher_job_id()}" if launcher_job_id() else None)
+        if path is None and run_id is None:
+            raise WorkbenchError("under torchrun or SLURM every rank must name the same run directory: set run_id=...")
+        path = path or Path(out_root) / name / run_id
+        if rank != 0:
+            return _opened_by_rank_0(path)
     chosen = path is not None or run_id is not None
     if path is None:
         digest = hashlib.sha256(config_text.encode()).hexdigest()[:6]
@@ -171,7 +202,20 @@ def create(out_root: str | Path, name: str, config_text: str, run_id: str | None
                 path = base.with_name(f"{base.name}-{n}")
     except OSError as e:  # read-only, not a folder, no permission, disk full
         raise WorkbenchError(f"cannot create run directory {path} ({e.strerror or e}); check out_root") from None
+    if rank is not None:
+        (path / LAUNCH_FILE).write_text(launcher_job_id() or "")
     return RunDir(path)
+
+
+def _opened_by_rank_0(path: Path, timeout_s: float = 600.0) -> RunDir:
+    """Ranks > 0 of an external launch: the directory rank 0 creates for this launch."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        marker = path / LAUNCH_FILE
+        if marker.is_file() and marker.read_text() == (launcher_job_id() or ""):
+            return RunDir(path)
+        time.sleep(0.2)
+    raise WorkbenchError(f"rank 0 did not create run directory {path} within {timeout_s:.0f} s")
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from workbench.device import environment
 from workbench.errors import WorkbenchError
 from workbench.fit import train
 from workbench.interrupt import ending
-from workbench.rundir import ENV, RunDir, create, is_worker_process, write_json
+from workbench.rundir import ENV, RunDir, create, is_worker_process, launcher_job_id, launcher_rank, write_json
 
 LAUNCH_ENV = "WB_LAUNCH"  # this invocation's id, inherited by its DDP workers
 STAGE_READY = ".stage-ready.json"  # rank 0: "stage <name> is built, about to fit"
@@ -50,7 +50,9 @@ def run_stages(cfg: RunConfig, resume_dir: RunDir | None, new_dir: Path | None =
     start = time.time()
     stages = stage_configs(cfg)
     is_main = not is_worker_process()
-    if is_main:
+    if launcher_rank() is not None:  # torchrun / SLURM: every rank runs this; the job is the launch
+        os.environ[LAUNCH_ENV] = launcher_job_id() or ""
+    elif is_main:
         os.environ[LAUNCH_ENV] = f"{os.getpid()}-{time.time_ns()}"
     first, run_dir = None, resume_dir
     if resume_dir is None:

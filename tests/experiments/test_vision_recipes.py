@@ -190,6 +190,7 @@ def test_swin_weight_distillation_recipe_runs(tmp_path):
     (["stages.mini_wd.teacher.quantize=int8"], "does not apply to teacher type 'timm'"),
     (["stages.mini_wd.loss.qkv.student=blocks.{i}.attn.nope"], "nope"),
     (["stages.mini_wd.trainer.fused_logits=true"], "fused_logits"),
+    (["stages.mini_wd.trainer.strategy=fsdp", "stages.mini_wd.trainer.devices=2"], "image classifiers train with ddp"),
 ])
 def test_bad_vision_configs_exit_2_before_writing(tmp_path, capsys, override, message):
     """Errors surface when a stage is built: the earlier stages' results stay on disk."""

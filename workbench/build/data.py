@@ -57,6 +57,9 @@ def _check_classification_options(cfg: RunConfig) -> None:
                              "set it to false")
     if cfg.hybrid is not None:
         raise WorkbenchError("config key 'hybrid' converts a language model's attention; image classifiers have none")
+    if cfg.trainer.strategy == "fsdp":
+        raise WorkbenchError("config key 'trainer.strategy': fsdp shards Hugging Face students; image classifiers "
+                             "train with ddp")
 
 
 def load_processor(path: str | Path, key: str):

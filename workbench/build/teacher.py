@@ -12,7 +12,7 @@ from workbench.config import RunConfig, TeacherConfig
 from workbench.errors import WorkbenchError
 from workbench.registry import TEACHERS
 
-_TARGET_KEYS = ("type", "cache", "top_k")  # read by the targets, not passed to the builder
+_TARGET_KEYS = ("type", "cache", "top_k", "device")  # read by the targets, not passed to the builder
 
 
 def build_teacher(cfg: RunConfig) -> nn.Module | None:

@@ -27,8 +27,9 @@ class OnlineTeacher(Target):
     name = "online_teacher"
     priority = 10
 
-    def __init__(self, teacher: nn.Module):
+    def __init__(self, teacher: nn.Module, device: str = "auto"):
         self.teacher = teacher
+        self.device = device  # "cpu": the teacher stays there, whatever the student's device
         self._taps: FeatureTaps | None = None
         self._tap_points: tuple[str, ...] = ()
 
@@ -47,7 +48,10 @@ class OnlineTeacher(Target):
                 raise WorkbenchError(f"the teacher has {teacher.num_classes} classes but the data has {ctx.num_classes}")
         else:
             check_vocabularies(ctx.student, ctx.processor, teacher)
-        return cls(teacher)
+        return cls(teacher, ctx.cfg.teacher.device)
+
+    def to(self, device: Any) -> None:
+        self.teacher.to("cpu" if self.device == "cpu" else device)
 
     @property
     def answering_teacher(self) -> nn.Module | None:
@@ -67,9 +71,21 @@ class OnlineTeacher(Target):
         taps = self._teacher_taps(loss.tap_points()[1])
         with torch.no_grad(), contextlib.ExitStack() as stack:
             found = stack.enter_context(taps.capture()) if taps is not None else {}
-            logits = self.teacher(**model_inputs(batch), **({} if keep is None else {"logits_to_keep": keep})).logits
+            where = next(self.teacher.parameters()).device
+            given = {k: v.to(where) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
+            extra = {} if keep is None else {"logits_to_keep": keep.to(where)}
+            logits = self.teacher(**given, **extra).logits.to(inputs.labels.device)
         if keep is not None and logits.shape[0] != int(keep.sum()):
             raise RuntimeError(f"the teacher returned logits of shape {tuple(logits.shape)} for {int(keep.sum())} "
                                "kept positions: its forward ignores `logits_to_keep`; set trainer.fused_logits=false")
         inputs.teacher_logits, inputs.teacher_keep = logits, keep
-        inputs.teacher_features = {str(p): v for p, v in found.items()}
+        inputs.teacher_features = {str(p): _to(v, inputs.labels.device) for p, v in found.items()}
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """A captured tap (a tensor, or a tuple of them) on the student's device."""
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(_to(v, device) for v in value)
+    return value

@@ -184,6 +184,9 @@ def _cmd_doctor(args: argparse.Namespace) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="workbench", description="Distil and compress VLMs and ViTs.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' own output (Lightning's banners and "
+                                                         "model summary, loading bars, warnings); by default it "
+                                                         "goes to the run directory's run.log")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="train as an experiment config says")
@@ -319,6 +322,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from workbench import console
+
+    console.configure(args.verbose)
     try:
         check_kernels_package()
         args.func(args)

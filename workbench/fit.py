@@ -19,6 +19,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from workbench import console
 from workbench.build import Built
 from workbench.checkpoint import AtomicCheckpointIO
 from workbench.config import RunConfig, to_yaml
@@ -88,10 +89,12 @@ def make_trainer(cfg: RunConfig, run_dir: RunDir, callbacks: list[pl.Callback]) 
         gradient_clip_val=cfg.optim.grad_clip or None,
         num_sanity_val_steps=0,
         logger=make_loggers(cfg, run_dir),
-        callbacks=[DivergenceGuard(t.on_nonfinite, t.max_skipped_steps), checkpoint, *callbacks],
+        callbacks=[DivergenceGuard(t.on_nonfinite, t.max_skipped_steps), checkpoint, *callbacks,
+                   *([console.StepProgress()] if t.progress_bar else [])],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # StepBatchSampler shards batches across ranks itself
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=False,  # our StepProgress: steps, loss, held-out accuracy (plain lines off a terminal)
+        enable_model_summary=console.verbose(),
         default_root_dir=run_dir.path,
     )
 
@@ -191,17 +194,19 @@ def train(cfg: RunConfig, built: Built, run_dir: RunDir, resume: bool = False,
         summary.update(params=_params(built), **prepared.notes)
         if is_main:
             _begin(cfg, built, run_dir, summary, val_loader, earlier_metrics)
-        _announce(run_dir, summary, resumed_step if ckpt else None)
+        if is_main:
+            _announce(cfg, run_dir, summary, resumed_step if ckpt else None)
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         module = make_module(cfg, built)
         callbacks = [SamplerState(sampler, cfg.trainer.accumulate_grad_batches), Throughput(),
                      *built.target.callbacks()]
-        trainer = make_trainer(cfg, run_dir, callbacks)
+        with console.run_log(run_dir.path):  # the libraries' messages: into run.log, not onto the console
+            trainer = make_trainer(cfg, run_dir, callbacks)
         if is_main and before_fit is not None:
             before_fit()
         fit_start = time.time()
         try:
-            with fitting(), handed_to_workers(run_dir):
+            with fitting(), handed_to_workers(run_dir), console.run_log(run_dir.path):
                 trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt)
         finally:
             finish_loggers(trainer.loggers)
@@ -230,12 +235,14 @@ def _begin(cfg: RunConfig, built: Built, run_dir: RunDir, summary: dict[str, Any
     run_dir.write_summary(summary)
 
 
-def _announce(run_dir: RunDir, summary: dict[str, Any], resumed_step: int | None) -> None:
+def _announce(cfg: RunConfig, run_dir: RunDir, summary: dict[str, Any], resumed_step: int | None) -> None:
+    """The run's one-line header: where, what the student learns from, what trains, how long."""
     params = summary["params"]
-    print(f"[workbench] {run_dir.path}: training {params['student_trainable']:,} of {params['student']:,} student "
-          "parameters"
-          + (f" (+{params['projectors']:,} in projectors, not exported)" if params["projectors"] else "")
-          + (f", resuming from step {resumed_step}" if resumed_step is not None else ""))
+    loss = " + ".join(f"{term.get('weight', 1.0):g} {name}" for name, term in cfg.loss.items())
+    console.header(f"{run_dir.path}: {cfg.trainer.max_steps:,} steps of {loss} (target {summary['target']}), "
+                   f"training {params['student_trainable']:,} of {params['student']:,} student parameters"
+                   + (f" (+{params['projectors']:,} in projectors, not exported)" if params["projectors"] else "")
+                   + (f", resuming from step {resumed_step}" if resumed_step is not None else ""))
 
 
 def _ended(e: BaseException, run_dir: RunDir, summary: dict[str, Any], start: float, is_main: bool) -> BaseException:

@@ -25,6 +25,7 @@ from workbench.device import environment
 from workbench.errors import WorkbenchError
 from workbench.fit import train
 from workbench.interrupt import ending
+from workbench import console
 from workbench.rundir import ENV, RunDir, create, is_worker_process, launcher_job_id, launcher_rank, write_json
 
 LAUNCH_ENV = "WB_LAUNCH"  # this invocation's id, inherited by its DDP workers
@@ -94,6 +95,8 @@ def _fit_stages(stages: list[tuple[str, RunConfig]], run_dir: RunDir, summary: d
         if not is_main and fitted:
             _wait_for_stage(run_dir, name)
         stage_dir.path.mkdir(parents=True, exist_ok=True)
+        if is_main:
+            console.header(f"stage {name} ({i + 1} of {len(stages)})")
         stage_cfg = stage_refs(stage_cfg, run_dir)
         built = first if (i == 0 and first is not None) else build(stage_cfg)
         if i > 0:

@@ -261,3 +261,26 @@ def test_compare_on_a_quickstart_sweep(tmp_path, capsys):
     assert "config.data.labeled_fraction" in table.columns or "data.labeled_fraction" in table.columns
     assert {"stages.kd.student.acc", "stages.ce.student.acc", "stages.teacher.student.acc"} <= set(table.columns)
     assert len(table) == 2
+
+
+def test_readme_numbers_are_regenerated_from_the_run_with_its_versions(quickstart, tmp_path):
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("quickstart_numbers", REPO / "docs" / "quickstart_numbers.py")
+    numbers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(numbers)
+    _, run = quickstart
+    env = json.loads((run / "env.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    block = numbers.render(run)
+    assert f"torch {env['packages']['torch']}" in block and f"transformers {env['packages']['transformers']}" in block
+    for row in summary["results"]:
+        assert f"| {row['model']} | {row['params']:,} | {row['acc']:.3f} |" in block
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{numbers.BEGIN}\nold numbers\n{numbers.END}\noutro\n")
+    numbers.write(readme, block)
+    numbers.write(readme, block)  # idempotent
+    assert readme.read_text() == f"intro\n{numbers.BEGIN}\n{block}\n{numbers.END}\noutro\n"
+    assert numbers.BEGIN in (REPO / "README.md").read_text()  # the README has the block to fill

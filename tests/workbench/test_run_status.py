@@ -16,7 +16,10 @@ from workbench.cli import main
 TEACHER = "experiments/windtunnel/teacher.yaml"
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("signum, code", [
+    (signal.SIGTERM, 143),
+    pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),  # the same path as SIGTERM; 20 s of the default run
+])
 def test_a_signal_mid_training_ends_interrupted_and_resumes(tmp_path, signum, code):
     args = tiny_run_args(tmp_path, "trainer.max_steps=100", "trainer.val_every_n_steps=100",
                          "trainer.checkpoint_every_n_steps=3", "run_id=r")

@@ -7,8 +7,8 @@ project is not installed (`trust_remote_code=True`).
 """
 
 from students.errors import StudentLoadError
-from students.loading import create_vision_student, export_timm, is_timm_folder, load, load_language_model
+from students.loading import create_vision_student, export_timm, is_timm_folder, load, load_language_model, skeleton
 from students.remote_code import write_remote_code
 
-__all__ = ["StudentLoadError", "create_vision_student", "export_timm", "is_timm_folder", "load",
+__all__ = ["StudentLoadError", "create_vision_student", "export_timm", "is_timm_folder", "load", "skeleton",
            "load_language_model", "write_remote_code"]

@@ -27,9 +27,13 @@ def is_timm_folder(path: str | Path) -> bool:
         return False
 
 
-def load(path: str | Path) -> nn.Module:
+def load(path: str | Path, quantization_config: Any = None) -> nn.Module:
     """Load an exported student (`config.json` + `model.safetensors`) from a folder: a Hugging
     Face VLM, or a timm image classifier (timm's hub format, as `export_timm` writes it).
+
+    A quantization-aware student (its config records the request it trained under) comes
+    back fake-quantized as it trained; with `quantization_config` (a `transformers` one, see
+    `students.quantize.quantization_config`) a Hugging Face folder loads really quantized.
 
     Raises:
         StudentLoadError: the folder, its config or its weights are missing or unreadable.
@@ -42,7 +46,7 @@ def load(path: str | Path) -> nn.Module:
             import students.minivit  # noqa: F401 - registers the MiniViT models with timm
 
             return _load_timm(path)
-        return _load_hf(path)
+        return _load_hf(path, quantization_config)
     except Exception as e:  # noqa: BLE001 - safetensors, JSON and OS errors all mean "unreadable"
         raise StudentLoadError(f"cannot load the student from {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
 
@@ -64,26 +68,54 @@ def load_language_model(path: str | Path) -> tuple[nn.Module, nn.Module, Any]:
         raise ValueError(f"{path} is an encoder-free model already; continue from it with student.path")
     return model.get_decoder(), model.get_output_embeddings(), model.config.get_text_config()
 
-def _load_hf(path: Path) -> nn.Module:
+def skeleton(path: str | Path) -> nn.Module:
+    """The model of a Hugging Face folder without its weights (on the meta device), rebuilt
+    to its recorded structure: what planning a quantization needs of a model of any size."""
+    import torch
+    from transformers import AutoConfig
+
+    import students.encoder_free.modeling_encoder_free  # noqa: F401
+
+    config = AutoConfig.from_pretrained(path)
+    auto, widths, hybrid = _auto_class(config)
+    with torch.device("meta"):
+        model = auto.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    if widths or hybrid:
+        _restructure(model, widths, hybrid)
+    return model
+
+
+def _auto_class(config: Any) -> tuple[Any, list[int] | None, dict | None]:
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in config.architectures or []) \
+        else AutoModelForImageTextToText
+    text = config.get_text_config()
+    return auto, getattr(text, "matformer_widths", None), getattr(text, "hybrid", None)
+
+
+def _load_hf(path: Path, quantization_config: Any = None) -> nn.Module:
     """A Hugging Face VLM (encoder-free ones included) or causal LM folder; MatFormer folders
     come back nested (a universal model, `matformer_granularities` in its text config) or
     with per-layer MLP widths (an extracted Mix'n'Match submodel, `matformer_widths`);
     attention->Mamba hybrids with their Mamba layers (`hybrid`, see `students.hybrid`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     # the encoder-free package registers its classes with the Auto classes when any of its modules is imported
     import students.encoder_free.modeling_encoder_free  # noqa: F401
+    from students.quantize import fake_quantize_model, recorded_request
 
     config = AutoConfig.from_pretrained(path)
-    auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in config.architectures or []) \
-        else AutoModelForImageTextToText
-    text = config.get_text_config()
-    widths = getattr(text, "matformer_widths", None)
-    hybrid = getattr(text, "hybrid", None)
+    auto, widths, hybrid = _auto_class(config)
+    extra = {} if quantization_config is None else {"quantization_config": quantization_config}
     if widths or hybrid:  # the structure differs from the architecture's: rebuild it, then load
-        model = _from_pretrained_restructured(auto, path, config, lambda m: _restructure(m, widths, hybrid))
+        model = _from_pretrained_restructured(auto, path, config, lambda m: _restructure(m, widths, hybrid), extra)
     else:
-        model = auto.from_pretrained(path)
+        model = auto.from_pretrained(path, **extra)
+    request = recorded_request(config)
+    if request is not None and quantization_config is None:
+        fake_quantize_model(model, request)  # a quantization-aware student computes as it trained
+    text = config.get_text_config()
     granularities = getattr(text, "matformer_granularities", None)
     if granularities:
         from students.matformer import matformerize
@@ -106,7 +138,7 @@ def _restructure(model: nn.Module, widths: list[int] | None, hybrid: dict | None
         restore_structure(model)
 
 
-def _from_pretrained_restructured(auto: Any, path: Path, config: Any, restructure) -> nn.Module:
+def _from_pretrained_restructured(auto: Any, path: Path, config: Any, restructure, extra: dict) -> nn.Module:
     """`from_pretrained` into the architecture changed by `restructure` (called right after
     the model is built, before the weights load), so transformers' own loading - key
     renames of older checkpoint layouts, shards, dtypes - applies; every weight must fit."""
@@ -117,7 +149,7 @@ def _from_pretrained_restructured(auto: Any, path: Path, config: Any, restructur
         restructure(self)
 
     cls = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
-    model, info = cls.from_pretrained(path, config=config, output_loading_info=True)
+    model, info = cls.from_pretrained(path, config=config, output_loading_info=True, **extra)
     model.__class__ = base
     if info["missing_keys"] or info["unexpected_keys"]:
         raise ValueError(f"weights do not fit the recorded structure: missing {sorted(info['missing_keys'])[:3]}, "

@@ -6,7 +6,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+# torchao (which transformers imports when it is installed) registers enums with torch's pytree;
+# torch 2.14 logs one deprecation line per enum for it. Not ours to fix, and not for the console.
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 _LAZY = {"load_runs": "workbench.results", "compare": "workbench.results"}
 __all__ = sorted(_LAZY)

@@ -10,6 +10,7 @@ from losses.vision_align import BREENQueryTerm, EVEAlignmentTerm
 from students.encoder_free import breen_student, eve_student
 from students.hybrid import hybrid_transform
 from students.matformer import matformer_transform
+from students.quantize import quantize_transform
 from students.vlm import llava_from_parts, tiny_llava
 from teachers.hf_vlm import HFVLMTeacher
 from teachers.timm_vit import TimmTeacher
@@ -52,9 +53,11 @@ TARGETS.register("online_teacher", OnlineTeacher)
 TARGETS.register("cached_teacher", CachedTeacher)
 TARGETS.register("vision_features", VisionFeatures)
 
-# order: hybrid conversion before `init_from` (a converted stage's weights load by name), nesting after
+# order: hybrid conversion before `init_from` (a converted stage's weights load by name), nesting and
+# quantization-aware training after
 TRANSFORMS.register("hybrid", hybrid_transform, order=10)
 TRANSFORMS.register("matformer", matformer_transform, order=60)
+TRANSFORMS.register("quantize", quantize_transform, order=70)  # fake quantization of the final structure
 
 DATASETS.register("llava", llava_splits)
 DATASETS.register("hf_dataset", hf_dataset_splits)

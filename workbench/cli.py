@@ -118,6 +118,12 @@ def _cmd_eval(args: argparse.Namespace) -> None:
                  image_folder=args.image_folder, teacher=args.teacher, out=args.out, batch_size=args.batch_size)
 
 
+def _cmd_compress(args: argparse.Namespace) -> None:
+    from workbench.compress import compress_command
+
+    compress_command(args)
+
+
 def _cmd_compare(args: argparse.Namespace) -> None:
     from workbench.results import compare_command
 
@@ -161,6 +167,15 @@ def _cmd_bench_first_step(args: argparse.Namespace) -> None:
     from workbench.bench.startup import bench_first_step_command
 
     bench_first_step_command(args.records, args.images, args.overrides, args.json)
+
+
+def _cmd_bench_compress(args: argparse.Namespace) -> None:
+    from workbench.bench.compress import bench_compress_command
+
+    config, overrides = _optional_config(args.config, args.overrides)
+    presets = [p for p in args.presets.split(",") if p] if args.presets else None
+    bench_compress_command(args.source, config, overrides, presets, args.data, args.new_tokens, args.repeats,
+                           args.threads, args.batch_size, args.json, args.plot, args.keep, args.reference)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> None:
@@ -255,6 +270,24 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="new folder for the submodel")
     x.set_defaults(func=_cmd_extract)
 
+    q = sub.add_parser("compress", help="quantize a student into a folder that reloads quantized (presets of the "
+                                         "on-device VLMs, or one method); writes compress.json beside it")
+    q.add_argument("source", help="a run directory (its exported student; a multi-stage run's last) or a model folder")
+    q.add_argument("--out", required=True, help="new folder for the quantized model")
+    q.add_argument("--preset", help="tinygptv_int8 | minicpmv_nf4 | bluelm_mixed | int8 | nf4 | int4 | llm_int8")
+    q.add_argument("--method", help="one scheme for --scope: int8 | int4 (torchao) | nf4 | llm_int8 (bitsandbytes)")
+    q.add_argument("--scope", action="append", help="with --method: llm | vision | connector | lm_head "
+                                                    "(repeatable; default llm and vision)")
+    q.add_argument("--skip", action="append", metavar="PATTERN",
+                   help="Linear layers kept in full precision: a glob on full names ('*out_proj') or a module "
+                        "prefix ('model.vision_tower'); repeatable; replaces the preset's list (lm_head is kept "
+                        "unless --quantize-lm-head)")
+    q.add_argument("--group-size", type=int, help="inputs per scale of int4 (default 32)")
+    q.add_argument("--double-quant", action="store_true", default=None, help="nf4: quantize the block scales too")
+    q.add_argument("--quantize-lm-head", action="store_true", help="quantize the LM head with the LLM's scheme")
+    q.add_argument("--force", action="store_true", help="replace --out if it exists")
+    q.set_defaults(func=_cmd_compress)
+
     b = sub.add_parser("bench", help="benchmarks: peak memory and time against baselines, as a table and JSON")
     bsub = b.add_subparsers(dest="benchmark", required=True)
     bk = bsub.add_parser("kernels", help="fused kernels vs naive torch, each measurement in a fresh subprocess")
@@ -313,6 +346,24 @@ def parser() -> argparse.ArgumentParser:
     bf.add_argument("--images", type=int, default=3000, help="distinct image files the records share")
     bf.add_argument("--json", metavar="OUT", help="also write the result and the machine to this JSON file")
     bf.set_defaults(func=_cmd_bench_first_step)
+
+    bc = bsub.add_parser("compress", help="full precision and each quantization preset: bytes, peak RSS, prefill "
+                                          "and decode speed, KL to full precision, agreement, accuracy")
+    bc.add_argument("source", help="a run directory (scored on its held-out split) or a model folder (with --data)")
+    bc.add_argument("config", nargs="?", help="experiment YAML whose data.val to score on (default: the run's)")
+    bc.add_argument("overrides", nargs="*", help="key=value overrides of that config")
+    bc.add_argument("--reference", help="the full-precision model KL and agreement compare with (default: SOURCE; "
+                                        "for a quantization-aware student, the model it was distilled from)")
+    bc.add_argument("--presets", help="comma-separated (default: tinygptv_int8,minicpmv_nf4,bluelm_mixed,int8,nf4,int4)")
+    bc.add_argument("--data", help="a held-out LLaVA-format JSON (processor from the model folder)")
+    bc.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (median)")
+    bc.add_argument("--repeats", type=int, default=5, help="timed prefills (median, after one warm-up)")
+    bc.add_argument("--threads", type=int, default=2, help="torch threads of every measurement")
+    bc.add_argument("--batch-size", type=int, default=32, help="held-out batch size of the quality pass")
+    bc.add_argument("--keep", metavar="DIR", help="write the compressed folders here (default: a temporary folder)")
+    bc.add_argument("--json", metavar="OUT", help="also write the rows and the machine to this JSON file")
+    bc.add_argument("--plot", metavar="PNG", help="accuracy against stored model size")
+    bc.set_defaults(func=_cmd_bench_compress)
 
     doc = sub.add_parser("doctor", help="versions, CUDA / Triton / mamba-ssm / bitsandbytes, kernel paths")
     doc.add_argument("--json", action="store_true")

@@ -194,7 +194,7 @@ class Scored:
     fingerprint: dict[str, Any]
 
 
-def _load_model(model_dir: Path) -> torch.nn.Module:
+def load_model(model_dir: Path) -> torch.nn.Module:
     import students
 
     try:
@@ -224,28 +224,36 @@ def _teacher(cfg, teacher_path: str | None) -> tuple[torch.nn.Module | None, str
     return build_teacher(cfg), cfg.teacher.path, teacher_fingerprint(cfg)
 
 
-def eval_command(source: str, config: str | None = None, overrides: list[str] = (), data: str | None = None,
-                 processor: str | None = None, image_folder: str | None = None, teacher: str | None = None,
-                 out: str | None = None, batch_size: int | None = None) -> dict[str, Any]:
-    """Score the model of a run (its exported student, a multi-stage run's last) or a folder on
-    a held-out split, and the teacher beside it; write eval.json and print both."""
+def held_out_for(model_dir: Path, config: str | None = None, overrides: list[str] = (), data: str | None = None,
+                 processor: str | None = None, image_folder: str | None = None) -> tuple[HeldOut, Any]:
+    """The held-out split to score `model_dir` on - `--data`, a CONFIG's data.val, or the data.val
+    of the run the model belongs to - and the config it came from (None for --data)."""
     from workbench.config import load_config
-    from workbench.elastic import resolve_model_dir
 
-    model_dir = resolve_model_dir(source)
     run = run_dir_of_model(model_dir)
     if data is not None and config is not None:
         raise WorkbenchError("give either --data or a CONFIG, not both")
     cfg = load_config(config, overrides) if config else (load_config(run.config, overrides) if run else None)
     if data is not None:
-        held_out = held_out_from_path(data, model_dir, processor, image_folder)
-    elif cfg is not None:
-        held_out = held_out_from_config(cfg)
-    else:
-        raise WorkbenchError(f"{model_dir} is not inside a run directory: give --data FILE or a CONFIG to score it on")
+        return held_out_from_path(data, model_dir, processor, image_folder), cfg
+    if cfg is not None:
+        return held_out_from_config(cfg), cfg
+    raise WorkbenchError(f"{model_dir} is not inside a run directory: give --data FILE or a CONFIG to score it on")
+
+
+def eval_command(source: str, config: str | None = None, overrides: list[str] = (), data: str | None = None,
+                 processor: str | None = None, image_folder: str | None = None, teacher: str | None = None,
+                 out: str | None = None, batch_size: int | None = None) -> dict[str, Any]:
+    """Score the model of a run (its exported student, a multi-stage run's last) or a folder on
+    a held-out split, and the teacher beside it; write eval.json and print both."""
+    from workbench.elastic import resolve_model_dir
+
+    model_dir = resolve_model_dir(source)
+    run = run_dir_of_model(model_dir)
+    held_out, cfg = held_out_for(model_dir, config, overrides, data, processor, image_folder)
     size = batch_size or (cfg.data.eval_batch_size if cfg is not None else 32)
     role = "student" if run is not None else "model"
-    scored = [_score(role, str(model_dir), _load_model(model_dir), held_out, size, model_fingerprint(model_dir))]
+    scored = [_score(role, str(model_dir), load_model(model_dir), held_out, size, model_fingerprint(model_dir))]
     teacher_model, teacher_path, teacher_fp = _teacher(cfg, teacher)
     if teacher_model is not None:
         scored.append(_score("teacher", teacher_path, teacher_model, held_out, size, teacher_fp))

@@ -255,6 +255,15 @@ OVERRIDE_CASES = [
     ([*TINY, "student.kwargs.text_heads=3"], "student.kwargs"),
     (["student.path=/no/such/student"], "/no/such/student"),
     (["init_from=teacher"], "'init_from'", "teacher"),
+    # quantization-aware training (the `quantize` transform)
+    ([*TINY, "transforms.quantize.method=int3"], "'transforms.quantize'", "int3"),
+    ([*TINY, "transforms.quantize.method=llm_int8"], "'transforms.quantize'", "llm_int8", "weight-only"),
+    ([*TINY, "transforms.quantize.preset=bogus"], "'transforms.quantize'", "bogus", "bluelm_mixed"),
+    ([*TINY, "transforms.quantize.group_size=0"], "'transforms.quantize'", "group_size"),
+    ([*TINY, "transforms.quantize.group_size=8", "transforms.quantize.skip=[no_such_layer]"], "no_such_layer"),
+    ([*TINY, "transforms.quantize.scopes=[brain]"], "'transforms.quantize'", "brain"),
+    ([*TINY, "transforms.quantize.group_size=1024"], "'transforms.quantize'", "group_size 1024"),  # no layer is that wide
+    ([*TINY, "transforms.quantize.bits=4"], "'transforms.quantize.bits'"),
 ]
 
 
@@ -406,3 +415,46 @@ def test_bad_cache_teacher_calls_exit_2_and_write_nothing(capsys, tmp_path, cach
     argv = [str(tmp_path / "file.txt") if a == "FILE" else a for a in argv]
     fails(capsys, ["cache-teacher", cache_recipe, *argv], *words)
     assert not (tmp_path / "runs").exists() and (tmp_path / "file.txt").read_text() == "a file"
+
+
+# ----------------------------------------------------------------------------- workbench compress
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, processor):
+    path = tmp_path_factory.mktemp("compress") / "student"
+    make_tiny_vlm(processor, text_hidden=64, vision_hidden=64).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+COMPRESS_CASES = [
+    (["--preset", "bogus"], "bogus", "minicpmv_nf4"),
+    (["--method", "int3"], "int3", "nf4"),
+    ([], "quantization-aware", "--preset"),
+    (["--preset", "int8", "--method", "int8"], "not both"),
+    (["--preset", "int8", "--scope", "llm"], "scopes"),
+    (["--method", "int8", "--scope", "brain"], "brain"),
+    (["--method", "int8", "--skip", "no.such.module"], "no.such.module", "matches no Linear"),
+    (["--method", "int4", "--group-size", "48"], "group_size 48"),
+    (["--method", "int4", "--group-size", "0"], "group_size"),
+]
+
+
+@pytest.mark.parametrize("case", COMPRESS_CASES, ids=lambda c: " ".join(c[0]) or "no-method")
+def test_bad_compress_input_exits_2_and_writes_nothing(capsys, model_dir, tmp_path, case):
+    flags, *names = case
+    fails(capsys, ["compress", model_dir, "--out", tmp_path / "q", *flags], *names)
+    assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.*"))
+
+
+def test_compress_refuses_an_existing_folder_and_timm_models(capsys, model_dir, tmp_path):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "keep.txt").write_text("mine")
+    fails(capsys, ["compress", model_dir, "--out", tmp_path / "q", "--preset", "int8"], "exists", "--force")
+    assert (tmp_path / "q" / "keep.txt").read_text() == "mine"
+    timm_dir = tmp_path / "vit"
+    timm_dir.mkdir()
+    (timm_dir / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224"}))
+    fails(capsys, ["compress", timm_dir, "--out", tmp_path / "v", "--preset", "int8"], "timm")
+    fails(capsys, ["compress", tmp_path / "nothing", "--out", tmp_path / "v", "--preset", "int8"], "nothing")

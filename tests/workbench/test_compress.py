@@ -1,0 +1,163 @@
+"""`workbench compress` and `workbench bench compress`: folders that reload quantized with stock
+transformers, per-module footprints, skip lists after conversion, quantization-aware students
+converted to the exact weights they trained with, and the quality measures."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, make_tiny_vlm, subprocess_env, tiny_run_args
+from torch import nn
+
+import students
+from workbench.compress import compress, model_bytes
+
+WIDE = dict(text_hidden=128, vision_hidden=64)  # up_proj is 512 x 128: per-module ratios are not overhead-bound
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, processor):
+    path = tmp_path_factory.mktemp("fp") / "student"
+    make_tiny_vlm(processor, **WIDE).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(processor):
+    from PIL import Image
+
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {
+        "type": "text", "text": "what color is the circle ?"}]}], add_generation_prompt=True)
+    return dict(processor(images=Image.new("RGB", (32, 32), (200, 30, 30)), text=text, return_tensors="pt"))
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("preset, scheme, low, high", [
+    ("int8", "int8", 3.7, 4.0),  # 1 byte per weight + one fp32 scale per row
+    ("nf4", "nf4", 6.9, 8.0),  # half a byte + one fp32 absmax per 64 (+ the code book)
+    ("minicpmv_nf4", "nf4", 7.4, 8.0),  # double quantization: 8-bit absmax
+    ("int4", "int4", 3.3, 3.6),  # torchao 0.18 on x86 CPUs stores int4 one value per byte (README)
+])
+def test_per_module_footprint(model_dir, tmp_path, preset, scheme, low, high):
+    report = compress(model_dir, tmp_path / preset, preset=preset)
+    model = students.load(tmp_path / preset)
+    up = "model.language_model.layers.0.mlp.up_proj"
+    ratio = 512 * 128 * 4 / model_bytes(model)["linear"][up]
+    assert low < ratio < high, ratio
+    row = report["schemes"][scheme]
+    assert row["ratio"] > 3.2 and report["bytes"]["quantized"] < report["bytes"]["full"]
+    assert (tmp_path / preset / "compress.json").is_file() and (tmp_path / preset / "tokenizer.json").is_file()
+
+
+def test_skip_lists_hold_after_conversion(model_dir, tmp_path):
+    import bitsandbytes as bnb
+    from torchao.utils import TorchAOBaseTensor
+
+    def converted(preset):
+        compress(model_dir, tmp_path / preset, preset=preset)
+        return students.load(tmp_path / preset)
+
+    nf4 = converted("minicpmv_nf4")
+    assert type(nf4.lm_head) is nn.Linear and nf4.lm_head.weight.dtype == torch.float32
+    assert type(nf4.model.multi_modal_projector.linear_1) is nn.Linear
+    assert type(nf4.model.vision_tower.encoder.layers[0].self_attn.out_proj) is nn.Linear
+    assert isinstance(nf4.model.vision_tower.encoder.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert isinstance(nf4.model.language_model.layers[0].self_attn.o_proj, bnb.nn.Linear4bit)
+    tiny = converted("tinygptv_int8")
+    assert all(type(m) is nn.Linear for m in tiny.model.vision_tower.modules() if isinstance(m, nn.Linear))
+    assert isinstance(tiny.model.language_model.layers[1].mlp.down_proj, bnb.nn.Linear8bitLt)
+    mixed = converted("bluelm_mixed")
+    assert type(mixed.model.vision_tower.encoder.layers[0].mlp.fc1.weight).__name__ == "Int8Tensor"
+    assert type(mixed.model.multi_modal_projector.linear_2.weight).__name__ == "Int8Tensor"
+    assert type(mixed.model.language_model.layers[0].mlp.up_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert not isinstance(mixed.lm_head.weight, TorchAOBaseTensor)
+    assert not isinstance(mixed.model.vision_tower.encoder.layers[0].mlp.fc1.bias, TorchAOBaseTensor)
+
+
+@pytest.mark.parametrize("preset", ["nf4", "bluelm_mixed", pytest.param("int8", marks=pytest.mark.slow),
+                                    pytest.param("tinygptv_int8", marks=pytest.mark.slow)])
+def test_compressed_folders_reload_with_stock_transformers_and_generate(model_dir, tmp_path, inputs, preset):
+    out = tmp_path / preset
+    compress(model_dir, out, preset=preset)
+    code = (f"import torch, json, sys\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
+            f"m = AutoModelForImageTextToText.from_pretrained({str(out)!r})\n"
+            f"assert m.config.quantization_config is not None\n"
+            f"inputs = {{k: torch.tensor(v) for k, v in json.loads(sys.stdin.read()).items()}}\n"
+            f"out = m.generate(**inputs, max_new_tokens=3, do_sample=False)\n"
+            f"print(json.dumps({{'logits': m(**inputs).logits[0, -1].tolist(), 'tokens': out[0].tolist()}}))\n")
+    env = {**subprocess_env(), "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps({k: v.tolist() for k, v in inputs.items()}),
+                          capture_output=True, text=True, env=env, cwd="/", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours = students.load(out)
+    assert torch.allclose(_logits(ours, inputs)[0, -1], torch.tensor(theirs["logits"]), atol=1e-5)
+    assert len(theirs["tokens"]) == inputs["input_ids"].shape[1] + 3
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "nf4"])
+def test_a_quantization_aware_student_converts_to_what_it_trained_with(processor, tmp_path, inputs, method):
+    from students.quantize import quantize_transform
+
+    model = make_tiny_vlm(processor, **WIDE)
+    quantize_transform(model, method=method, double_quant=method == "nf4")
+    model.save_pretrained(tmp_path / "qad")
+    processor.save_pretrained(tmp_path / "qad")
+    fake = _logits(model, inputs)
+    assert torch.equal(_logits(students.load(tmp_path / "qad"), inputs), fake)  # reloads fake-quantized
+    report = compress(tmp_path / "qad", tmp_path / "real")  # no flags: the recorded request
+    assert report["quantization_aware"] and report["request"]["scopes"] == {"llm": method, "vision": method}
+    converted = _logits(students.load(tmp_path / "real"), inputs)
+    assert (converted - fake).abs().max() < 1e-5  # the tolerance the README states
+    config = json.loads((tmp_path / "real" / "config.json").read_text())
+    assert "workbench_quantize" not in config and "quantization_config" in config
+
+
+def test_quality_orders_int8_before_nf4(model_dir, world_dir):
+    from workbench.bench.compress import quality
+    from workbench.evaluation import held_out_from_path
+
+    held_out = held_out_from_path(str(world_dir / "val.json"), model_dir)
+    full = students.load(model_dir).eval()
+    same = quality(full, full, held_out.loader(16))
+    assert same["kl"] == pytest.approx(0, abs=1e-6) and same["agreement"] == 1
+    scores = {}
+    for preset in ("int8", "nf4"):
+        out = world_dir.parent / f"q-{preset}"
+        if not out.exists():
+            compress(model_dir, out, preset=preset)
+        scores[preset] = quality(full, students.load(out), held_out.loader(16))
+    assert 0 < scores["int8"]["kl"] < scores["nf4"]["kl"]
+    assert scores["int8"]["agreement"] >= 0.95
+    assert scores["int8"]["answer_tokens"] == same["answer_tokens"] > 0
+
+
+def test_qad_run_through_the_cli_then_compress_and_bench(tmp_path):
+    """A run with the `quantize` transform exports a student that reloads fake-quantized; compress
+    converts it with its recorded request; `bench compress` writes one row per variant."""
+    env = subprocess_env()
+    args = tiny_run_args(tmp_path, "transforms.quantize.method=int4", "transforms.quantize.group_size=16",
+                         "name=qad")
+    run = subprocess.run([sys.executable, "-m", "workbench.cli", "run", "experiments/windtunnel/student_kd.yaml", "teacher=null",
+                          "loss={ce: {type: ce}}", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    run_dir = next((tmp_path / "runs" / "qad").glob("2*"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["quantize"]["schemes"] == ["int4"]
+    out = tmp_path / "bench.json"
+    bench = subprocess.run([sys.executable, "-m", "workbench.cli", "bench", "compress", str(run_dir), "--presets", "int8", "--repeats", "1",
+                            "--new-tokens", "2", "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["full", "trained", "int8"]
+    assert rows["trained"]["kl"] < 1e-8 and rows["trained"]["agreement"] == 1.0  # conversion = training forward
+    assert rows["trained"]["acc"] == pytest.approx(summary["student"]["acc"])
+    assert rows["int8"]["model_bytes"] < rows["full"]["model_bytes"]
+    assert all(r["decode_tok_s"] > 0 and r["peak_rss"] >= 0 for r in rows.values())

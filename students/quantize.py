@@ -164,8 +164,8 @@ class QuantRequest:
 
 def outside_decoder(model: nn.Module) -> list[str]:
     """Root-anchored names of the parameterised modules met beside the path from the root to
-    `model.get_decoder()`, e.g. `["model.vision_tower", "model.multi_modal_projector",
-    "lm_head"]` for LLaVA; the output embeddings are always included."""
+    `model.get_decoder()`, e.g. `["lm_head", "model.vision_tower",
+    "model.multi_modal_projector"]` for LLaVA; the output embeddings are always included."""
     names = {id(module): name for name, module in model.named_modules()}
     decoder = model.get_decoder()
     parts = names[id(decoder)].split(".") if decoder is not model else []
@@ -405,5 +405,8 @@ def quantize_transform(student: nn.Module, method: str | None = "int4", preset: 
     request = QuantRequest.from_options(preset, None if preset else method, scopes, skip, group_size, double_quant,
                                         quantize_lm_head)
     p = fake_quantize_model(student, request)
-    return {"schemes": sorted(set(p.layers.values())), "quantized_layers": len(p.layers), "kept_layers": len(p.kept),
-            "group_size": request.group_size, **({"preset": preset} if preset else {})}
+    schemes = sorted(set(p.layers.values()))
+    return {"schemes": schemes, "quantized_layers": len(p.layers), "kept_layers": len(p.kept),
+            **({"group_size": request.group_size} if "int4" in schemes else {}),
+            **({"double_quant": request.double_quant} if "nf4" in schemes else {}),
+            **({"preset": preset} if preset else {})}

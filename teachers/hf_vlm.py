@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import is_accelerate_available, is_bitsandbytes_available
 
+from students.quantize import NF4_IN_BLOCK, NF4_OUT_BLOCK, fits, outside_decoder
 from teachers.errors import TeacherError
 
 _log = logging.getLogger("teachers.hf_vlm")
@@ -28,15 +29,12 @@ QUANTIZE = ("none", "int8", "nf4")
 # Batch keys that are model inputs in the signature but that a frozen teacher must not get:
 # `labels` would make the model compute a loss, the rest are set by `forward` itself.
 _RESERVED_KWARGS = {"labels", "output_hidden_states", "output_attentions", "return_dict", "use_cache"}
-# bitsandbytes (0.50) repacks NF4 weights for its AVX512-BF16 CPU kernel in tiles of 32 output
-# features by 64-input quantization blocks and fails on a Linear layer of any other shape; such
-# layers stay unquantized (on every device, so that a teacher is the same model wherever it runs).
-NF4_OUT_BLOCK, NF4_IN_BLOCK = 32, 64
 
 
 def nf4_packable(layer: nn.Module) -> bool:
-    """Whether bitsandbytes' NF4 CPU kernel can run this Linear layer (see NF4_OUT_BLOCK)."""
-    return not (layer.out_features % NF4_OUT_BLOCK or layer.in_features % NF4_IN_BLOCK)
+    """Whether bitsandbytes' NF4 CPU kernel can run this Linear layer (see
+    `students.quantize.NF4_OUT_BLOCK`); such layers stay unquantized."""
+    return fits("nf4", layer, 1) is None
 
 
 @dataclass
@@ -275,23 +273,8 @@ def _skip_matches(pattern: str, name: str) -> bool:
 
 
 def default_skip_modules(model: nn.Module) -> list[str]:
-    """Root-anchored names of every parameterised module outside the text decoder.
-
-    Walks from the root to `model.get_decoder()` and keeps the siblings met on the way, e.g.
+    """Root-anchored names of every parameterised module outside the text decoder, e.g.
     `["lm_head", "model.vision_tower", "model.multi_modal_projector"]` for LLaVA and
     `["lm_head", "model.visual"]` for Qwen2-VL. (transformers' own default keeps only the
-    lm_head, so the vision tower and projector would be quantized.)
-    """
-    names = {id(module): name for name, module in model.named_modules()}
-    decoder = model.get_decoder()
-    parts = names[id(decoder)].split(".") if decoder is not model else []
-    skip = []
-    for depth, step in enumerate(parts):
-        parent_name = ".".join(parts[:depth])
-        for child_name, child in model.get_submodule(parent_name).named_children():
-            if child_name != step and any(True for _ in child.parameters()):
-                skip.append(f"{parent_name}.{child_name}" if parent_name else child_name)
-    head = model.get_output_embeddings()
-    if head is not None and names[id(head)] not in skip:
-        skip.append(names[id(head)])
-    return skip
+    lm_head, so the vision tower and projector would be quantized.)"""
+    return outside_decoder(model)

@@ -13,7 +13,7 @@ from pathlib import Path
 from workbench.errors import WorkbenchError
 
 PACKAGES = ("torch", "pytorch-lightning", "transformers", "timm", "omegaconf", "safetensors", "tokenizers",
-            "accelerate", "bitsandbytes", "triton", "mamba-ssm", "distill-workbench")
+            "accelerate", "bitsandbytes", "torchao", "triton", "mamba-ssm", "distill-workbench")
 
 
 def _version(name: str) -> str | None:

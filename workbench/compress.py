@@ -61,7 +61,12 @@ def resolve_request(source: Path, preset: str | None, method: str | None, **opti
 
     from students.quantize import QuantRequest, recorded_request
 
-    recorded = recorded_request(AutoConfig.from_pretrained(source)) if (source / "config.json").is_file() else None
+    config = AutoConfig.from_pretrained(source)
+    quantized = getattr(config, "quantization_config", None)
+    if quantized:
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else getattr(quantized, "quant_method", "")
+        raise WorkbenchError(f"{source} is quantized already ({method}); compress its full-precision source")
+    recorded = recorded_request(config)
     if preset is None and method is None:
         if recorded is None:
             raise WorkbenchError(f"{source} was not trained quantization-aware: give --preset NAME or --method NAME")

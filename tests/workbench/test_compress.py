@@ -13,6 +13,7 @@ from torch import nn
 
 import students
 from workbench.compress import compress, model_bytes
+from workbench.errors import WorkbenchError
 
 WIDE = dict(text_hidden=128, vision_hidden=64)  # up_proj is 512 x 128: per-module ratios are not overhead-bound
 
@@ -54,6 +55,8 @@ def test_per_module_footprint(model_dir, tmp_path, preset, scheme, low, high):
     row = report["schemes"][scheme]
     assert row["ratio"] > 3.2 and report["bytes"]["quantized"] < report["bytes"]["full"]
     assert (tmp_path / preset / "compress.json").is_file() and (tmp_path / preset / "tokenizer.json").is_file()
+    with pytest.raises(WorkbenchError, match="quantized already"):
+        compress(tmp_path / preset, tmp_path / "again", preset="int8")
 
 
 def test_skip_lists_hold_after_conversion(model_dir, tmp_path):

@@ -212,11 +212,11 @@ def _print(result: dict[str, Any]) -> None:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in rows:
         if "error" in r:
-            table.add_row(r["variant"], *["-"] * 6, f"{r['kl']:.4f}", f"{r['agreement']:.3f}", f"{r['acc']:.3f}")
+            table.add_row(r["variant"], *["-"] * 6, f"{r['kl']:.2e}", f"{r['agreement']:.3f}", f"{r['acc']:.3f}")
             continue
         table.add_row(r["variant"], f"{r['linear_bytes'] / MIB:.2f}", f"{r['model_bytes'] / MIB:.2f}",
                       f"{full.get('model_bytes', 0) / r['model_bytes']:.2f}", f"{r['peak_rss'] / MIB:.1f}",
-                      f"{r['prefill_ms']:.1f}", f"{r['decode_tok_s']:.1f}", f"{r['kl']:.4f}",
+                      f"{r['prefill_ms']:.1f}", f"{r['decode_tok_s']:.1f}", f"{r['kl']:.2e}",
                       f"{r['agreement']:.3f}", f"{r['acc']:.3f}")
     Console(width=160).print(table)
 

@@ -200,7 +200,7 @@ def compress_command(args) -> dict[str, Any]:
     b = report["bytes"]
     what = report["preset"] or "/".join(sorted(report["layers"]))
     print(f"{what} ({report['backend']}): {sum(report['layers'].values())} Linear layers quantized "
-          + ", ".join(f"{n} {s}" for s, n in report["layers"].items()) + f"; kept in full precision: "
+          + ", ".join(f"{n} {s}" for s, n in report["layers"].items()) + "; kept in full precision: "
           + ", ".join(report["kept"]))
     for scheme, row in report["schemes"].items():
         print(f"  {scheme}: Linear weights {row['fp_bytes'] / 2**20:.2f} MiB -> {row['bytes'] / 2**20:.2f} MiB "

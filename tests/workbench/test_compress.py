@@ -142,25 +142,57 @@ def test_quality_orders_int8_before_nf4(model_dir, world_dir):
     assert scores["int8"]["answer_tokens"] == same["answer_tokens"] > 0
 
 
-def test_qad_run_through_the_cli_then_compress_and_bench(tmp_path):
-    """A run with the `quantize` transform exports a student that reloads fake-quantized; compress
-    converts it with its recorded request; `bench compress` writes one row per variant."""
-    env = subprocess_env()
-    args = tiny_run_args(tmp_path, "transforms.quantize.method=int4", "transforms.quantize.group_size=16",
-                         "name=qad")
-    run = subprocess.run([sys.executable, "-m", "workbench.cli", "run", "experiments/windtunnel/student_kd.yaml", "teacher=null",
-                          "loss={ce: {type: ce}}", *args], cwd=REPO, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    run_dir = next((tmp_path / "runs" / "qad").glob("2*"))
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["quantize"]["schemes"] == ["int4"]
+@pytest.fixture(scope="module")
+def qad_run(tmp_path_factory):
+    """A tiny run with the `quantize` transform, through the CLI (in process)."""
+    from workbench.cli import main
+
+    root = tmp_path_factory.mktemp("qad")
+    args = tiny_run_args(root, "transforms.quantize.method=int4", "transforms.quantize.group_size=16", "name=qad")
+    assert main(["run", str(REPO / "experiments/windtunnel/student_kd.yaml"), "teacher=null",
+                 "loss={ce: {type: ce}}", *args]) == 0
+    return next((root / "runs" / "qad").glob("2*"))
+
+
+def test_a_qad_run_exports_what_compress_converts_exactly(qad_run, tmp_path):
+    from workbench.bench.compress import quality
+    from workbench.evaluation import held_out_from_config
+    from workbench.config import load_config
+
+    summary = json.loads((qad_run / "summary.json").read_text())
+    assert summary["quantize"]["schemes"] == ["int4"] and summary["quantize"]["group_size"] == 16
+    report = compress(qad_run, tmp_path / "int4")  # the run's request, no flags
+    assert report["quantization_aware"] and report["request"]["group_size"] == 16
+    held_out = held_out_from_config(load_config(qad_run / "config.yaml"))
+    trained = students.load(qad_run / "student")  # fake-quantized, as it trained
+    q = quality(trained, students.load(tmp_path / "int4"), held_out.loader(16))
+    assert q["kl"] < 1e-8 and q["agreement"] == 1.0
+    assert q["acc"] == pytest.approx(summary["student"]["acc"])
+
+
+def test_bench_worker_measures_a_compressed_folder(model_dir, tmp_path, inputs):
+    from workbench.bench.compress import measure
+
+    compress(model_dir, tmp_path / "nf4", preset="nf4")
+    spec = {"threads": 1, "repeats": 1, "new_tokens": 2, "path": str(tmp_path / "nf4"),
+            "inputs": {k: v.tolist() for k, v in inputs.items() if k in ("input_ids", "pixel_values")}}
+    row = measure(spec)
+    full = model_bytes(students.load(model_dir))
+    assert row["model_bytes"] < full["total"] and row["linear_bytes"] < sum(full["linear"].values())
+    assert row["prompt_tokens"] == inputs["input_ids"].shape[1]
+    assert row["prefill_ms"] > 0 and row["decode_tok_s"] > 0 and row["peak_rss"] >= 0
+
+
+@pytest.mark.slow
+def test_bench_compress_command_writes_one_row_per_variant(qad_run, tmp_path):
+    """`workbench bench compress` of a QAD run: full, its own conversion ("trained"), a preset."""
     out = tmp_path / "bench.json"
-    bench = subprocess.run([sys.executable, "-m", "workbench.cli", "bench", "compress", str(run_dir), "--presets", "int8", "--repeats", "1",
-                            "--new-tokens", "2", "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True)
+    bench = subprocess.run([sys.executable, "-m", "workbench.cli", "bench", "compress", str(qad_run), "--presets",
+                            "int8", "--repeats", "1", "--new-tokens", "2", "--json", str(out)], cwd=REPO,
+                           env=subprocess_env(), capture_output=True, text=True)
     assert bench.returncode == 0, bench.stderr[-2000:]
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["full", "trained", "int8"]
     assert rows["trained"]["kl"] < 1e-8 and rows["trained"]["agreement"] == 1.0  # conversion = training forward
-    assert rows["trained"]["acc"] == pytest.approx(summary["student"]["acc"])
     assert rows["int8"]["model_bytes"] < rows["full"]["model_bytes"]
     assert all(r["decode_tok_s"] > 0 and r["peak_rss"] >= 0 for r in rows.values())

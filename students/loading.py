@@ -80,8 +80,8 @@ def skeleton(path: str | Path) -> nn.Module:
     auto, widths, hybrid = _auto_class(config)
     with torch.device("meta"):
         model = auto.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
-    if widths or hybrid:
-        _restructure(model, widths, hybrid)
+    if widths or hybrid or getattr(config, "workbench_ternary", None):
+        _restructure(model, widths, hybrid, getattr(config, "workbench_ternary", None))
     return model
 
 
@@ -98,7 +98,8 @@ def _load_hf(path: Path, quantization_config: Any = None) -> nn.Module:
     """A Hugging Face VLM (encoder-free ones included) or causal LM folder; MatFormer folders
     come back nested (a universal model, `matformer_granularities` in its text config) or
     with per-layer MLP widths (an extracted Mix'n'Match submodel, `matformer_widths`);
-    attention->Mamba hybrids with their Mamba layers (`hybrid`, see `students.hybrid`)."""
+    attention->Mamba hybrids with their Mamba layers (`hybrid`, see `students.hybrid`); ternary
+    students with their BitLinear layers (`workbench_ternary`, see `students.bitlinear`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     # the encoder-free package registers its classes with the Auto classes when any of its modules is imported
@@ -108,8 +109,10 @@ def _load_hf(path: Path, quantization_config: Any = None) -> nn.Module:
     config = AutoConfig.from_pretrained(path)
     auto, widths, hybrid = _auto_class(config)
     extra = {} if quantization_config is None else {"quantization_config": quantization_config}
-    if widths or hybrid:  # the structure differs from the architecture's: rebuild it, then load
-        model = _from_pretrained_restructured(auto, path, config, lambda m: _restructure(m, widths, hybrid), extra)
+    ternary = getattr(config, "workbench_ternary", None)
+    if widths or hybrid or ternary:  # the structure differs from the architecture's: rebuild it, then load
+        model = _from_pretrained_restructured(auto, path, config, lambda m: _restructure(m, widths, hybrid, ternary),
+                                              extra)
     else:
         model = auto.from_pretrained(path, **extra)
     request = recorded_request(config)
@@ -125,7 +128,8 @@ def _load_hf(path: Path, quantization_config: Any = None) -> nn.Module:
     return model
 
 
-def _restructure(model: nn.Module, widths: list[int] | None, hybrid: dict | None) -> None:
+def _restructure(model: nn.Module, widths: list[int] | None, hybrid: dict | None,
+                 ternary: dict | None = None) -> None:
     if widths:
         from students.matformer import NestedMLP
 
@@ -136,6 +140,10 @@ def _restructure(model: nn.Module, widths: list[int] | None, hybrid: dict | None
         from students.hybrid import restore_structure
 
         restore_structure(model)
+    if ternary:
+        from students.bitlinear import ternary_transform
+
+        ternary_transform(model, **ternary)
 
 
 def _from_pretrained_restructured(auto: Any, path: Path, config: Any, restructure, extra: dict) -> nn.Module:

@@ -9,6 +9,7 @@ from losses.relation import HiddenRelationTerm, RKDTerm, rdist_term
 from losses.vision_align import BREENQueryTerm, EVEAlignmentTerm
 from students.encoder_free import breen_student, eve_student
 from students.hybrid import hybrid_transform
+from students.bitlinear import ternary_transform
 from students.matformer import matformer_transform
 from students.quantize import quantize_transform
 from students.vlm import llava_from_parts, tiny_llava
@@ -58,6 +59,7 @@ TARGETS.register("vision_features", VisionFeatures)
 TRANSFORMS.register("hybrid", hybrid_transform, order=10)
 TRANSFORMS.register("matformer", matformer_transform, order=60)
 TRANSFORMS.register("quantize", quantize_transform, order=70)  # fake quantization of the final structure
+TRANSFORMS.register("ternary", ternary_transform, order=70)  # BitNet b1.58 BitLinear layers
 
 DATASETS.register("llava", llava_splits)
 DATASETS.register("hf_dataset", hf_dataset_splits)

@@ -66,6 +66,9 @@ def resolve_request(source: Path, preset: str | None, method: str | None, **opti
     if quantized:
         method = quantized.get("quant_method") if isinstance(quantized, dict) else getattr(quantized, "quant_method", "")
         raise WorkbenchError(f"{source} is quantized already ({method}); compress its full-precision source")
+    if getattr(config, "workbench_ternary", None):
+        raise WorkbenchError(f"{source} is a ternary (BitLinear) student: its packed export is not part of "
+                             "workbench compress yet; compress its full-precision source")
     recorded = recorded_request(config)
     if preset is None and method is None:
         if recorded is None:

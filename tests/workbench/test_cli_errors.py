@@ -264,6 +264,12 @@ OVERRIDE_CASES = [
     ([*TINY, "transforms.quantize.scopes=[brain]"], "'transforms.quantize'", "brain"),
     ([*TINY, "transforms.quantize.group_size=1024"], "'transforms.quantize'", "group_size 1024"),  # no layer is that wide
     ([*TINY, "transforms.quantize.bits=4"], "'transforms.quantize.bits'"),
+    # ternary students (the `ternary` transform)
+    ([*TINY, "transforms.ternary.weight_scale=row"], "'transforms.ternary'", "group:"),
+    ([*TINY, "transforms.ternary.norm=outside"], "'transforms.ternary'", "outside"),
+    ([*TINY, "transforms.ternary.scopes=[eyes]"], "'transforms.ternary'", "eyes"),
+    ([*TINY, "transforms.ternary.act_bits=1"], "'transforms.ternary'", "act_bits"),
+    ([*TINY, "transforms.ternary.skip=[nowhere]"], "'transforms.ternary'", "nowhere"),
 ]
 
 

@@ -1,0 +1,50 @@
+"""The integer path of a ternary (BitLinear) layer, in torch: the reference and CPU path.
+
+Weights arrive packed four to a byte (2-bit codes {-1, 0, 1} + 1, `students.bitlinear.pack_ternary`
+layout) with one absmean scale per tensor or per group of inputs; activations are quantized per
+token to int8 (scale s = 127 / absmax). The product accumulates in int32 per weight group and is
+rescaled once: y = sum_g (x_q[:, g] @ codes[:, g]^T) * gamma_g / s. This is what a deployment
+kernel computes; it equals the training forward (fake quantization in fp32) up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def unpack(packed: Tensor, out_features: int, in_features: int) -> Tensor:
+    """(out, in) int8 codes in {-1, 0, 1} from the packed bytes."""
+    parts = torch.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], dim=-1).reshape(-1)
+    return (parts[: out_features * in_features].to(torch.int8) - 1).reshape(out_features, in_features)
+
+
+def quantize_int8(x: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Per-token int8 activations and their scales s (x ≈ x_q / s)."""
+    scale = 127.0 / x.abs().amax(-1, keepdim=True).clamp(min=eps)
+    return (x * scale).round().clamp(-128, 127).to(torch.int8), scale
+
+
+def ternary_linear(x: Tensor, packed: Tensor, gamma: Tensor, out_features: int, group: int | None = None,
+                   act_bits: int | None = 8) -> Tensor:
+    """y = x W^T for a packed ternary W with scales `gamma` ((1,) per tensor or (out, in // group)).
+
+    With `act_bits=None` (weight-only) the activations stay in floating point and only the
+    weight is integer."""
+    in_features = x.shape[-1]
+    codes = unpack(packed, out_features, in_features)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    g = in_features if group is None else group
+    n_groups = in_features // g
+    if act_bits is None:
+        w = (codes.to(x.dtype).reshape(out_features, n_groups, g) * gamma.reshape(-1, n_groups, 1).to(x.dtype))
+        return (x2 @ w.reshape(out_features, in_features).T).reshape(*lead, out_features)
+    if act_bits != 8:
+        raise ValueError(f"the integer path takes 8-bit activations (act_bits=8) or none, not {act_bits}")
+    xq, scale = quantize_int8(x2)
+    # int32 accumulation per weight group: (N, G, g) x (O, G, g) -> (N, O, G)
+    acc = torch.einsum("ngk,ogk->nog", xq.to(torch.int32).reshape(-1, n_groups, g),
+                       codes.to(torch.int32).reshape(out_features, n_groups, g))
+    y = (acc.to(torch.float32) * gamma.reshape(-1, n_groups).to(torch.float32)).sum(-1) / scale
+    return y.to(x.dtype).reshape(*lead, out_features)

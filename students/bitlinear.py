@@ -25,6 +25,9 @@ from torch import Tensor, nn
 
 EPS = 1e-5
 NORMS = ("inside", "none")
+# where the norms go (METHODS-COMPRESSION 5.2): the layer's own RMSNorm, and the block's pre-norms
+PLACEMENTS = ("mmfree", "bitnet_faq", "bitnet_2b4t")
+SUBLN = ("o_proj", "down_proj")  # bitnet_2b4t: RMSNorm before the attention output and FFN down projections
 CONFIG_KEY = "workbench_ternary"
 
 
@@ -129,12 +132,18 @@ def parse_weight_scale(weight_scale: str) -> int | None:
 
 
 def ternary_transform(student: nn.Module, scopes: list[str] | None = None, skip: list[str] | None = None,
-                      norm: str = "inside", weight_scale: str = "tensor", act_bits: int | None = 8,
+                      placement: str = "mmfree", weight_scale: str = "tensor", act_bits: int | None = 8,
                       quantize_lm_head: bool = False) -> dict[str, Any]:
     """The `ternary` student transform: the Linear layers of `scopes` (default the language
     model: embeddings, `lm_head` and the vision tower stay full precision) become BitLinear,
     in place, starting from their weights. `skip` as in `students.quantize` (globs on full
     names or module prefixes, each must match). Returns notes for the run's summary.
+
+    `placement` says where the norms go: `mmfree` (matmulfreellm's code: an RMSNorm inside
+    every BitLinear, the block's pre-norms kept), `bitnet_faq` (the BitNet training FAQ: norms
+    inside, the decoder blocks' pre-norms removed), `bitnet_2b4t` (BitNet b1.58 2B4T's inference
+    layout: block pre-norms kept, no norm inside except the "subln" RMSNorm before `o_proj` and
+    `down_proj`).
 
     Raises:
         ValueError: an unknown scope, norm or weight scale, a pattern matching nothing, or a
@@ -148,23 +157,46 @@ def ternary_transform(student: nn.Module, scopes: list[str] | None = None, skip:
         raise ValueError(f"unknown scope {bad[0]!r}; scopes: {', '.join(SCOPES)}")
     if act_bits is not None and not 2 <= act_bits <= 16:
         raise ValueError(f"act_bits must be between 2 and 16 (or null for weight-only), got {act_bits}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
     group = parse_weight_scale(weight_scale)
     names = linear_scopes(student)
     for pattern in skip or []:
         if not any(matches(pattern, n) for n in names):
             raise ValueError(f"skip pattern {pattern!r} matches no Linear layer")
     modules = dict(student.named_modules())
+    already = [n for n in names if isinstance(modules[n], BitLinear)]
+    if already:  # a ternary student loaded from its folder keeps its layers
+        return {"ternary_layers": len(already), "kept_layers": len(names) - len(already), "already_ternary": True}
     picked = [n for n, s in names.items() if s in chosen and not any(matches(p, n) for p in skip or [])
               and (group is None or modules[n].in_features % group == 0)]
     if not picked:
         raise ValueError(f"no Linear layer to make ternary (scopes {chosen}, weight_scale {weight_scale})")
     for name in picked:
         parent, _, child = name.rpartition(".")
-        layer = BitLinear.from_linear(modules[name], norm=norm, group=group, act_bits=act_bits)
+        inside = placement != "bitnet_2b4t" or child in SUBLN
+        layer = BitLinear.from_linear(modules[name], norm="inside" if inside else "none", group=group,
+                                      act_bits=act_bits)
         setattr(student.get_submodule(parent) if parent else student, child, layer)
+    removed = _remove_block_norms(student) if placement == "bitnet_faq" else 0
     config = getattr(student, "config", None)
     if config is not None:
-        setattr(config, CONFIG_KEY, {"scopes": chosen, "skip": list(skip or []), "norm": norm,
+        setattr(config, CONFIG_KEY, {"scopes": chosen, "skip": list(skip or []), "placement": placement,
                                      "weight_scale": weight_scale, "act_bits": act_bits})
-    return {"ternary_layers": len(picked), "kept_layers": len(names) - len(picked), "norm": norm,
-            "weight_scale": weight_scale, "act_bits": act_bits}
+    return {"ternary_layers": len(picked), "kept_layers": len(names) - len(picked), "placement": placement,
+            "weight_scale": weight_scale, "act_bits": act_bits, **({"removed_norms": removed} if removed else {})}
+
+
+def _remove_block_norms(student: nn.Module) -> int:
+    """The BitNet FAQ's layout: the decoder blocks' pre-norms go (BitLinear normalises its own
+    input); the final norm before the LM head stays."""
+    count = 0
+    for block in student.get_decoder().layers:
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            if isinstance(getattr(block, name, None), nn.Module) and not isinstance(getattr(block, name), nn.Identity):
+                setattr(block, name, nn.Identity())
+                count += 1
+    if not count:
+        raise ValueError("placement bitnet_faq: the decoder blocks have no input_layernorm / "
+                         "post_attention_layernorm to remove")
+    return count

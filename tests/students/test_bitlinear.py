@@ -97,10 +97,13 @@ def test_ternary_transform_converts_the_language_model_only(processor):
     assert type(model.lm_head) is nn.Linear
     assert all(type(m) is nn.Linear for m in model.model.vision_tower.modules() if isinstance(m, nn.Linear))
     assert model.config.workbench_ternary["weight_scale"] == "group:32"
+    assert isinstance(model.model.language_model.layers[0].self_attn.q_proj.norm, nn.RMSNorm)  # mmfree
+    assert not isinstance(model.model.language_model.layers[0].input_layernorm, nn.Identity)
     model(input_ids=torch.tensor([[1, 5, 6]])).logits.sum().backward()
     assert model.model.language_model.layers[0].mlp.down_proj.weight.grad is not None
     for bad, words in [(dict(scopes=["brain"]), "brain"), (dict(weight_scale="row"), "group:"),
-                       (dict(skip=["nothing"]), "nothing"), (dict(weight_scale="group:1000"), "no Linear")]:
+                       (dict(skip=["nothing"]), "nothing"), (dict(weight_scale="group:1000"), "no Linear"),
+                       (dict(placement="inside"), "placement")]:
         with pytest.raises(ValueError, match=words):
             ternary_transform(make_tiny_vlm(processor, text_hidden=64, vision_hidden=64), **bad)
 
@@ -120,3 +123,24 @@ def test_a_ternary_student_reloads_as_it_trained(processor, tmp_path):
         assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
     skeleton = students.skeleton(tmp_path / "t")  # weightless, with the recorded structure
     assert isinstance(skeleton.model.language_model.layers[0].mlp.up_proj, BitLinear)
+
+
+@pytest.mark.parametrize("placement", ["bitnet_faq", "bitnet_2b4t"])
+def test_norm_placements(processor, tmp_path, placement):
+    import students
+
+    model = make_tiny_vlm(processor, text_hidden=64, vision_hidden=64)
+    ternary_transform(model, placement=placement)
+    block = model.model.language_model.layers[0]
+    if placement == "bitnet_faq":  # norms inside every BitLinear, the block's pre-norms gone
+        assert isinstance(block.input_layernorm, nn.Identity) and isinstance(block.post_attention_layernorm, nn.Identity)
+        assert all(layer.norm is not None for layer in model.modules() if isinstance(layer, BitLinear))
+        assert not isinstance(model.model.language_model.norm, nn.Identity)  # the final norm stays
+    else:  # block norms kept; "subln" before o_proj and down_proj only
+        assert not isinstance(block.input_layernorm, nn.Identity)
+        assert block.self_attn.o_proj.norm is not None and block.mlp.down_proj.norm is not None
+        assert block.self_attn.q_proj.norm is None and block.mlp.up_proj.norm is None
+    model.save_pretrained(tmp_path / placement)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(students.load(tmp_path / placement)(input_ids=ids).logits, model(input_ids=ids).logits)

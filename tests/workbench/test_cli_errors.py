@@ -266,7 +266,7 @@ OVERRIDE_CASES = [
     ([*TINY, "transforms.quantize.bits=4"], "'transforms.quantize.bits'"),
     # ternary students (the `ternary` transform)
     ([*TINY, "transforms.ternary.weight_scale=row"], "'transforms.ternary'", "group:"),
-    ([*TINY, "transforms.ternary.norm=outside"], "'transforms.ternary'", "outside"),
+    ([*TINY, "transforms.ternary.placement=outside"], "'transforms.ternary'", "outside", "bitnet_faq"),
     ([*TINY, "transforms.ternary.scopes=[eyes]"], "'transforms.ternary'", "eyes"),
     ([*TINY, "transforms.ternary.act_bits=1"], "'transforms.ternary'", "act_bits"),
     ([*TINY, "transforms.ternary.skip=[nowhere]"], "'transforms.ternary'", "nowhere"),

@@ -23,7 +23,8 @@ def _fused(hidden_rows: Tensor, head: nn.Module, **target) -> Tensor:
     """`kernels.fused_linear_kd` on (N, H) hidden rows through the LM head `head`."""
     from kernels.fused_linear_kd import fused_linear_kd
 
-    return fused_linear_kd(hidden_rows, head.weight, bias=getattr(head, "bias", None), **target)
+    weight = head.fused_weight() if hasattr(head, "fused_weight") else head.weight  # e.g. a fake-quantized head
+    return fused_linear_kd(hidden_rows, weight, bias=getattr(head, "bias", None), **target)
 
 
 class CrossEntropyTerm(LossTerm):

@@ -12,16 +12,19 @@ Quantizers (BitNet b1.58 training FAQ; matmulfreellm `ops/bitnet.py` computes th
 BitLinear: y = linear(Q_a(norm(x)), Q_w(W)) with the norm an RMSNorm inside the layer
 (`norm="inside"`, eps 1e-8 as matmulfreellm; the `bitnet_faq` and `mmfree` placements) or none
 (`norm="none"`, the `bitnet_2b4t` inference layout, whose norms sit in the block). Ternary
-values pack four to a byte (`pack_ternary`).
+values pack four to a byte (`pack_ternary` / `unpack_ternary`, from `kernels.ternary`).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from kernels.ternary.ref import pack as pack_ternary  # noqa: F401 - codes four to a byte, re-exported
+from kernels.ternary.ref import quantize_per_token
+from kernels.ternary.ref import unpack as unpack_ternary  # noqa: F401
 
 EPS = 1e-5
 NORMS = ("inside", "none")
@@ -56,24 +59,8 @@ def ternary_weight(w: Tensor, group: int | None = None) -> Tensor:
 
 def quantize_activations(x: Tensor, bits: int = 8) -> Tensor:
     """Q_a(x): per-token (last-dim row) absmax quantization to `bits`, back in x's dtype."""
-    top = 2 ** (bits - 1) - 1
-    scale = top / x.abs().amax(-1, keepdim=True).clamp(min=EPS)
-    return (x * scale).round().clamp(-top - 1, top) / scale
-
-
-def pack_ternary(codes: Tensor) -> Tensor:
-    """Codes in {-1, 0, 1} -> uint8, four per byte (2 bits each, value + 1), ceil(n / 4) bytes."""
-    flat = (codes.reshape(-1).to(torch.int16) + 1).to(torch.uint8)
-    pad = (-flat.numel()) % 4
-    flat = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, 4)
-    return flat[:, 0] | flat[:, 1] << 2 | flat[:, 2] << 4 | flat[:, 3] << 6
-
-
-def unpack_ternary(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """The inverse of `pack_ternary`: int8 codes of `shape`."""
-    parts = torch.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], dim=-1).reshape(-1)
-    n = math.prod(shape)
-    return (parts[:n].to(torch.int8) - 1).reshape(shape)
+    q, scale = quantize_per_token(x, bits)
+    return q / scale
 
 
 class BitLinear(nn.Linear):

@@ -151,7 +151,7 @@ class QuantRequest:
             raise ValueError(f"schemes {sorted(set(self.scopes.values()))} need two backends ({' and '.join(sorted(backends))}); "
                              "one model takes one: use the torchao schemes (int8, int4) or the bitsandbytes ones")
         if {"nf4", "llm_int8"} <= set(self.scopes.values()):
-            raise ValueError("bitsandbytes loads a model either in 8 bits or in 4 bits: mix nf4 with llm_int8 is not possible")
+            raise ValueError("bitsandbytes loads a model either in 8 bits or in 4 bits: nf4 and llm_int8 cannot be mixed")
         if self.group_size < 1:
             raise ValueError(f"group_size must be positive, got {self.group_size}")
 
@@ -347,12 +347,27 @@ class FakeQuantLinear(nn.Linear):
     group_size: int = 32
     double_quant: bool = False
 
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int = 32,
+                    double_quant: bool = False) -> FakeQuantLinear:
+        """A FakeQuantLinear holding `linear`'s own weight and bias (no copy)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight, layer.bias = linear.weight, linear.bias
+        layer.scheme, layer.group_size, layer.double_quant = scheme, group_size, double_quant
+        return layer
+
     def quantized_weight(self) -> Tensor:
         w = self.weight
         return w + (fake_quantize(w, self.scheme, self.group_size, self.double_quant) - w).detach()
 
     def forward(self, x: Tensor) -> Tensor:
         return nn.functional.linear(x, self.quantized_weight(), self.bias)
+
+    def fused_weight(self) -> Tensor:
+        """The matrix a fused LM-head kernel multiplies by (`trainer.fused_logits`)."""
+        return self.quantized_weight()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fake_quant={self.scheme}"
@@ -368,12 +383,8 @@ def fake_quantize_model(model: nn.Module, request: QuantRequest) -> Plan:
                          f"outlier columns; use a weight-only scheme ({', '.join(QAD_SCHEMES)})")
     modules = dict(model.named_modules())
     for name, scheme in p.layers.items():
-        old = modules[name]  # a plain Linear, or a FakeQuantLinear of an earlier call (rebuilt alike)
-        new = FakeQuantLinear.__new__(FakeQuantLinear)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = old.in_features, old.out_features
-        new.weight, new.bias = old.weight, old.bias
-        new.scheme, new.group_size, new.double_quant = scheme, request.group_size, request.double_quant
+        # a plain Linear, or a FakeQuantLinear of an earlier call (rebuilt alike)
+        new = FakeQuantLinear.from_linear(modules[name], scheme, request.group_size, request.double_quant)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
     config = getattr(model, "config", None)

@@ -12,9 +12,9 @@ from __future__ import annotations
 from torch import Tensor
 
 import kernels
-from kernels.ternary.ref import quantize_int8, ternary_linear as ternary_linear_ref, unpack
+from kernels.ternary.ref import pack, quantize_int8, quantize_per_token, ternary_linear as ternary_linear_ref, unpack
 
-__all__ = ["quantize_int8", "ternary_linear", "ternary_linear_ref", "unpack"]
+__all__ = ["pack", "quantize_int8", "quantize_per_token", "ternary_linear", "ternary_linear_ref", "unpack"]
 
 
 def ternary_linear(x: Tensor, packed: Tensor, gamma: Tensor, out_features: int, group: int | None = None,

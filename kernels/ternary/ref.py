@@ -9,20 +9,38 @@ kernel computes; it equals the training forward (fake quantization in fp32) up t
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 
-def unpack(packed: Tensor, out_features: int, in_features: int) -> Tensor:
-    """(out, in) int8 codes in {-1, 0, 1} from the packed bytes."""
+def pack(codes: Tensor) -> Tensor:
+    """Codes in {-1, 0, 1} -> uint8, four per byte (2 bits each, value + 1), ceil(n / 4) bytes."""
+    flat = (codes.reshape(-1).to(torch.int16) + 1).to(torch.uint8)
+    pad = (-flat.numel()) % 4
+    flat = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, 4)
+    return flat[:, 0] | flat[:, 1] << 2 | flat[:, 2] << 4 | flat[:, 3] << 6
+
+
+def unpack(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """The inverse of `pack`: int8 codes of `shape`."""
     parts = torch.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], dim=-1).reshape(-1)
-    return (parts[: out_features * in_features].to(torch.int8) - 1).reshape(out_features, in_features)
+    return (parts[: math.prod(shape)].to(torch.int8) - 1).reshape(shape)
 
 
-def quantize_int8(x: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+def quantize_per_token(x: Tensor, bits: int = 8, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Per-token (last-dim row) absmax integers in [-2^(bits-1), 2^(bits-1) - 1] (as x's dtype)
+    and their scales s: x ≈ q / s, with s = (2^(bits-1) - 1) / max |x|."""
+    top = 2 ** (bits - 1) - 1
+    scale = top / x.abs().amax(-1, keepdim=True).clamp(min=eps)
+    return (x * scale).round().clamp(-top - 1, top), scale
+
+
+def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-token int8 activations and their scales s (x ≈ x_q / s)."""
-    scale = 127.0 / x.abs().amax(-1, keepdim=True).clamp(min=eps)
-    return (x * scale).round().clamp(-128, 127).to(torch.int8), scale
+    q, scale = quantize_per_token(x, 8)
+    return q.to(torch.int8), scale
 
 
 def ternary_linear(x: Tensor, packed: Tensor, gamma: Tensor, out_features: int, group: int | None = None,
@@ -32,7 +50,7 @@ def ternary_linear(x: Tensor, packed: Tensor, gamma: Tensor, out_features: int, 
     With `act_bits=None` (weight-only) the activations stay in floating point and only the
     weight is integer."""
     in_features = x.shape[-1]
-    codes = unpack(packed, out_features, in_features)
+    codes = unpack(packed, (out_features, in_features))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     g = in_features if group is None else group

@@ -61,9 +61,9 @@ def test_nf4_values_are_the_normal_float_code_times_the_block_absmax(weight, dou
 def test_fake_quant_linear_passes_the_gradient_straight_through(weight):
     torch.manual_seed(1)
     layer = nn.Linear(128, 64)
-    fake = FakeQuantLinear.__new__(FakeQuantLinear)
-    nn.Module.__init__(fake)
-    fake.in_features, fake.out_features, fake.weight, fake.bias = 128, 64, nn.Parameter(weight.clone()), layer.bias
+    layer.weight = nn.Parameter(weight.clone())
+    fake = FakeQuantLinear.from_linear(layer, "int4")
+    assert fake.weight is layer.weight  # the same parameter, not a copy
     x = torch.randn(5, 128, requires_grad=True)
     fake(x).square().sum().backward()
     wq = fake_quantize(weight, "int4").requires_grad_()

@@ -196,3 +196,23 @@ def test_bench_compress_command_writes_one_row_per_variant(qad_run, tmp_path):
     assert rows["trained"]["kl"] < 1e-8 and rows["trained"]["agreement"] == 1.0  # conversion = training forward
     assert rows["int8"]["model_bytes"] < rows["full"]["model_bytes"]
     assert all(r["decode_tok_s"] > 0 and r["peak_rss"] >= 0 for r in rows.values())
+
+
+def test_fused_logits_take_a_fake_quantized_head_and_refuse_a_ternary_one(tmp_path, capsys):
+    """trainer.fused_logits multiplies by the head's matrix: a fake-quantized lm_head gives it
+    its quantized weight; a ternary one (norm and activation quantization inside) cannot be fused."""
+    from losses.divergence import _fused
+    from students.quantize import FakeQuantLinear, fake_quantize
+    from workbench.cli import main
+
+    torch.manual_seed(0)
+    head = FakeQuantLinear.from_linear(nn.Linear(64, 32, bias=False), "int8")
+    hidden, targets = torch.randn(5, 64), torch.randint(0, 32, (5,))
+    expected = nn.functional.cross_entropy(hidden @ fake_quantize(head.weight, "int8").T, targets)
+    zeros = torch.zeros(5, 1)
+    loss = _fused(hidden, head, topk_ids=targets[:, None], topk_logp=zeros, rest_logp=torch.full((5,), float("-inf")))
+    assert torch.allclose(loss, expected, atol=1e-5)  # CE = forward KL to a one-hot teacher
+    code = main(["run", str(REPO / "experiments/windtunnel/student_kd.yaml"), "teacher=null", "loss={ce: {type: ce}}",
+                 *tiny_run_args(tmp_path, "trainer.fused_logits=true", "transforms.ternary.quantize_lm_head=true")])
+    assert code == 2 and "fused_logits" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -60,11 +60,12 @@ def _answer_logits(model, inputs: dict, keep: torch.Tensor) -> torch.Tensor:
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Load one variant and time prefill and decode on the recorded prompt (see the module docstring)."""
+    from transformers import DynamicCache
+
+    import students
     from students.hf_cache import CACHE_KWARG
     from workbench.bench import peak_rss_bytes, reset_peak_rss, rss_bytes
     from workbench.compress import model_bytes
-
-    import students
 
     torch.set_num_threads(spec["threads"])
     inputs = {k: torch.tensor(v) for k, v in spec["inputs"].items()}
@@ -78,8 +79,6 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     prefill = []
     with torch.inference_mode():
         for _ in range(spec["repeats"] + 1):
-            from transformers import DynamicCache
-
             cache = DynamicCache()
             t = time.perf_counter()
             out = model(**inputs, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})

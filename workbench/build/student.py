@@ -153,6 +153,16 @@ def init_from(cfg: RunConfig, student: nn.Module, data: Data, teacher: Any) -> d
         raise WorkbenchError(f"config key 'init_from': {e}") from None
 
 
+def check_fusable_head(student: nn.Module) -> None:
+    """`trainer.fused_logits` multiplies hidden states by the LM head's matrix: the head must be a
+    plain Linear layer, or say which matrix it computes with (`fused_weight`, a fake-quantized head)."""
+    head = student.get_output_embeddings() if hasattr(student, "get_output_embeddings") else None
+    if head is not None and type(head) is not nn.Linear and not hasattr(head, "fused_weight"):
+        raise WorkbenchError(f"config key 'trainer.fused_logits': the student's LM head is a {type(head).__name__} "
+                             "(e.g. a ternary lm_head), which is not one matrix product; set trainer.fused_logits=false "
+                             "or keep lm_head out of the transform")
+
+
 def apply_trainable(student: nn.Module, patterns: list[str]) -> None:
     """Freeze every parameter whose name matches none of the glob `patterns`."""
     names = [n for n, _ in student.named_parameters()]
@@ -189,6 +199,8 @@ def build_student(cfg: RunConfig, data: Data, teacher: Any) -> tuple[nn.Module, 
     if init is not None:
         notes["init_from"] = init
     apply_transforms(student, wanted, False, notes)
+    if cfg.trainer.fused_logits:
+        check_fusable_head(student)
     if cfg.trainable:
         apply_trainable(student, cfg.trainable)
     return student, notes

@@ -102,10 +102,13 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    schedule: str = "cosine"  # cosine | wsd | constant
+    schedule: str = "cosine"  # cosine | wsd | constant | two_stage
     warmup_steps: int = 50
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying (MiniCPM uses ~10%)
     min_lr_ratio: float = 0.0  # final LR as a fraction of `lr`
+    # two_stage (BitNet b1.58): [switch fraction, LR at the end of stage 1, stage-2 peak], LRs as fractions
+    # of `lr`; the weight decay drops to 0 at the switch
+    two_stage: list[float] = field(default_factory=lambda: [0.5, 0.533, 0.333])
     grad_clip: float = 1.0  # 0 disables
 
 
@@ -185,7 +188,7 @@ CHOICES = {
     "teacher.quantize": ("none", "int8", "nf4"),
     "teacher.dtype": ("float32", "bfloat16", "float16", "auto"),
     "teacher.device": ("auto", "cpu"),
-    "optim.schedule": ("cosine", "wsd", "constant"),
+    "optim.schedule": ("cosine", "wsd", "constant", "two_stage"),
     "data.unlabeled": ("auto", "pseudo", "drop"),
     "trainer.on_nonfinite": ("stop", "skip"),
     "data.bad_images": ("error", "skip"),
@@ -436,6 +439,9 @@ def validate(cfg: RunConfig) -> None:
     if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip < 0:
         key = "warmup_steps" if o.warmup_steps < 0 else "weight_decay" if o.weight_decay < 0 else "grad_clip"
         raise WorkbenchError(f"config key 'optim.{key}' must be >= 0")
+    if len(o.two_stage) != 3 or not 0 < o.two_stage[0] < 1 or not all(0 <= r <= 1 for r in o.two_stage[1:]):
+        raise WorkbenchError("config key 'optim.two_stage' must be [switch fraction in (0, 1), stage-1 end LR ratio, "
+                             f"stage-2 peak LR ratio] with ratios in [0, 1], got {list(o.two_stage)}")
     if cfg.data.type == "llava" and not cfg.data.train:
         raise WorkbenchError("config key 'data.train' must name a LLaVA-format JSON file (or set data.type=windtunnel)")
     _validate_registered(cfg)

@@ -231,8 +231,7 @@ class DistillModule(pl.LightningModule):
     def configure_optimizers(self):
         o = self.optim
         # student + the loss terms' projectors; the teacher is not a submodule, so never included
-        optimizer, scheduler = make_optimizer(self, o.lr, o.weight_decay, o.betas, o.schedule,
-                                              self.total_steps, o.warmup_steps, o.decay_fraction, o.min_lr_ratio)
+        optimizer, scheduler = make_optimizer(self, o, self.total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

@@ -209,6 +209,8 @@ OVERRIDE_CASES = [
     (["optim.lr=0"], "'optim.lr'"), (["optim.lr=-1e-3"], "'optim.lr'"), (["optim.lr=abc"], "'optim.lr'"),
     (["optim.betas=[0.9]"], "'optim.betas'"), (["optim.betas=[2,3]"], "'optim.betas'"),
     (["optim.betas=[0.9,1.0]"], "'optim.betas'"), (["optim.betas=[-0.1,0.9]"], "'optim.betas'"),
+    (["optim.two_stage=[0.5,0.5]"], "'optim.two_stage'"), (["optim.two_stage=[1.0,0.5,0.3]"], "'optim.two_stage'"),
+    (["optim.two_stage=[0.5,1.5,0.3]"], "'optim.two_stage'"),
     (["optim.betas=[0.9,nan]"], "'optim.betas[1]'"), (["optim.betas=[0.9,0.99,0.999]"], "'optim.betas'"),
     (["optim.weight_decay=-0.1"], "'optim.weight_decay'"), (["optim.warmup_steps=-10"], "'optim.warmup_steps'"),
     (["optim.grad_clip=-1"], "'optim.grad_clip'"), (["optim.schedule=linear"], "'optim.schedule'", "cosine"),

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from torch import nn
 
-from workbench.config import stage_configs, RunConfig, load_config, merge_config, to_yaml
+from workbench.config import OptimConfig, RunConfig, load_config, merge_config, stage_configs, to_yaml
 from workbench.errors import WorkbenchError
-from workbench.optim import lr_multiplier, param_groups
+from workbench.optim import lr_multiplier, make_optimizer, param_groups
 from workbench.registry import DATASETS, LOSSES, STUDENTS, TEACHERS
 from conftest import REPO
 
@@ -343,6 +343,36 @@ def test_constant_and_unknown_schedule():
     assert {f(s) for s in range(60)} == {1.0}
     with pytest.raises(ValueError, match="linear"):
         lr_multiplier("linear", 50, 5)(20)
+
+
+def test_two_stage_lr_drops_at_the_switch_and_weight_decay_goes_to_zero():
+    total, warmup, lo = 100, 10, 0.0
+    f = lr_multiplier("two_stage", total, warmup, min_ratio=lo, two_stage=(0.5, 0.6, 0.3))
+    assert f(10) == pytest.approx(1.0) and f(30) == pytest.approx(1 - 0.4 * 0.5)  # linear to 0.6 at step 50
+    assert f(49) > 0.6 > 0.3 == pytest.approx(f(50))  # the drop
+    assert f(75) == pytest.approx(0.15) and f(total) == pytest.approx(lo)
+    stage2 = [f(s) for s in range(50, total + 1)]
+    assert all(a > b for a, b in zip(stage2, stage2[1:]))
+
+    model = nn.Linear(4, 4)
+    optim = OptimConfig(lr=1e-2, weight_decay=0.1, schedule="two_stage", warmup_steps=10, two_stage=[0.5, 0.6, 0.3])
+    optimizer, scheduler = make_optimizer(model, optim, total)
+    seen = []
+    for _ in range(total):
+        seen.append((optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["weight_decay"],
+                     optimizer.param_groups[1]["weight_decay"]))
+        optimizer.step()
+        scheduler.step()
+    assert [d for _, d, _ in seen[:50]] == [0.1] * 50 and [d for _, d, _ in seen[50:]] == [0.0] * 50
+    assert {d for _, _, d in seen} == {0.0}  # biases were never decayed
+    assert seen[50][0] == pytest.approx(3e-3) and seen[30][0] == pytest.approx(8e-3)
+    # a resumed run continues in stage 2 with no decay
+    optimizer2, scheduler2 = make_optimizer(model, optim, total)
+    optimizer2.load_state_dict(optimizer.state_dict())
+    scheduler2.load_state_dict(scheduler.state_dict())
+    assert optimizer2.param_groups[0]["weight_decay"] == 0.0
+    scheduler2.step()
+    assert optimizer2.param_groups[0]["weight_decay"] == 0.0
 
 
 def test_warmup_longer_than_run_still_reaches_peak():

@@ -13,18 +13,30 @@ BitLinear: y = linear(Q_a(norm(x)), Q_w(W)) with the norm an RMSNorm inside the 
 (`norm="inside"`, eps 1e-8 as matmulfreellm; the `bitnet_faq` and `mmfree` placements) or none
 (`norm="none"`, the `bitnet_2b4t` inference layout, whose norms sit in the block). Ternary
 values pack four to a byte (`pack_ternary` / `unpack_ternary`, from `kernels.ternary`).
+
+PackedBitLinear is the deployment form: the codes packed four to a byte and the scales, as
+buffers, computed by the integer path of `kernels.ternary` (int8 activations, int32
+accumulation per weight group, one rescale) - the same outputs as the BitLinear it was packed
+from, up to float rounding. `pack_model` turns a trained ternary student into it;
+`restore_ternary` rebuilds either form from the layer list a config records (`CONFIG_KEY`),
+before the weights load. This file imports only torch and the kernel, so an exported folder
+carries a copy of it (`students.remote_code`); the transform that chooses the layers is
+`students.ternary`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kernels.ternary.ref import pack as pack_ternary  # noqa: F401 - codes four to a byte, re-exported
+from kernels.ternary import ternary_linear
+from kernels.ternary.ref import grouped_product
+from kernels.ternary.ref import pack as pack_ternary
 from kernels.ternary.ref import quantize_per_token
-from kernels.ternary.ref import unpack as unpack_ternary  # noqa: F401
+from kernels.ternary.ref import unpack as unpack_ternary  # noqa: F401 - re-exported
 
 EPS = 1e-5
 NORMS = ("inside", "none")
@@ -63,6 +75,53 @@ def quantize_activations(x: Tensor, bits: int = 8) -> Tensor:
     return q / scale
 
 
+class _TernarySTE(torch.autograd.Function):
+    """W -> Q_w(W) exactly; backward: the identity (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, group: int | None) -> Tensor:
+        return ternary_weight(w, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _CodesSTE(torch.autograd.Function):
+    """W -> (codes as W's dtype, scales gamma); backward: the straight-through estimator of
+    W~ = codes * gamma (dL/dW = dL/dW~ = dL/dcodes / gamma)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, group: int | None):
+        codes, gamma = ternary_codes(w, group)
+        ctx.group = group
+        ctx.save_for_backward(gamma)
+        ctx.mark_non_differentiable(gamma)
+        return codes.to(w.dtype), gamma
+
+    @staticmethod
+    def backward(ctx, grad_codes: Tensor, _):
+        (gamma,) = ctx.saved_tensors
+        return (_groups(grad_codes, ctx.group) / gamma.unsqueeze(-1)).reshape(grad_codes.shape), None
+
+
+class _ActCodesSTE(torch.autograd.Function):
+    """x -> (per-token integers q as x's dtype, scales s), x ~ q / s; backward: the straight-through
+    estimator of x~ = q / s (dL/dx = dL/dx~ = s * dL/dq)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bits: int):
+        q, scale = quantize_per_token(x, bits)
+        ctx.save_for_backward(scale)
+        ctx.mark_non_differentiable(scale)
+        return q, scale
+
+    @staticmethod
+    def backward(ctx, grad_q: Tensor, _):
+        (scale,) = ctx.saved_tensors
+        return grad_q * scale, None
+
+
 class BitLinear(nn.Linear):
     """A Linear layer with ternary weights and (optionally) 8-bit per-token activations,
     trained through straight-through estimators on its latent full-precision weight.
@@ -93,15 +152,22 @@ class BitLinear(nn.Linear):
         return layer
 
     def quantized_weight(self) -> Tensor:
-        w = self.weight
-        return w + (ternary_weight(w.detach(), self.group) - w.detach()).detach()
+        """Q_w(W), with the straight-through gradient to the latent weight."""
+        return _TernarySTE.apply(self.weight, self.group)
 
     def forward(self, x: Tensor) -> Tensor:
+        """linear(Q_a(x), Q_w(W)); with activation quantization computed as the integer path
+        does (integer sums per weight group, then the weight and token scales), so the
+        packed layer reproduces it bit for bit in fp32."""
         if self.norm is not None:
             x = self.norm(x)
-        if self.act_bits is not None:
-            x = x + (quantize_activations(x.detach(), self.act_bits) - x.detach()).detach()
-        return nn.functional.linear(x, self.quantized_weight(), self.bias)
+        if self.act_bits is None:
+            return nn.functional.linear(x, self.quantized_weight(), self.bias)
+        q, scale = _ActCodesSTE.apply(x, self.act_bits)
+        codes, gamma = _CodesSTE.apply(self.weight, self.group)
+        y = grouped_product(q.reshape(-1, self.in_features), codes, gamma, self.group) / scale.reshape(-1, 1)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         scale = "tensor" if self.group is None else f"group:{self.group}"
@@ -118,72 +184,82 @@ def parse_weight_scale(weight_scale: str) -> int | None:
     return int(size)
 
 
-def ternary_transform(student: nn.Module, scopes: list[str] | None = None, skip: list[str] | None = None,
-                      placement: str = "mmfree", weight_scale: str = "tensor", act_bits: int | None = 8,
-                      quantize_lm_head: bool = False) -> dict[str, Any]:
-    """The `ternary` student transform: the Linear layers of `scopes` (default the language
-    model: embeddings, `lm_head` and the vision tower stay full precision) become BitLinear,
-    in place, starting from their weights. `skip` as in `students.quantize` (globs on full
-    names or module prefixes, each must match). Returns notes for the run's summary.
+class PackedBitLinear(nn.Module):
+    """A BitLinear as deployed: its codes packed four to a byte (`weight_packed`, uint8) and its
+    absmean scales (`weight_scale`, fp32: (1, 1) per tensor or (out, in // group)), computed
+    by the integer path of `kernels.ternary` after the layer's RMSNorm. Forward only."""
 
-    `placement` says where the norms go: `mmfree` (matmulfreellm's code: an RMSNorm inside
-    every BitLinear, the block's pre-norms kept), `bitnet_faq` (the BitNet training FAQ: norms
-    inside, the decoder blocks' pre-norms removed), `bitnet_2b4t` (BitNet b1.58 2B4T's inference
-    layout: block pre-norms kept, no norm inside except the "subln" RMSNorm before `o_proj` and
-    `down_proj`).
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, norm: str = "inside",
+                 group: int | None = None, act_bits: int | None = 8, eps: float = 1e-8, device=None, dtype=None):
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm {norm!r}: use one of {NORMS}")
+        self.in_features, self.out_features, self.group, self.act_bits = in_features, out_features, group, act_bits
+        scales = (1, 1) if group is None else (out_features, in_features // group)
+        self.register_buffer("weight_packed", torch.zeros(math.ceil(in_features * out_features / 4),
+                                                          dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones(scales, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.norm = nn.RMSNorm(in_features, eps=eps, device=device, dtype=dtype) if norm == "inside" else None
 
-    Raises:
-        ValueError: an unknown scope, norm or weight scale, a pattern matching nothing, or a
-            group that divides no layer.
-    """
-    from students.quantize import SCOPES, linear_scopes, matches
+    @classmethod
+    @torch.no_grad()
+    def from_bitlinear(cls, layer: BitLinear) -> PackedBitLinear:
+        w = layer.weight
+        packed = cls(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                     norm="inside" if layer.norm is not None else "none", group=layer.group, act_bits=layer.act_bits,
+                     eps=layer.norm.eps if layer.norm is not None else 1e-8, device=w.device, dtype=w.dtype)
+        codes, gamma = ternary_codes(w.detach().float(), layer.group)
+        packed.weight_packed.copy_(pack_ternary(codes))
+        packed.weight_scale.copy_(gamma.reshape(packed.weight_scale.shape))
+        if layer.bias is not None:
+            packed.bias.copy_(layer.bias)
+        if layer.norm is not None:
+            packed.norm.load_state_dict(layer.norm.state_dict())
+        return packed
 
-    chosen = list(scopes or ["llm"]) + (["lm_head"] if quantize_lm_head else [])
-    bad = [s for s in chosen if s not in SCOPES]
-    if bad:
-        raise ValueError(f"unknown scope {bad[0]!r}; scopes: {', '.join(SCOPES)}")
-    if act_bits is not None and not 2 <= act_bits <= 16:
-        raise ValueError(f"act_bits must be between 2 and 16 (or null for weight-only), got {act_bits}")
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
-    group = parse_weight_scale(weight_scale)
-    names = linear_scopes(student)
-    for pattern in skip or []:
-        if not any(matches(pattern, n) for n in names):
-            raise ValueError(f"skip pattern {pattern!r} matches no Linear layer")
-    modules = dict(student.named_modules())
-    already = [n for n in names if isinstance(modules[n], BitLinear)]
-    if already:  # a ternary student loaded from its folder keeps its layers
-        return {"ternary_layers": len(already), "kept_layers": len(names) - len(already), "already_ternary": True}
-    picked = [n for n, s in names.items() if s in chosen and not any(matches(p, n) for p in skip or [])
-              and (group is None or modules[n].in_features % group == 0)]
-    if not picked:
-        raise ValueError(f"no Linear layer to make ternary (scopes {chosen}, weight_scale {weight_scale})")
-    for name in picked:
+    def forward(self, x: Tensor) -> Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
+        y = ternary_linear(x, self.weight_packed, self.weight_scale, self.out_features, self.group, self.act_bits)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        scale = "tensor" if self.group is None else f"group:{self.group}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"packed ternary ({scale}), act_bits={self.act_bits}, norm={self.norm is not None}")
+
+
+def pack_model(model: nn.Module) -> int:
+    """Every BitLinear of `model` becomes its PackedBitLinear, in place, and the config's
+    record says so (`packed`); returns the number of layers packed."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinear)]
+    for name, layer in layers:
         parent, _, child = name.rpartition(".")
-        inside = placement != "bitnet_2b4t" or child in SUBLN
-        layer = BitLinear.from_linear(modules[name], norm="inside" if inside else "none", group=group,
-                                      act_bits=act_bits)
-        setattr(student.get_submodule(parent) if parent else student, child, layer)
-    removed = _remove_block_norms(student) if placement == "bitnet_faq" else 0
-    config = getattr(student, "config", None)
-    if config is not None:
-        setattr(config, CONFIG_KEY, {"scopes": chosen, "skip": list(skip or []), "placement": placement,
-                                     "weight_scale": weight_scale, "act_bits": act_bits})
-    return {"ternary_layers": len(picked), "kept_layers": len(names) - len(picked), "placement": placement,
-            "weight_scale": weight_scale, "act_bits": act_bits, **({"removed_norms": removed} if removed else {})}
+        setattr(model.get_submodule(parent) if parent else model, child, PackedBitLinear.from_bitlinear(layer))
+    spec = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    if spec is not None:
+        spec["packed"] = True
+    return len(layers)
 
 
-def _remove_block_norms(student: nn.Module) -> int:
-    """The BitNet FAQ's layout: the decoder blocks' pre-norms go (BitLinear normalises its own
-    input); the final norm before the LM head stays."""
-    count = 0
-    for block in student.get_decoder().layers:
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            if isinstance(getattr(block, name, None), nn.Module) and not isinstance(getattr(block, name), nn.Identity):
-                setattr(block, name, nn.Identity())
-                count += 1
-    if not count:
-        raise ValueError("placement bitnet_faq: the decoder blocks have no input_layernorm / "
-                         "post_attention_layernorm to remove")
-    return count
+def restore_ternary(model: nn.Module, spec: dict[str, Any]) -> None:
+    """Rebuild the ternary layers a config records (`spec`: "layers" {name: "inside" | "none"},
+    "weight_scale", "act_bits", "removed_norms", "packed") in a freshly built model, before
+    its weights load: Linear layers become BitLinear (or PackedBitLinear when packed) and the
+    removed block norms become Identity."""
+    group = parse_weight_scale(spec.get("weight_scale", "tensor"))
+    kind = PackedBitLinear if spec.get("packed") else BitLinear
+    for name, norm in spec["layers"].items():
+        old = model.get_submodule(name)
+        if isinstance(old, (BitLinear, PackedBitLinear)):
+            continue
+        parent, _, child = name.rpartition(".")
+        w = old.weight
+        new = kind(old.in_features, old.out_features, bias=old.bias is not None, norm=norm, group=group,
+                   act_bits=spec.get("act_bits"), device=w.device, dtype=w.dtype)
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    for name in spec.get("removed_norms", []):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, nn.Identity())
+

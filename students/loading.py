@@ -99,7 +99,8 @@ def _load_hf(path: Path, quantization_config: Any = None) -> nn.Module:
     come back nested (a universal model, `matformer_granularities` in its text config) or
     with per-layer MLP widths (an extracted Mix'n'Match submodel, `matformer_widths`);
     attention->Mamba hybrids with their Mamba layers (`hybrid`, see `students.hybrid`); ternary
-    students with their BitLinear layers (`workbench_ternary`, see `students.bitlinear`)."""
+    students with their BitLinear layers, or packed ones (`workbench_ternary`, see
+    `students.bitlinear`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     # the encoder-free package registers its classes with the Auto classes when any of its modules is imported
@@ -141,9 +142,9 @@ def _restructure(model: nn.Module, widths: list[int] | None, hybrid: dict | None
 
         restore_structure(model)
     if ternary:
-        from students.bitlinear import ternary_transform
+        from students.bitlinear import restore_ternary
 
-        ternary_transform(model, **ternary)
+        restore_ternary(model, ternary)
 
 
 def _from_pretrained_restructured(auto: Any, path: Path, config: Any, restructure, extra: dict) -> nn.Module:

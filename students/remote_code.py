@@ -9,9 +9,10 @@ next to the weights, with imports made relative to the folder, and an `auto_map`
   mapped for `AutoConfig`, `AutoModelForImageTextToText`, `AutoProcessor` and
   `AutoImageProcessor`;
 - stock architectures whose structure the config changes (attention -> Mamba hybrids,
-  per-layer MatFormer widths): a generated `modeling_workbench.py` whose class builds the stock
+  per-layer MatFormer widths, ternary BitLinear layers - trained or packed): a generated `modeling_workbench.py` whose class builds the stock
   model, rebuilds the recorded structure, and then loads the weights, plus the files that
-  structure needs (the Mamba-2 mixer and its torch SSD scan, the nested MLP).
+  structure needs (the Mamba-2 mixer and its torch SSD scan, the nested MLP, the ternary layers and
+  their integer path in torch).
 
 Every copied file may import only torch, transformers, the standard library and its siblings.
 """
@@ -38,6 +39,8 @@ _FILES = {
     "mamba2.py": _PACKAGE / "mamba2.py",
     "ssd_ref.py": _KERNELS / "ssd" / "ref.py",
     "matformer.py": _PACKAGE / "matformer.py",
+    "bitlinear.py": _PACKAGE / "bitlinear.py",
+    "ternary_ref.py": _KERNELS / "ternary" / "ref.py",
 }
 _IMPORTS = [
     (re.compile(r"^(\s*)from students\.encoder_free\.(\w+) import", re.M), r"\1from .\2 import"),
@@ -45,12 +48,15 @@ _IMPORTS = [
     # the torch scan: mamba-ssm's fused one is this project's dispatch, not needed to load a model
     (re.compile(r"^(\s*)from kernels\.ssd import compute_dtype, ssd_scan, ssd_step$", re.M),
      r"\1from .ssd_ref import compute_dtype, ssd_step\n\1from .ssd_ref import ssd_chunked as ssd_scan"),
+    # the ternary integer path: its torch reference
+    (re.compile(r"^(\s*)from kernels\.ternary(?:\.ref)? import", re.M), r"\1from .ternary_ref import"),
 ]
 _NEEDS = {
     "encoder_free": ["configuration_encoder_free.py", "modeling_encoder_free.py", "processing_encoder_free.py",
                      "hf_cache.py"],
     "hybrid": ["hybrid.py", "mamba2.py", "ssd_ref.py", "hf_cache.py"],
     "widths": ["matformer.py"],
+    "ternary": ["bitlinear.py", "ternary_ref.py"],
 }
 MODELING = "modeling_workbench.py"
 
@@ -81,7 +87,8 @@ def write_remote_code(model: nn.Module, folder: str | Path) -> list[str]:
         return _encoder_free(folder)
     text = config.get_text_config()
     kinds = [k for k, present in (("hybrid", getattr(text, "hybrid", None)),
-                                  ("widths", getattr(text, "matformer_widths", None))) if present]
+                                  ("widths", getattr(text, "matformer_widths", None)),
+                                  ("ternary", getattr(config, "workbench_ternary", None))) if present]
     if not kinds:
         return []
     files = list(dict.fromkeys(f for k in kinds for f in _NEEDS[k]))
@@ -126,6 +133,8 @@ def _modeling(base: str, kinds: list[str]) -> str:
         lines.append("from .hybrid import restore_structure")
     if "widths" in kinds:
         lines.append("from .matformer import NestedMLP")
+    if "ternary" in kinds:
+        lines.append("from .bitlinear import restore_ternary")
     lines += [
         "",
         "",
@@ -147,6 +156,8 @@ def _modeling(base: str, kinds: list[str]) -> str:
         ]
     if "hybrid" in kinds:
         lines.append("        restore_structure(self)")
+    if "ternary" in kinds:
+        lines.append("        restore_ternary(self, config.workbench_ternary)")
     lines.append("")
     return "\n".join(lines)
 

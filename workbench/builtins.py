@@ -9,9 +9,9 @@ from losses.relation import HiddenRelationTerm, RKDTerm, rdist_term
 from losses.vision_align import BREENQueryTerm, EVEAlignmentTerm
 from students.encoder_free import breen_student, eve_student
 from students.hybrid import hybrid_transform
-from students.bitlinear import ternary_transform
 from students.matformer import matformer_transform
 from students.quantize import quantize_transform
+from students.ternary import ternary_transform
 from students.vlm import llava_from_parts, tiny_llava
 from teachers.hf_vlm import HFVLMTeacher
 from teachers.timm_vit import TimmTeacher

@@ -275,14 +275,16 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("source", help="a run directory (its exported student; a multi-stage run's last) or a model folder")
     q.add_argument("--out", required=True, help="new folder for the quantized model")
     q.add_argument("--preset", help="tinygptv_int8 | minicpmv_nf4 | bluelm_mixed | int8 | nf4 | int4 | llm_int8")
-    q.add_argument("--method", help="one scheme for --scope: int8 | int4 (torchao) | nf4 | llm_int8 (bitsandbytes)")
+    q.add_argument("--method", help="one scheme for --scope: int8 | int4 (torchao) | nf4 | llm_int8 (bitsandbytes) | "
+                                    "ternary (packed 2-bit; a ternary student needs no flag)")
     q.add_argument("--scope", action="append", help="with --method: llm | vision | connector | lm_head "
                                                     "(repeatable; default llm and vision)")
     q.add_argument("--skip", action="append", metavar="PATTERN",
                    help="Linear layers kept in full precision: a glob on full names ('*out_proj') or a module "
                         "prefix ('model.vision_tower'); repeatable; replaces the preset's list (lm_head is kept "
                         "unless --quantize-lm-head)")
-    q.add_argument("--group-size", type=int, help="inputs per scale of int4 (default 32)")
+    q.add_argument("--group-size", type=int, help="inputs per scale of int4 (default 32) and of ternary (default: one "
+                                                  "scale per matrix)")
     q.add_argument("--double-quant", action="store_true", default=None, help="nf4: quantize the block scales too")
     q.add_argument("--quantize-lm-head", action="store_true", help="quantize the LM head with the LLM's scheme")
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -354,7 +356,8 @@ def parser() -> argparse.ArgumentParser:
     bc.add_argument("overrides", nargs="*", help="key=value overrides of that config")
     bc.add_argument("--reference", help="the full-precision model KL and agreement compare with (default: SOURCE; "
                                         "for a quantization-aware student, the model it was distilled from)")
-    bc.add_argument("--presets", help="comma-separated (default: tinygptv_int8,minicpmv_nf4,bluelm_mixed,int8,nf4,int4)")
+    bc.add_argument("--presets", help="comma-separated (default: tinygptv_int8,minicpmv_nf4,bluelm_mixed,int8,nf4,int4,"
+                                      "ternary); a ternary source applies them to --reference")
     bc.add_argument("--data", help="a held-out LLaVA-format JSON (processor from the model folder)")
     bc.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (median)")
     bc.add_argument("--repeats", type=int, default=5, help="timed prefills (median, after one warm-up)")

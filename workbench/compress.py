@@ -6,6 +6,12 @@ precision, and the bytes of every Linear weight and of the whole model before an
 A student trained quantization-aware (the `quantize` transform) carries its request in its
 config; compressing it without --preset / --method converts it with exactly that request,
 so the quantized model computes what the fake-quantized student computed.
+
+Ternary: a ternary student (the `ternary` transform) compresses to its packed form - codes
+four to a byte and fp32 absmean scales, computed by the integer path of `kernels.ternary`
+(`students.bitlinear.PackedBitLinear`); `--method ternary` on a full-precision model first
+makes the chosen layers ternary without training (post-training ternarisation, weight-only:
+the baseline the BitNet notes warn about).
 """
 
 from __future__ import annotations
@@ -45,8 +51,11 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 
 def model_bytes(model: nn.Module) -> dict[str, Any]:
-    """{"total": every parameter and buffer, "linear": {name: bytes of its weight}}."""
-    linear = {name: tensor_bytes(m.weight) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    """{"total": every parameter and buffer, "linear": {name: bytes of its weight}} (a packed
+    ternary layer's weight: its packed codes and scales)."""
+    linear = {name: tensor_bytes(m.weight) if isinstance(m, nn.Linear)
+              else tensor_bytes(m.weight_packed) + tensor_bytes(m.weight_scale)
+              for name, m in model.named_modules() if isinstance(m, nn.Linear) or hasattr(m, "weight_packed")}
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) not in seen:
@@ -66,9 +75,6 @@ def resolve_request(source: Path, preset: str | None, method: str | None, **opti
     if quantized:
         method = quantized.get("quant_method") if isinstance(quantized, dict) else getattr(quantized, "quant_method", "")
         raise WorkbenchError(f"{source} is quantized already ({method}); compress its full-precision source")
-    if getattr(config, "workbench_ternary", None):
-        raise WorkbenchError(f"{source} is a ternary (BitLinear) student: its packed export is not part of "
-                             "workbench compress yet; compress its full-precision source")
     recorded = recorded_request(config)
     if preset is None and method is None:
         if recorded is None:
@@ -97,6 +103,14 @@ def compress(source: str | Path, out: str | Path, preset: str | None = None, met
         raise WorkbenchError(f"--out {out} exists and is not empty; choose a new folder (or --force to replace it)")
     if students.is_timm_folder(model_dir):
         raise WorkbenchError(f"{model_dir} is a timm image classifier; compress takes Hugging Face model folders")
+    if method == TERNARY or _recorded_ternary(model_dir):
+        if preset is not None or method not in (None, TERNARY):
+            raise WorkbenchError(f"{model_dir} is a ternary student: it compresses to its packed form only (no "
+                                 "--preset / --method, or --method ternary)")
+        report = compress_ternary(model_dir, scopes=scopes, skip=skip, group_size=group_size,
+                                  quantize_lm_head=quantize_lm_head)
+        _write(report.pop("model"), model_dir, out, report)
+        return report
     request, recorded = resolve_request(model_dir, preset, method, scopes=scopes, skip=skip, group_size=group_size,
                                         double_quant=double_quant, quantize_lm_head=quantize_lm_head)
     _check_backend(request)
@@ -111,6 +125,72 @@ def compress(source: str | Path, out: str | Path, preset: str | None = None, met
     report = _report(model_dir, request, recorded, layout, before, after, PRESETS.get(request.preset))
     _write(model, model_dir, out, report)
     return report
+
+
+TERNARY = "ternary"
+
+
+def _recorded_ternary(model_dir: Path) -> dict | None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    spec = getattr(config, "workbench_ternary", None)
+    if (spec and spec.get("packed")) or getattr(config, "quantization_config", None):
+        raise WorkbenchError(f"{model_dir} is quantized already ({'packed ternary' if spec else 'quantization_config'}); "
+                             "compress its full-precision source or its training export")
+    return spec
+
+
+def compress_ternary(model_dir: Path, scopes: list[str] | None = None, skip: list[str] | None = None,
+                     group_size: int | None = None, quantize_lm_head: bool = False) -> dict[str, Any]:
+    """The packed ternary model of `model_dir` (a ternary student as trained, or a full-precision
+    model ternarised here) and its report; the model is under "model"."""
+    from students.bitlinear import CONFIG_KEY, BitLinear, pack_model
+    from students.quantize import covering_prefixes
+    from students.ternary import ternary_transform
+
+    if group_size is not None and group_size < 1:
+        raise WorkbenchError(f"--group-size must be >= 1, got {group_size}")
+    model = _load(model_dir, None)
+    trained = getattr(model.config, CONFIG_KEY, None) is not None
+    if trained and any(v not in (None, False) for v in (scopes, skip, group_size, quantize_lm_head)):
+        raise WorkbenchError("the student records the ternary layers it trained with; --scope, --skip, "
+                             "--group-size and --quantize-lm-head apply to full-precision sources only")
+    if not trained:
+        try:
+            ternary_transform(model, scopes=scopes, skip=skip, act_bits=None, quantize_lm_head=quantize_lm_head,
+                              weight_scale=f"group:{group_size}" if group_size else "tensor")
+        except ValueError as e:
+            raise WorkbenchError(f"{model_dir}: {e}") from None
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, BitLinear)}
+    full, weights = model_bytes(model)["total"], sum(m.weight.numel() for m in layers.values())
+    fp_bytes = sum(tensor_bytes(m.weight) for m in layers.values())
+    pack_model(model)
+    after = model_bytes(model)
+    packed = sum(after["linear"][n] for n in layers)
+    spec = getattr(model.config, CONFIG_KEY)
+    return {
+        "model": model, "source": str(model_dir), "preset": None, "follows": None, "not_reproduced": None,
+        "request": {"method": TERNARY, "weight_scale": spec["weight_scale"], "act_bits": spec["act_bits"],
+                    "placement": spec["placement"]},
+        "quantization_aware": trained, "backend": "workbench (kernels.ternary)", "layers": {TERNARY: len(layers)},
+        "kept": covering_prefixes([n for n in after["linear"] if n not in layers], list(after["linear"])),
+        "bytes": {"full": full, "quantized": after["total"], "ratio": round(full / max(1, after["total"]), 3),
+                  "linear_full": fp_bytes, "linear_quantized": packed, "linear_ratio": round(fp_bytes / max(1, packed), 3),
+                  "linear_bf16": 2 * weights, "linear_bf16_ratio": round(2 * weights / max(1, packed), 3)},
+        "schemes": {TERNARY: {"layers": len(layers), "fp_bytes": fp_bytes, "bytes": packed,
+                              "ratio": round(fp_bytes / max(1, packed), 3)}},
+        **_provenance(),
+    }
+
+
+def _provenance() -> dict[str, Any]:
+    from workbench.device import environment
+
+    env = environment()
+    return {"packages": {k: v for k, v in env["packages"].items()
+                         if k in ("torch", "transformers", "torchao", "bitsandbytes", "accelerate")},
+            "git_commit": env["git_commit"]}
 
 
 def _check_backend(request) -> None:
@@ -140,7 +220,6 @@ def _report(model_dir: Path, request, recorded, layout, before: dict, after: dic
     from collections import Counter
 
     from students.quantize import covering_prefixes
-    from workbench.device import environment
 
     quantized = [n for n in layout.layers if n in before["linear"] and n in after["linear"]]
     fp_w = sum(before["linear"][n] for n in quantized)
@@ -151,7 +230,6 @@ def _report(model_dir: Path, request, recorded, layout, before: dict, after: dic
         by_scheme[scheme] = {"layers": len(names), "fp_bytes": sum(before["linear"][n] for n in names),
                              "bytes": sum(after["linear"][n] for n in names)}
         by_scheme[scheme]["ratio"] = round(by_scheme[scheme]["fp_bytes"] / max(1, by_scheme[scheme]["bytes"]), 3)
-    env = environment()
     return {
         "source": str(model_dir),
         "preset": request.preset,
@@ -168,15 +246,14 @@ def _report(model_dir: Path, request, recorded, layout, before: dict, after: dic
                   "ratio": round(before["total"] / max(1, after["total"]), 3),
                   "linear_full": fp_w, "linear_quantized": q_w, "linear_ratio": round(fp_w / max(1, q_w), 3)},
         "schemes": by_scheme,
-        "packages": {k: v for k, v in env["packages"].items()
-                     if k in ("torch", "transformers", "torchao", "bitsandbytes", "accelerate")},
-        "git_commit": env["git_commit"],
+        **_provenance(),
     }
 
 
 def _write(model, model_dir: Path, out: Path, report: dict[str, Any]) -> None:
     """Save into a temporary sibling folder, then move it into place: an interrupted compress
     leaves no half-written folder behind."""
+    import students
     from students.quantize import CONFIG_KEY
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -185,8 +262,10 @@ def _write(model, model_dir: Path, out: Path, report: dict[str, Any]) -> None:
         if hasattr(model.config, CONFIG_KEY):  # the real format replaces the fake quantization
             delattr(model.config, CONFIG_KEY)
         model.save_pretrained(tmp)
+        written = set(students.write_remote_code(model, tmp))
         for f in model_dir.iterdir():  # processor, tokenizer, chat template, remote code
-            if f.is_file() and f.name not in _WRITTEN and not f.name.endswith(".safetensors") and f.name != REPORT:
+            if f.is_file() and f.name not in _WRITTEN | written and not f.name.endswith(".safetensors") \
+                    and f.name != REPORT:
                 shutil.copy2(f, tmp / f.name)
         (tmp / REPORT).write_text(json.dumps(report, indent=2, default=str))
         if out.exists():
@@ -208,6 +287,9 @@ def compress_command(args) -> dict[str, Any]:
     for scheme, row in report["schemes"].items():
         print(f"  {scheme}: Linear weights {row['fp_bytes'] / 2**20:.2f} MiB -> {row['bytes'] / 2**20:.2f} MiB "
               f"({row['ratio']:.2f}x)")
+    if "linear_bf16" in b:
+        print(f"  {TERNARY} against bf16: {b['linear_bf16'] / 2**20:.2f} MiB -> {b['linear_quantized'] / 2**20:.2f} MiB "
+              f"({b['linear_bf16_ratio']:.2f}x)")
     print(f"whole model {b['full'] / 2**20:.2f} MiB -> {b['quantized'] / 2**20:.2f} MiB ({b['ratio']:.2f}x)")
     if report["not_reproduced"]:
         print(f"not reproduced here: {report['not_reproduced']}")

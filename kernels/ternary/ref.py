@@ -43,6 +43,19 @@ def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     return q.to(torch.int8), scale
 
 
+def grouped_product(xq: Tensor, codes: Tensor, gamma: Tensor, group: int | None) -> Tensor:
+    """sum_g (xq[:, g] @ codes[:, g]^T) * gamma_g for integer-valued xq (N, in) and codes
+    (out, in), in xq's dtype. In fp32 the integer sums are exact (|sum| <= 127 * in < 2^24), so
+    this equals int32 accumulation, and the training forward computing it (differentiably)
+    matches the integer path bit for bit."""
+    out_features, in_features = codes.shape
+    if group is None:
+        return (xq @ codes.T) * gamma.reshape(())
+    n_groups = in_features // group
+    acc = torch.einsum("ngk,ogk->nog", xq.reshape(-1, n_groups, group), codes.reshape(out_features, n_groups, group))
+    return (acc * gamma.reshape(out_features, n_groups)).sum(-1)
+
+
 def ternary_linear(x: Tensor, packed: Tensor, gamma: Tensor, out_features: int, group: int | None = None,
                    act_bits: int | None = 8) -> Tensor:
     """y = x W^T for a packed ternary W with scales `gamma` ((1,) per tensor or (out, in // group)).
@@ -61,8 +74,9 @@ def ternary_linear(x: Tensor, packed: Tensor, gamma: Tensor, out_features: int, 
     if act_bits != 8:
         raise ValueError(f"the integer path takes 8-bit activations (act_bits=8) or none, not {act_bits}")
     xq, scale = quantize_int8(x2)
-    # int32 accumulation per weight group: (N, G, g) x (O, G, g) -> (N, O, G)
+    # int32 accumulation per weight group: (N, G, g) x (O, G, g) -> (N, O, G), then one rescale
     acc = torch.einsum("ngk,ogk->nog", xq.to(torch.int32).reshape(-1, n_groups, g),
-                       codes.to(torch.int32).reshape(out_features, n_groups, g))
-    y = (acc.to(torch.float32) * gamma.reshape(-1, n_groups).to(torch.float32)).sum(-1) / scale
-    return y.to(x.dtype).reshape(*lead, out_features)
+                       codes.to(torch.int32).reshape(out_features, n_groups, g)).to(torch.float32)
+    gamma = gamma.to(torch.float32)
+    y = acc.squeeze(-1) * gamma.reshape(()) if group is None else (acc * gamma.reshape(-1, n_groups)).sum(-1)
+    return (y / scale.to(torch.float32)).to(x.dtype).reshape(*lead, out_features)

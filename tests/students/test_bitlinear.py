@@ -13,10 +13,10 @@ from students.bitlinear import (
     pack_ternary,
     quantize_activations,
     ternary_codes,
-    ternary_transform,
     ternary_weight,
     unpack_ternary,
 )
+from students.ternary import ternary_transform
 
 
 def test_gaussian_weights_split_into_thirds_as_the_normal_cdf_says():
@@ -144,3 +144,66 @@ def test_norm_placements(processor, tmp_path, placement):
     ids = torch.tensor([[1, 5, 6, 7]])
     with torch.no_grad():
         assert torch.equal(students.load(tmp_path / placement)(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+# ---- the packed deployment form -------------------------------------------------------------
+
+
+def _ternary_vlm(processor, weight_scale, act_bits, placement="mmfree", seed=0):
+    model = make_tiny_vlm(processor, seed=seed, text_hidden=64, vision_hidden=64)
+    ternary_transform(model, weight_scale=weight_scale, act_bits=act_bits, placement=placement)
+    with torch.no_grad():  # trained-looking norm weights and a bias, not the init's ones
+        for layer in model.modules():
+            if isinstance(layer, BitLinear) and layer.norm is not None:
+                layer.norm.weight.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def _inputs(processor):
+    """Two image + text prompts."""
+    torch.manual_seed(3)
+    size = processor.image_processor.crop_size["height"]
+    ids = torch.cat([torch.full((2, (size // processor.patch_size) ** 2), processor.image_token_id),
+                     torch.randint(5, 40, (2, 9))], 1)
+    return {"input_ids": ids, "pixel_values": torch.randn(2, 3, size, size), "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.mark.parametrize("weight_scale, act_bits, placement", [("tensor", 8, "mmfree"), ("group:32", 8, "bitnet_faq"),
+                                                               ("group:32", None, "mmfree"),
+                                                               ("tensor", 8, "bitnet_2b4t")])
+def test_the_packed_model_computes_the_training_forward(processor, tmp_path, weight_scale, act_bits, placement):
+    import students
+    from students.bitlinear import PackedBitLinear, pack_model
+
+    model = _ternary_vlm(processor, weight_scale, act_bits, placement)
+    inputs = _inputs(processor)
+    with torch.no_grad():
+        trained = model(**inputs).logits
+    layers = {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, BitLinear)}
+    assert pack_model(model) == len(layers) and model.config.workbench_ternary["packed"]
+    for name, numel in layers.items():
+        packed = model.get_submodule(name)
+        assert isinstance(packed, PackedBitLinear) and packed.weight_packed.numel() == math.ceil(numel / 4)
+    model.save_pretrained(tmp_path / "packed")
+    again = students.load(tmp_path / "packed")
+    assert not any(isinstance(m, BitLinear) for m in again.modules())
+    with torch.no_grad():
+        for m in (model, again):  # the integer path: packed codes, int8 activations, int32 sums, one rescale
+            logits = m(**inputs).logits
+            # the goal is 1e-5 relative; BitLinear computes the integer path's sums exactly, so in fp32
+            # they agree bit for bit (a fake-quantized x_q / s @ W_q would flip activation roundings)
+            assert ((logits - trained).norm() / trained.norm()).item() < 1e-5
+            assert torch.equal(logits, trained)
+    stored = sum(t.numel() for n, t in again.state_dict().items() if n.endswith("weight_packed"))
+    assert stored == sum(math.ceil(n / 4) for n in layers.values())
+
+
+def test_packed_weights_are_eight_times_smaller_than_bf16_with_per_matrix_scales():
+    from students.bitlinear import PackedBitLinear
+
+    layer = BitLinear(512, 256)
+    packed = PackedBitLinear.from_bitlinear(layer)
+    codes, _ = ternary_codes(layer.weight.detach())
+    assert torch.equal(unpack_ternary(packed.weight_packed, (256, 512)), codes)
+    stored = packed.weight_packed.numel() + 4 * packed.weight_scale.numel()
+    assert 2 * layer.weight.numel() / stored == pytest.approx(8.0, rel=1e-3)

@@ -1,6 +1,6 @@
 """Every kind of exported student loads in a Python process where this project cannot be
 imported: stock families with the stock Auto classes, custom ones (EVE / BREEN encoder-free,
-attention -> Mamba hybrids, per-layer MatFormer extracts) with `trust_remote_code=True` from
+attention -> Mamba hybrids, per-layer MatFormer extracts, ternary students trained or packed) with `trust_remote_code=True` from
 the code written next to their weights. Logits and greedy generations must equal the
 in-project model's."""
 
@@ -136,3 +136,20 @@ def test_a_per_layer_matformer_extract_loads_with_its_remote_code(processor, wor
     assert json.loads((folder / "config.json").read_text())["text_config"]["matformer_widths"] == [full // 4, full // 2]
     _check_in_child(static, folder, _batch(proc, world_dir), tmp_path, "AutoModelForImageTextToText", True)
     torch.testing.assert_close(students.load(folder).state_dict()["lm_head.weight"], static.lm_head.weight)
+
+
+@pytest.mark.parametrize("packed, weight_scale, placement", [(False, "tensor", "mmfree"),
+                                                             (True, "group:32", "bitnet_faq")])
+def test_a_ternary_student_loads_with_its_remote_code(packed, weight_scale, placement, processor, world_dir, tmp_path):
+    from students.bitlinear import BitLinear, PackedBitLinear, pack_model
+    from students.ternary import ternary_transform
+
+    model = _tiny("tiny_llava", processor, tmp_path, **TINY_STUDENT)
+    ternary_transform(model, weight_scale=weight_scale, placement=placement)
+    if packed:  # the deployment form: 2-bit codes and scales, the integer path in torch
+        pack_model(model)
+    folder, proc, written = _export(model, processor, tmp_path)
+    assert {"modeling_workbench.py", "bitlinear.py", "ternary_ref.py"} <= set(written)
+    _check_in_child(model, folder, _batch(proc, world_dir), tmp_path, "AutoModelForImageTextToText", True)
+    assert isinstance(students.load(folder).model.language_model.layers[0].mlp.up_proj,
+                      PackedBitLinear if packed else BitLinear)

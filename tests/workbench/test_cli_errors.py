@@ -446,6 +446,9 @@ COMPRESS_CASES = [
     (["--method", "int8", "--skip", "no.such.module"], "no.such.module", "matches no Linear"),
     (["--method", "int4", "--group-size", "48"], "group_size 48"),
     (["--method", "int4", "--group-size", "0"], "group_size"),
+    (["--method", "ternary", "--scope", "brain"], "brain"),
+    (["--method", "ternary", "--group-size", "48"], "no Linear layer", "group:48"),
+    (["--method", "ternary", "--skip", "nowhere"], "nowhere"),
 ]
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, make_tiny_vlm, subprocess_env, tiny_run_args
+from conftest import REPO, TINY_STUDENT, make_tiny_vlm, subprocess_env, tiny_run_args
 from torch import nn
 
 import students
@@ -216,3 +216,80 @@ def test_fused_logits_take_a_fake_quantized_head_and_refuse_a_ternary_one(tmp_pa
                  *tiny_run_args(tmp_path, "trainer.fused_logits=true", "transforms.ternary.quantize_lm_head=true")])
     assert code == 2 and "fused_logits" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+# ---- ternary: a trained ternary student packs exactly; full-precision models ternarise after training
+
+
+@pytest.fixture(scope="module")
+def ternary_run(tmp_path_factory):
+    """A tiny run with the `ternary` transform (8-bit activations, BitNet b1.58), through the CLI."""
+    from workbench.cli import main
+
+    root = tmp_path_factory.mktemp("ternary")
+    args = tiny_run_args(root, "transforms.ternary.act_bits=8", "name=ternary")
+    assert main(["run", str(REPO / "experiments/windtunnel/student_kd.yaml"), "teacher=null",
+                 "loss={ce: {type: ce}}", *args]) == 0
+    return next((root / "runs" / "ternary").glob("2*"))
+
+
+def test_a_ternary_run_packs_to_what_it_trained_with(ternary_run, tmp_path, capsys):
+    from workbench.bench.compress import quality
+    from workbench.cli import main
+    from workbench.config import load_config
+    from workbench.evaluation import held_out_from_config
+
+    assert main(["compress", str(ternary_run), "--out", str(tmp_path / "packed")]) == 0  # no flags: its layers
+    assert "ternary against bf16" in capsys.readouterr().out
+    report = json.loads((tmp_path / "packed" / "compress.json").read_text())
+    assert report["quantization_aware"] and report["request"]["act_bits"] == 8
+    # every LLM weight: 2 bits + one fp32 scale per matrix -> just under 8x smaller than bf16
+    assert 7.5 < report["bytes"]["linear_bf16_ratio"] < 8.0
+    assert (tmp_path / "packed" / "bitlinear.py").is_file() and (tmp_path / "packed" / "tokenizer.json").is_file()
+    held_out = held_out_from_config(load_config(ternary_run / "config.yaml"))
+    q = quality(students.load(ternary_run / "student"), students.load(tmp_path / "packed"), held_out.loader(16))
+    assert q["kl"] == 0.0 and q["agreement"] == 1.0  # the integer path computes the training forward exactly
+    summary = json.loads((ternary_run / "summary.json").read_text())
+    assert q["acc"] == pytest.approx(summary["student"]["acc"])
+    with pytest.raises(WorkbenchError, match="quantized already"):
+        compress(tmp_path / "packed", tmp_path / "again")
+    with pytest.raises(WorkbenchError, match="ternary student"):
+        compress(ternary_run, tmp_path / "int8", preset="int8")
+
+
+def test_post_training_ternarisation_of_a_full_precision_model(model_dir, tmp_path, inputs):
+    report = compress(model_dir, tmp_path / "ptq", method="ternary", group_size=64)
+    assert report["layers"] == {"ternary": 14} and not report["quantization_aware"]
+    assert report["request"] == {"method": "ternary", "weight_scale": "group:64", "act_bits": None,
+                                 "placement": "mmfree"}
+    # 2 bits per weight + one fp32 scale per 64 weights = 2.5 bits: 16 / 2.5 = 6.4x smaller than bf16
+    assert report["bytes"]["linear_bf16_ratio"] == pytest.approx(6.4, rel=1e-3)
+    packed = students.load(tmp_path / "ptq")
+    assert "lm_head" in report["kept"] and "model.vision_tower" in report["kept"]
+    fp = students.load(model_dir)
+    assert 0 < (_logits(packed, inputs) - _logits(fp, inputs)).abs().max() < 10  # changed, still a model
+
+
+@pytest.mark.slow
+def test_bench_compress_of_a_ternary_run_puts_its_packed_form_beside_the_presets(ternary_run, tmp_path):
+    """`workbench bench compress TERNARY_RUN --reference FP`: the presets compress the reference."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(ternary_run / "student")
+    model_dir = tmp_path / "fp"  # a full-precision model of the run's shape and processor
+    make_tiny_vlm(processor, **TINY_STUDENT).save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    out = tmp_path / "bench.json"
+    bench = subprocess.run([sys.executable, "-m", "workbench.cli", "bench", "compress", str(ternary_run), "--presets",
+                            "int8,ternary", "--reference", str(model_dir), "--repeats", "1", "--new-tokens", "2",
+                            "--json", str(out)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["full", "source", "trained", "int8", "ternary"]
+    # the LLM as 2-bit codes (vision tower, projector and head stay fp32)
+    assert rows["trained"]["linear_bytes"] < rows["source"]["linear_bytes"] / 2
+    assert rows["trained"]["kl"] > 0 and rows["source"]["kl"] == pytest.approx(rows["trained"]["kl"], abs=1e-9)
+    # post-training ternarisation of the reference packs the same layers alike (int8 also takes the vision tower)
+    assert rows["ternary"]["linear_bytes"] == rows["trained"]["linear_bytes"] < rows["full"]["linear_bytes"]
+    assert rows["int8"]["linear_bytes"] < rows["full"]["linear_bytes"]
+    assert all(r["decode_tok_s"] > 0 for r in rows.values())

@@ -1,5 +1,6 @@
-"""`workbench bench compress`: a student in full precision and under each quantization preset,
-measured on the same axes.
+"""`workbench bench compress`: a student in full precision and under each quantization preset
+(and post-training ternarisation), measured on the same axes; a quantization-aware or ternary
+student also as converted ("trained": the packed form of a ternary one).
 
 Quality (in this process, the full-precision model beside each quantized one, batch by batch
 over the held-out split): KL(full || quantized) of the next-token distributions at the answer
@@ -27,7 +28,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 
-DEFAULT_PRESETS = ("tinygptv_int8", "minicpmv_nf4", "bluelm_mixed", "int8", "nf4", "int4")
+DEFAULT_PRESETS = ("tinygptv_int8", "minicpmv_nf4", "bluelm_mixed", "int8", "nf4", "int4", "ternary")
 MIB = 2**20
 
 
@@ -122,22 +123,33 @@ def _prompt(held_out) -> dict[str, list]:
 
 def _variants(model_dir: Path, presets: list[str], workdir: Path, reference: Path | None) -> dict[str, Path]:
     """"full" (the reference), the source itself when a reference is given, "trained" (the
-    conversion of a quantization-aware student), and one compressed folder per preset."""
+    conversion of a quantization-aware student, or the packed form of a ternary one), and one
+    compressed folder per preset ("ternary": post-training ternarisation). A ternary source's
+    presets compress the full-precision reference (without one they are skipped)."""
     from transformers import AutoConfig
 
     from students.quantize import recorded_request
-    from workbench.compress import compress
+    from workbench.compress import TERNARY, compress
 
+    config = AutoConfig.from_pretrained(model_dir)
     folders = {"full": reference or model_dir}
     if reference is not None:
         folders["source"] = model_dir
-    if recorded_request(AutoConfig.from_pretrained(model_dir)) is not None:
+    ternary = getattr(config, "workbench_ternary", None) is not None
+    if ternary or recorded_request(config) is not None:
         folders["trained"] = workdir / "trained"
         compress(model_dir, folders["trained"])
+    base = reference if ternary else model_dir
+    if ternary and reference is None and presets:
+        print("[workbench] a ternary source: the presets need its full-precision model (--reference DIR); skipped")
+        presets = []
     for preset in presets:
-        print(f"[workbench] compressing with {preset}")
+        print(f"[workbench] compressing {'the reference ' if base != model_dir else ''}with {preset}")
         folders[preset] = workdir / preset
-        compress(model_dir, folders[preset], preset=preset)
+        if preset == TERNARY:
+            compress(base, folders[preset], method=TERNARY)
+        else:
+            compress(base, folders[preset], preset=preset)
     return folders
 
 
@@ -149,10 +161,12 @@ def bench_compress_command(source: str, config: str | None, overrides: list[str]
     from workbench.evaluation import held_out_for
     from workbench.elastic import resolve_model_dir
 
+    from workbench.compress import TERNARY
+
     presets = list(presets or DEFAULT_PRESETS)
-    bad = [p for p in presets if p not in PRESETS]
+    bad = [p for p in presets if p not in PRESETS and p != TERNARY]
     if bad:
-        raise WorkbenchError(f"--presets: unknown preset {bad[0]!r}; presets: {', '.join(PRESETS)}")
+        raise WorkbenchError(f"--presets: unknown preset {bad[0]!r}; presets: {', '.join([*PRESETS, TERNARY])}")
     model_dir = resolve_model_dir(source)
     ref_dir = resolve_model_dir(reference) if reference else None
     held_out, _ = held_out_for(model_dir, config, overrides, data)

@@ -1,44 +1,88 @@
 """The wind-tunnel BitCPM4 study of docs/benchmarks.md ("Ternary students"), from a finished sweep.
 
     workbench run experiments/windtunnel/bitcpm4.yaml --sweep seed=0,1,2
-    python docs/ternary_study.py runs/windtunnel-bitcpm4/sweep-<hash>
+    python docs/ternary_study.py runs/windtunnel-bitcpm4/sweep-<hash> [--plot docs/ternary_study.png]
 
 Prints held-out answer accuracy per stage (mean ± std over the seeds that finished) and the
-storage of the ternary student's BitLinear weights: 2-bit codes packed four to a byte plus one
-scale per group (fp32 as trained, or bf16), against the same weights in bf16.
+packed size of the ternary student (`workbench compress` of its last stage: 2-bit codes four to
+a byte plus fp32 scales) against its ternary weights in bf16; `--plot` draws the training CE of
+every stage against the steps since the run started from scratch (a stage continuing another
+starts where that one ended), mean over the seeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
+import yaml
 
-def ternary_bytes(folder: Path) -> dict[str, float]:
-    """Packed and bf16 bytes of every BitLinear weight of the student in `folder`."""
-    import math
 
-    import students
-    from students.bitlinear import BitLinear
+def packed_size(folder: Path) -> dict[str, float]:
+    """The `workbench compress` report's bytes for the ternary student in `folder`."""
+    from workbench.compress import compress
 
-    model = students.load(folder)
-    n = packed = scales = 0
-    for layer in model.modules():
-        if isinstance(layer, BitLinear):
-            numel = layer.weight.numel()
-            n += numel
-            packed += math.ceil(numel / 4)
-            scales += 1 if layer.group is None else numel // layer.group
-    return {"weights": n, "bf16_bytes": 2 * n, "packed_fp32_scales": packed + 4 * scales,
-            "packed_bf16_scales": packed + 2 * scales}
+    with tempfile.TemporaryDirectory() as tmp:
+        report = compress(folder, Path(tmp) / "packed")
+    b = report["bytes"]
+    return {"bf16_bytes": b["linear_bf16"], "packed_bytes": b["linear_quantized"], "ratio": b["linear_bf16_ratio"],
+            "weight_scale": report["request"]["weight_scale"], "layers": report["layers"]["ternary"]}
+
+
+def stage_offsets(run: Path) -> dict[str, tuple[int, int]]:
+    """stage -> (first step counted from scratch, steps): a stage started from `stage:X` begins
+    where X ended."""
+    spans: dict[str, tuple[int, int]] = {}
+    for stage in sorted((run / "stages").iterdir(), key=lambda d: (d / "summary.json").stat().st_mtime):
+        cfg = yaml.safe_load((stage / "config.yaml").read_text())
+        source = (cfg.get("student") or {}).get("path") or ""
+        parent = source.removeprefix("stage:") if source.startswith("stage:") else Path(source).parent.name
+        start = sum(spans[parent]) if parent in spans else 0
+        spans[stage.name] = (start, int(cfg["trainer"]["max_steps"]))
+    return spans
+
+
+def curves(runs: list[Path]) -> dict[str, list[tuple[int, float]]]:
+    """stage -> [(step from scratch, mean train CE over the seeds)]."""
+    by_stage: dict[str, dict[int, list[float]]] = {}
+    for run in runs:
+        for stage, (start, _) in stage_offsets(run).items():
+            with open(run / "stages" / stage / "metrics.csv") as f:
+                for row in csv.DictReader(f):
+                    if row.get("train/ce"):
+                        by_stage.setdefault(stage, {}).setdefault(start + int(row["step"]), []).append(
+                            float(row["train/ce"]))
+    return {s: sorted((k, statistics.mean(v)) for k, v in points.items()) for s, points in by_stage.items()}
+
+
+def plot(data: dict[str, list[tuple[int, float]]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for stage, points in data.items():
+        steps, values = zip(*points)
+        smooth = [statistics.mean(values[max(0, i - 4):i + 1]) for i in range(len(values))]
+        ax.plot(steps, smooth, label=stage)
+    ax.set_xlabel("training steps since the start from scratch")
+    ax.set_ylabel("train CE (mean of seeds, 5-point running mean)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("sweep", type=Path)
+    p.add_argument("--plot", type=Path, help="write the loss curves here")
     args = p.parse_args(argv)
     runs = sorted(d for d in args.sweep.iterdir()
                   if not d.is_symlink() and (d / "summary.json").is_file()
@@ -49,14 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         for row in json.loads((run / "summary.json").read_text())["results"]:
             accs.setdefault(row["model"], []).append(row["acc"])
-    print(f"| stage | held-out answer accuracy ({len(runs)} seeds) |\n|---|---|")
+    print(f"| stage | held-out answer accuracy ({len(runs)} seeds: {', '.join(r.name for r in runs)}) |\n|---|---|")
     for model, values in accs.items():
         spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
         print(f"| {model} | {statistics.mean(values):.3f}{spread} |")
-    size = ternary_bytes(runs[0] / "stages" / "qat" / "student")
-    print(f"\nternary layers: {size['weights']:,} weights; bf16 {size['bf16_bytes']:,} B; packed with fp32 scales "
-          f"{size['packed_fp32_scales']:,} B ({size['bf16_bytes'] / size['packed_fp32_scales']:.2f}x smaller), "
-          f"with bf16 scales {size['packed_bf16_scales']:,} B ({size['bf16_bytes'] / size['packed_bf16_scales']:.2f}x)")
+    size = packed_size(runs[0] / "stages" / "kd" / "student")
+    print(f"\nternary layers ({size['layers']}, {size['weight_scale']} scales): bf16 {size['bf16_bytes']:,} B; packed "
+          f"{size['packed_bytes']:,} B ({size['ratio']:.2f}x smaller)")
+    if args.plot:
+        plot(curves(runs), args.plot)
+        print(f"plot written to {args.plot}")
     (args.sweep / "ternary_study.json").write_text(json.dumps({"seeds": [r.name for r in runs], "acc": accs,
                                                                "bytes": size}, indent=2))
     return 0

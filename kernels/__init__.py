@@ -1,5 +1,7 @@
-"""Fused kernels, one folder per op (ref.py / triton.py / dispatch): the distillation losses and
-the SSD scan of the Mamba-2 students (`ssd/`, whose native path is mamba-ssm's fused scan).
+"""Fused kernels, one folder per op (ref.py / triton.py / dispatch): the distillation losses, the
+SSD scan of the Mamba-2 students (`ssd/`, whose native path is mamba-ssm's fused scan), the
+integer path of ternary layers (`ternary/`) and the MLGRU recurrence of the MatMul-free LM
+(`hgrn/`, torch only so far).
 
 Dispatch picks the native path on CUDA and the torch reference otherwise; `WB_KERNELS=ref|triton|auto`
 forces a path. `backend()` tells which path is active; `workbench doctor` prints it. Each op logs

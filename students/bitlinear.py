@@ -246,20 +246,23 @@ def pack_model(model: nn.Module) -> int:
 def restore_ternary(model: nn.Module, spec: dict[str, Any]) -> None:
     """Rebuild the ternary layers a config records (`spec`: "layers" {name: "inside" | "none"},
     "weight_scale", "act_bits", "removed_norms", "packed") in a freshly built model, before
-    its weights load: Linear layers become BitLinear (or PackedBitLinear when packed) and the
-    removed block norms become Identity."""
+    its weights load: Linear layers become BitLinear (holding their weights) or, when packed,
+    PackedBitLinear (BitLinear ones too); the removed block norms become Identity."""
     group = parse_weight_scale(spec.get("weight_scale", "tensor"))
-    kind = PackedBitLinear if spec.get("packed") else BitLinear
+    packed = bool(spec.get("packed"))
     for name, norm in spec["layers"].items():
         old = model.get_submodule(name)
-        if isinstance(old, (BitLinear, PackedBitLinear)):
+        if isinstance(old, PackedBitLinear) or (isinstance(old, BitLinear) and not packed):
             continue
+        options = dict(norm=norm, group=group, act_bits=spec.get("act_bits"))
+        if packed:
+            w = old.weight
+            new = PackedBitLinear(old.in_features, old.out_features, bias=old.bias is not None, device=w.device,
+                                  dtype=w.dtype, **options)
+        else:
+            new = BitLinear.from_linear(old, **options)
         parent, _, child = name.rpartition(".")
-        w = old.weight
-        new = kind(old.in_features, old.out_features, bias=old.bias is not None, norm=norm, group=group,
-                   act_bits=spec.get("act_bits"), device=w.device, dtype=w.dtype)
         setattr(model.get_submodule(parent) if parent else model, child, new)
     for name in spec.get("removed_norms", []):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, nn.Identity())
-

@@ -36,10 +36,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import DynamicLayer
 
-from students.hf_cache import either_cache
-from students.mamba2 import Mamba2Config, Mamba2Mixer, Mamba2State
+from students.hf_cache import StateCacheLayer, either_cache, state_layer
+from students.mamba2 import Mamba2Config, Mamba2Mixer
 
 HYBRID_KEY = "hybrid"  # the text-config attribute that records a conversion
 MIMIC_GATE_GAIN = 2 ** -2.5
@@ -48,65 +47,8 @@ MIMIC_GATE_GAIN = 2 ** -2.5
 # --------------------------------------------------------------------------- cache
 
 
-class MambaCacheLayer(DynamicLayer):
-    """A Mamba layer's entry in a `transformers` cache: its conv and SSM state (sizes fixed by
-    the mixer, not the context) and the number of tokens it has seen, which it reports as
-    its sequence length so position ids and masks stay right when layer 0 is a Mamba layer."""
-
-    supports_early_init = False
-    is_sliding = False
-
-    def __init__(self, **kwargs: Any):
-        super().__init__()
-        self.state: Mamba2State | None = None
-        self.seen = 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def reset(self) -> None:
-        self.state, self.seen = None, 0
-
-    def _map(self, fn) -> None:
-        if self.state is not None:
-            self.state = Mamba2State(fn(self.state.conv), fn(self.state.ssm))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices])
-
-    def offload(self) -> None:
-        pass  # a few KiB per layer: it stays where it is (offloading is for KV entries)
-
-    def prefetch(self) -> None:
-        pass
-
-    @property
-    def is_croppable(self) -> bool:
-        return False
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise RuntimeError("a Mamba layer's state cannot be rolled back (crop); it holds no per-token history")
-
-    def nbytes(self) -> int:
-        return 0 if self.state is None else sum(t.numel() * t.element_size() for t in (self.state.conv, self.state.ssm))
-
-
-def _cache_layer(cache: Any, layer_idx: int) -> MambaCacheLayer:
-    layers = cache.layers
-    while len(layers) <= layer_idx:
-        layers.append(DynamicLayer())
-    if not isinstance(layers[layer_idx], MambaCacheLayer):
-        layers[layer_idx] = MambaCacheLayer()
-    return layers[layer_idx]
+class MambaCacheLayer(StateCacheLayer):
+    """A Mamba layer's entry in a `transformers` cache: its conv and SSM state (`Mamba2State`)."""
 
 
 def cache_nbytes(cache: Any) -> dict[str, int]:
@@ -151,7 +93,7 @@ class MambaAttention(nn.Module):
         cache = either_cache(cache, past_key_values)
         if hasattr(self, "attention"):
             return self._alongside_attention(hidden_states, attention_mask, cache, **kwargs)
-        entry = _cache_layer(cache, self.layer_idx) if cache is not None else None
+        entry = state_layer(cache, self.layer_idx, MambaCacheLayer) if cache is not None else None
         out, state = self.mamba(hidden_states, entry.state if entry is not None else None)
         if entry is not None:
             entry.state, entry.seen = state, entry.seen + hidden_states.shape[1]
@@ -159,7 +101,7 @@ class MambaAttention(nn.Module):
 
     def _alongside_attention(self, hidden_states: Tensor, attention_mask: Tensor | None,
                              cache: Any, **kwargs: Any) -> tuple[Tensor, None]:
-        entry = _cache_layer(cache, self.layer_idx) if cache is not None else None
+        entry = state_layer(cache, self.layer_idx, MambaCacheLayer) if cache is not None else None
         if entry is not None and entry.seen:
             raise RuntimeError("a model converted with keep_attention=True is for layer-wise training and cannot "
                                "decode with a cache; convert again without keep_attention to generate")

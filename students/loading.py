@@ -27,6 +27,22 @@ def is_timm_folder(path: str | Path) -> bool:
         return False
 
 
+def register_families() -> None:
+    """Register this project's model families with the transformers Auto classes (the
+    encoder-free VLMs, the MatMul-free LM), so `AutoConfig` and the Auto model classes read
+    their folders; idempotent."""
+    import students.encoder_free.modeling_encoder_free  # noqa: F401
+    import students.mmfree  # noqa: F401
+
+
+def load_config(path: str | Path) -> Any:
+    """`AutoConfig.from_pretrained(path)` with this project's families registered."""
+    from transformers import AutoConfig
+
+    register_families()
+    return AutoConfig.from_pretrained(path)
+
+
 def load(path: str | Path, quantization_config: Any = None) -> nn.Module:
     """Load an exported student (`config.json` + `model.safetensors`) from a folder: a Hugging
     Face VLM, or a timm image classifier (timm's hub format, as `export_timm` writes it).
@@ -72,11 +88,8 @@ def skeleton(path: str | Path) -> nn.Module:
     """The model of a Hugging Face folder without its weights (on the meta device), rebuilt
     to its recorded structure: what planning a quantization needs of a model of any size."""
     import torch
-    from transformers import AutoConfig
 
-    import students.encoder_free.modeling_encoder_free  # noqa: F401
-
-    config = AutoConfig.from_pretrained(path)
+    config = load_config(path)
     auto, widths, hybrid = _auto_class(config)
     with torch.device("meta"):
         model = auto.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
@@ -101,13 +114,11 @@ def _load_hf(path: Path, quantization_config: Any = None) -> nn.Module:
     attention->Mamba hybrids with their Mamba layers (`hybrid`, see `students.hybrid`); ternary
     students with their BitLinear layers, or packed ones (`workbench_ternary`, see
     `students.bitlinear`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    # the encoder-free package registers its classes with the Auto classes when any of its modules is imported
-    import students.encoder_free.modeling_encoder_free  # noqa: F401
     from students.quantize import fake_quantize_model, recorded_request
 
-    config = AutoConfig.from_pretrained(path)
+    config = load_config(path)
     auto, widths, hybrid = _auto_class(config)
     extra = {} if quantization_config is None else {"quantization_config": quantization_config}
     ternary = getattr(config, "workbench_ternary", None)

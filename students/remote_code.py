@@ -41,14 +41,19 @@ _FILES = {
     "matformer.py": _PACKAGE / "matformer.py",
     "bitlinear.py": _PACKAGE / "bitlinear.py",
     "ternary_ref.py": _KERNELS / "ternary" / "ref.py",
+    "mmfree.py": _PACKAGE / "mmfree.py",
+    "hgrn_ref.py": _KERNELS / "hgrn" / "ref.py",
 }
 _IMPORTS = [
     (re.compile(r"^(\s*)from students\.encoder_free\.(\w+) import", re.M), r"\1from .\2 import"),
-    (re.compile(r"^(\s*)from students\.(hf_cache|mamba2|hybrid|matformer) import", re.M), r"\1from .\2 import"),
+    (re.compile(r"^(\s*)from students\.(hf_cache|mamba2|hybrid|matformer|bitlinear|mmfree) import", re.M),
+     r"\1from .\2 import"),
     # the torch scan: mamba-ssm's fused one is this project's dispatch, not needed to load a model
     (re.compile(r"^(\s*)from kernels\.ssd import compute_dtype, ssd_scan, ssd_step$", re.M),
      r"\1from .ssd_ref import compute_dtype, ssd_step\n\1from .ssd_ref import ssd_chunked as ssd_scan"),
-    # the ternary integer path: its torch reference
+    # the MLGRU recurrence and the ternary integer path: their torch references
+    (re.compile(r"^(\s*)from kernels\.hgrn import hgrn_recurrence$", re.M),
+     r"\1from .hgrn_ref import recurrence as hgrn_recurrence"),
     (re.compile(r"^(\s*)from kernels\.ternary(?:\.ref)? import", re.M), r"\1from .ternary_ref import"),
 ]
 _NEEDS = {
@@ -57,6 +62,7 @@ _NEEDS = {
     "hybrid": ["hybrid.py", "mamba2.py", "ssd_ref.py", "hf_cache.py"],
     "widths": ["matformer.py"],
     "ternary": ["bitlinear.py", "ternary_ref.py"],
+    "mmfree": ["mmfree.py", "hgrn_ref.py", "bitlinear.py", "ternary_ref.py", "hf_cache.py"],
 }
 MODELING = "modeling_workbench.py"
 
@@ -85,10 +91,13 @@ def write_remote_code(model: nn.Module, folder: str | Path) -> list[str]:
     config = model.config
     if config.model_type == "encoder_free_vlm":
         return _encoder_free(folder)
+    if config.model_type == "mmfree":  # the MatMul-free LM on its own: its own classes
+        return _mmfree_causal_lm(folder)
     text = config.get_text_config()
     kinds = [k for k, present in (("hybrid", getattr(text, "hybrid", None)),
                                   ("widths", getattr(text, "matformer_widths", None)),
-                                  ("ternary", getattr(config, "workbench_ternary", None))) if present]
+                                  ("ternary", getattr(config, "workbench_ternary", None)),
+                                  ("mmfree", text.model_type == "mmfree")) if present]
     if not kinds:
         return []
     files = list(dict.fromkeys(f for k in kinds for f in _NEEDS[k]))
@@ -96,9 +105,21 @@ def write_remote_code(model: nn.Module, folder: str | Path) -> list[str]:
         _copy(name, folder)
     base = type(model).__name__
     auto = "AutoModelForCausalLM" if base.endswith("ForCausalLM") else "AutoModelForImageTextToText"
-    (folder / MODELING).write_text(_modeling(base, kinds))
-    _update_json(folder / "config.json", auto_map={auto: f"modeling_workbench.{base}"})
+    auto_map = {auto: f"modeling_workbench.{base}"}
+    if "mmfree" in kinds:  # the text config's model type must be registered before the config parses
+        auto_map["AutoConfig"] = f"modeling_workbench.{type(config).__name__}"
+    (folder / MODELING).write_text(_modeling(base, kinds, type(config).__name__))
+    _update_json(folder / "config.json", auto_map=auto_map)
     return [*files, MODELING]
+
+
+def _mmfree_causal_lm(folder: Path) -> list[str]:
+    files = _NEEDS["mmfree"]
+    for name in files:
+        _copy(name, folder)
+    _update_json(folder / "config.json", auto_map={"AutoConfig": "mmfree.MMFreeConfig",
+                                                   "AutoModelForCausalLM": "mmfree.MMFreeForCausalLM"})
+    return list(files)
 
 
 def _encoder_free(folder: Path) -> list[str]:
@@ -121,7 +142,7 @@ def _encoder_free(folder: Path) -> list[str]:
     return list(files)
 
 
-def _modeling(base: str, kinds: list[str]) -> str:
+def _modeling(base: str, kinds: list[str], config_class: str) -> str:
     lines = [
         '"""A stock transformers architecture with the structure its config records (written by',
         'distill-workbench: `from_pretrained(folder, trust_remote_code=True)`)."""',
@@ -135,6 +156,11 @@ def _modeling(base: str, kinds: list[str]) -> str:
         lines.append("from .matformer import NestedMLP")
     if "ternary" in kinds:
         lines.append("from .bitlinear import restore_ternary")
+    if "mmfree" in kinds:
+        lines += [f"from transformers import {config_class} as _StockConfig", "",
+                  "from .mmfree import MMFreeConfig  # noqa: F401 - registers \"mmfree\" with the Auto classes",
+                  "", "", f"class {config_class}(_StockConfig):",
+                  '    """The stock configuration, read once the text model\'s type is registered."""']
     lines += [
         "",
         "",

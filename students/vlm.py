@@ -1,9 +1,11 @@
 """Small LLaVA-style VLM students built from plain arguments.
 
 A student here is an ordinary `transformers.LlavaForConditionalGeneration` (CLIP-style vision
-tower -> 2-layer MLP projector -> Llama or Qwen2 decoder), so it saves with
-`save_pretrained`, reloads with `AutoModelForImageTextToText.from_pretrained`, and can serve
-as a teacher for the next run. Pure model code: no Lightning, no IO.
+tower -> 2-layer MLP projector -> Llama or Qwen2 decoder, or the MatMul-free LM of
+`students.mmfree`), so it saves with `save_pretrained`, reloads with
+`AutoModelForImageTextToText.from_pretrained` (an mmfree one with its ternary head through
+`students.load`), and can serve as a teacher for the next run. Pure model
+code: no Lightning, no IO.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    PreTrainedConfig,
     Qwen2Config,
 )
+
+from students.bitlinear import CONFIG_KEY, restore_ternary
+from students.mmfree import MMFreeConfig, ternary_record
 
 TEXT_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
 
@@ -62,15 +68,66 @@ def tiny_llava(*, vocab_size: int, image_token_id: int, pad_token_id: int, bos_t
     """
     if text_model not in TEXT_CONFIGS:
         raise ValueError(f"text_model must be one of {sorted(TEXT_CONFIGS)}, got {text_model!r}")
-    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
-                              num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
-                              image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
-                              initializer_range=initializer_range)
     text = TEXT_CONFIGS[text_model](
         vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=text_intermediate or 4 * text_hidden,
         num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_kv_heads or text_heads,
         max_position_embeddings=max_position_embeddings, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
         eos_token_id=eos_token_id, tie_word_embeddings=tie_word_embeddings, initializer_range=initializer_range)
+    return llava_around(text, image_token_id=image_token_id, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                        eos_token_id=eos_token_id, image_size=image_size, patch_size=patch_size,
+                        vision_hidden=vision_hidden, vision_layers=vision_layers, vision_heads=vision_heads,
+                        vision_feature_layer=vision_feature_layer, tie_word_embeddings=tie_word_embeddings,
+                        initializer_range=initializer_range, position_init_std=position_init_std)
+
+
+def tiny_mmfree_llava(*, vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int | None = None,
+                      eos_token_id: int | None = None, image_size: int = 48, patch_size: int = 16,
+                      vision_hidden: int = 64, vision_layers: int = 2, vision_heads: int = 4, text_hidden: int = 128,
+                      text_layers: int = 4, act_bits: int | None = 8, weight_scale: str = "tensor",
+                      initializer_range: float = 0.02, position_init_std: float | None = None,
+                      quantize_lm_head: bool = True) -> LlavaForConditionalGeneration:
+    """A LLaVA student whose language model is a MatMul-free LM (`MMFreeModel`): CLIP vision
+    tower -> 2-layer MLP projector -> MLGRU/GLU blocks -> LM head (a ternary BitLinear when
+    `quantize_lm_head`, recorded with the other ternary layers in the config: `students.load`
+    rebuilds it and `workbench compress` packs them all).
+
+    Args:
+        vocab_size, image_token_id, pad_token_id, bos_token_id, eos_token_id, image_size,
+            patch_size: from the processor the student shares with its teacher.
+        vision_*: the CLIP tower, as `tiny_llava`.
+        text_hidden, text_layers: width and depth of the MatMul-free LM (GLU width from the
+            8/3 rule).
+        act_bits, weight_scale: the BitLinears' activation bits and weight scales.
+        initializer_range: std of the normal inits (the mixer's projections are xavier).
+        position_init_std: std of the tower's position embeddings (default: initializer_range).
+    """
+    text = MMFreeConfig(vocab_size=vocab_size, hidden_size=text_hidden, num_hidden_layers=text_layers,
+                        act_bits=act_bits, weight_scale=weight_scale, quantize_lm_head=quantize_lm_head,
+                        pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                        tie_word_embeddings=False, initializer_range=initializer_range)
+    model = llava_around(text, image_token_id=image_token_id, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                         eos_token_id=eos_token_id, image_size=image_size, patch_size=patch_size,
+                         vision_hidden=vision_hidden, vision_layers=vision_layers, vision_heads=vision_heads,
+                         initializer_range=initializer_range, position_init_std=position_init_std)
+    if quantize_lm_head:  # matmulfreellm's ternary head, recorded so a reload (and compress) remakes it
+        spec = ternary_record(model, weight_scale, act_bits)
+        restore_ternary(model, {**spec, "layers": {"lm_head": "inside"}})
+        setattr(model.config, CONFIG_KEY, spec)
+    return model
+
+
+def llava_around(text: PreTrainedConfig, *, image_token_id: int, pad_token_id: int, bos_token_id: int | None,
+                 eos_token_id: int | None, image_size: int, patch_size: int, vision_hidden: int, vision_layers: int,
+                 vision_heads: int, vision_feature_layer: int = -1, tie_word_embeddings: bool = False,
+                 initializer_range: float = 0.02,
+                 position_init_std: float | None = None) -> LlavaForConditionalGeneration:
+    """A LLaVA model with a fresh CLIP vision tower (MLP 4x width) around the language model
+    `text` describes (any config `AutoModel` knows: Llama, Qwen2, `students.mmfree`'s ...);
+    the arguments are `tiny_llava`'s."""
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
+                              num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
+                              image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
+                              initializer_range=initializer_range)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
                          image_seq_length=(image_size // patch_size) ** 2, vision_feature_select_strategy="default",
                          vision_feature_layer=vision_feature_layer, tie_word_embeddings=tie_word_embeddings)

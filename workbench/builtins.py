@@ -12,7 +12,7 @@ from students.hybrid import hybrid_transform
 from students.matformer import matformer_transform
 from students.quantize import quantize_transform
 from students.ternary import ternary_transform
-from students.vlm import llava_from_parts, tiny_llava
+from students.vlm import llava_from_parts, tiny_llava, tiny_mmfree_llava
 from teachers.hf_vlm import HFVLMTeacher
 from teachers.timm_vit import TimmTeacher
 from teachers.vision_encoder import VisionEncoderTeacher
@@ -26,6 +26,7 @@ from workbench.targets.vision import VisionFeatures
 
 STUDENTS.register("tiny_llava", tiny_llava)
 STUDENTS.register("llava_from_parts", llava_from_parts)
+STUDENTS.register("tiny_mmfree_llava", tiny_mmfree_llava)  # the MatMul-free LM behind a CLIP tower
 STUDENTS.register("eve", eve_student)
 STUDENTS.register("breen", breen_student)
 

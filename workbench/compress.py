@@ -66,11 +66,11 @@ def model_bytes(model: nn.Module) -> dict[str, Any]:
 
 def resolve_request(source: Path, preset: str | None, method: str | None, **options: Any):
     """The request of the flags, or the one a quantization-aware student recorded."""
-    from transformers import AutoConfig
+    import students
 
     from students.quantize import QuantRequest, recorded_request
 
-    config = AutoConfig.from_pretrained(source)
+    config = students.load_config(source)
     quantized = getattr(config, "quantization_config", None)
     if quantized:
         method = quantized.get("quant_method") if isinstance(quantized, dict) else getattr(quantized, "quant_method", "")
@@ -131,9 +131,9 @@ TERNARY = "ternary"
 
 
 def _recorded_ternary(model_dir: Path) -> dict | None:
-    from transformers import AutoConfig
+    import students
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config = students.load_config(model_dir)
     spec = getattr(config, "workbench_ternary", None)
     if (spec and spec.get("packed")) or getattr(config, "quantization_config", None):
         raise WorkbenchError(f"{model_dir} is quantized already ({'packed ternary' if spec else 'quantization_config'}); "

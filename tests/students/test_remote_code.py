@@ -153,3 +153,17 @@ def test_a_ternary_student_loads_with_its_remote_code(packed, weight_scale, plac
     _check_in_child(model, folder, _batch(proc, world_dir), tmp_path, "AutoModelForImageTextToText", True)
     assert isinstance(students.load(folder).model.language_model.layers[0].mlp.up_proj,
                       PackedBitLinear if packed else BitLinear)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_matmul_free_student_loads_with_its_remote_code(packed, processor, world_dir, tmp_path):
+    from students.bitlinear import pack_model
+
+    model = _tiny("tiny_mmfree_llava", processor, tmp_path, vision_hidden=32, vision_layers=1, vision_heads=2,
+                  text_hidden=32, text_layers=2)
+    if packed:
+        pack_model(model)
+    folder, proc, written = _export(model, processor, tmp_path)
+    assert {"modeling_workbench.py", "mmfree.py", "hgrn_ref.py", "bitlinear.py"} <= set(written)
+    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoConfig"].startswith("modeling_workbench.")
+    _check_in_child(model, folder, _batch(proc, world_dir), tmp_path, "AutoModelForImageTextToText", True)

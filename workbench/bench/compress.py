@@ -126,12 +126,12 @@ def _variants(model_dir: Path, presets: list[str], workdir: Path, reference: Pat
     conversion of a quantization-aware student, or the packed form of a ternary one), and one
     compressed folder per preset ("ternary": post-training ternarisation). A ternary source's
     presets compress the full-precision reference (without one they are skipped)."""
-    from transformers import AutoConfig
+    import students
 
     from students.quantize import recorded_request
     from workbench.compress import TERNARY, compress
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config = students.load_config(model_dir)
     folders = {"full": reference or model_dir}
     if reference is not None:
         folders["source"] = model_dir

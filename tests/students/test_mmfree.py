@@ -332,6 +332,9 @@ def test_parameter_counts_of_the_published_sizes(size):
     assert total == ternary + 2 * cfg.vocab_size * d + layers * d + norms  # + embeddings, head, lower bounds
     rounded = {"370m": "374.1M", "1.3b": "1.365B", "2.7b": "2.702B"}[size]  # 4 significant digits
     assert f"{total / 1e6:.4g}M" == rounded or f"{total / 1e9:.4g}B" == rounded
+    matrices = ternary + 2 * cfg.vocab_size * d  # the note's first two totals: matrices only
+    rounded = {"370m": "373.8M", "1.3b": "1.364B", "2.7b": "2.701B"}[size]
+    assert f"{matrices / 1e6:.4g}M" == rounded or f"{matrices / 1e9:.4g}B" == rounded
 
 
 # --------------------------------------------------------------------------- save / load, LLaVA

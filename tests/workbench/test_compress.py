@@ -293,3 +293,21 @@ def test_bench_compress_of_a_ternary_run_puts_its_packed_form_beside_the_presets
     assert rows["ternary"]["linear_bytes"] == rows["trained"]["linear_bytes"] < rows["full"]["linear_bytes"]
     assert rows["int8"]["linear_bytes"] < rows["full"]["linear_bytes"]
     assert all(r["decode_tok_s"] > 0 for r in rows.values())
+
+
+def test_a_matmul_free_student_packs_through_the_cli(processor, tmp_path, inputs):
+    """In a fresh process (nothing registered "mmfree" before the CLI reads the folder): every
+    projection and the LM head packed, the same logits."""
+    from students.vlm import tiny_mmfree_llava
+    from workbench.build.student import processor_fields
+
+    torch.manual_seed(0)
+    model = tiny_mmfree_llava(**processor_fields(processor), vision_hidden=32, vision_layers=1, vision_heads=2,
+                              text_hidden=64, text_layers=2).eval()
+    model.save_pretrained(tmp_path / "mmfree")
+    run = subprocess.run([sys.executable, "-m", "workbench.cli", "compress", str(tmp_path / "mmfree"), "--out",
+                          str(tmp_path / "packed")], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads((tmp_path / "packed" / "compress.json").read_text())
+    assert report["layers"] == {"ternary": 2 * 6 + 1} and report["bytes"]["linear_bf16_ratio"] > 7.5
+    assert torch.equal(_logits(students.load(tmp_path / "packed"), inputs), _logits(model, inputs))

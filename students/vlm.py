@@ -41,6 +41,25 @@ def vision_tower(vlm: nn.Module) -> nn.Module:
     raise ValueError(f"cannot find the vision tower of {type(vlm).__name__}")
 
 
+def freeze_unread(vlm: nn.Module) -> list[str]:
+    """Freeze what a LLaVA model never reads: its vision tower's post-layernorm and pooling head
+    (LLaVA takes the tower's hidden states). They get no gradient, and a trainable parameter
+    without one breaks DDP - also for a student reloaded from its folder, where
+    `from_pretrained` makes everything trainable again. Returns the frozen module names; other
+    models are left alone."""
+    if not isinstance(vlm, LlavaForConditionalGeneration):
+        return []
+    tower = vision_tower(vlm)
+    tower = getattr(tower, "vision_model", tower)
+    frozen = []
+    for name in ("post_layernorm", "head"):
+        unused = getattr(tower, name, None)
+        if isinstance(unused, nn.Module) and any(p.requires_grad for p in unused.parameters()):
+            unused.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
 def tiny_llava(*, vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int | None = None,
                eos_token_id: int | None = None, image_size: int = 48, patch_size: int = 16, vision_hidden: int = 64,
                vision_layers: int = 2, vision_heads: int = 4, text_model: str = "llama", text_hidden: int = 128,
@@ -133,9 +152,7 @@ def llava_around(text: PreTrainedConfig, *, image_token_id: int, pad_token_id: i
                          vision_feature_layer=vision_feature_layer, tie_word_embeddings=tie_word_embeddings)
     config.pad_token_id, config.bos_token_id, config.eos_token_id = pad_token_id, bos_token_id, eos_token_id
     model = LlavaForConditionalGeneration(config)
-    # LLaVA reads the tower's hidden states, never its pooled output: the post-layernorm is
-    # dead weight, and a trainable parameter without a gradient breaks DDP.
-    model.model.vision_tower.post_layernorm.requires_grad_(False)
+    freeze_unread(model)
     if position_init_std is not None:
         nn.init.normal_(model.model.vision_tower.embeddings.position_embedding.weight, std=position_init_std)
     return model
@@ -184,12 +201,7 @@ def llava_from_parts(*, vocab_size: int, image_token_id: int, pad_token_id: int,
     model.lm_head = lm.get_output_embeddings()
     if text_config.tie_word_embeddings:
         model.tie_weights()
-    # LLaVA reads the tower's hidden states: its post-layernorm and pooling head get no gradient
-    # (and a trainable parameter without one breaks DDP)
-    for name in ("post_layernorm", "head"):
-        unused = getattr(getattr(tower, "vision_model", tower), name, None)
-        if isinstance(unused, nn.Module):
-            unused.requires_grad_(False)
+    freeze_unread(model)
     return model.to(lm.dtype)
 
 

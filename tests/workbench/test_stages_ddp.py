@@ -88,3 +88,19 @@ def test_a_killed_ddp_stage_resumes(tmp_path):
 @pytest.fixture(autouse=True)
 def _repo_root(monkeypatch):
     monkeypatch.chdir(str(REPO))
+
+
+def test_a_stage_continuing_a_student_folder_trains_under_ddp(tmp_path):
+    """BitCPM4's order under DDP: fp, then ternary QAT from the fp export. The reloaded LLaVA's
+    unread tower norm must be frozen again, or DDP finds a trainable parameter without a gradient."""
+    args = [f"out_root={tmp_path}/runs", f"data.root={tmp_path}/data", "data.windtunnel.n_train=64",
+            "data.windtunnel.n_val=16", "data.batch_size=8", "trainer.progress_bar=false", "trainer.strategy=ddp",
+            "trainer.devices=2", "trainer.accelerator=cpu", "run_id=chain", *(f"stages.{s}=null" for s in (
+                "teacher", "fp_more", "scratch", "kd", "joint")),
+            *(f"stages.{s}.trainer.{k}=2" for s in ("fp", "qat") for k in ("max_steps", "val_every_n_steps")),
+            "stages.qat.transforms.ternary.act_bits=8"]
+    out = _workbench("run", str(REPO / "experiments/windtunnel/bitcpm4.yaml"), *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    qat = _summary(tmp_path / "runs" / "windtunnel-bitcpm4" / "chain" / "stages" / "qat")
+    assert qat["status"] == "completed" and qat["distributed"]["student_weights_in_sync"]
+    assert qat["params"]["student_trainable"] < qat["params"]["student"]  # the tower's post-layernorm

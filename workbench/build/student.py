@@ -31,7 +31,11 @@ def create_student(cfg: RunConfig, data: Data) -> nn.Module:
         if s.kwargs:
             raise WorkbenchError("config keys 'student.kwargs' and 'student.path' exclude each other; to load a "
                                  "folder with a recipe that sets kwargs, clear them: student.kwargs={}")
-        return students.load(s.path)
+        from students.vlm import freeze_unread
+
+        student = students.load(s.path)
+        freeze_unread(student)  # what `from_pretrained` made trainable again (DDP needs every trainable one used)
+        return student
     try:
         if data.classification:
             return _timm_student(s.type, s.kwargs, data)

@@ -272,6 +272,10 @@ OVERRIDE_CASES = [
     ([*TINY, "transforms.ternary.scopes=[eyes]"], "'transforms.ternary'", "eyes"),
     ([*TINY, "transforms.ternary.act_bits=1"], "'transforms.ternary'", "act_bits"),
     ([*TINY, "transforms.ternary.skip=[nowhere]"], "'transforms.ternary'", "nowhere"),
+    # the MatMul-free student
+    (["student.type=tiny_mmfree_llava", "student.kwargs.weight_scale=row"], "'student.kwargs'", "group:"),
+    (["student.type=tiny_mmfree_llava", "student.kwargs.text_heads=2"], "'student.kwargs'", "text_heads"),
+    (["optim.schedule=two_stage", "optim.two_stage=[0.5,0.5,-1]"], "'optim.two_stage'"),
 ]
 
 

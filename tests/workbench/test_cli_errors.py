@@ -274,7 +274,8 @@ OVERRIDE_CASES = [
     ([*TINY, "transforms.ternary.skip=[nowhere]"], "'transforms.ternary'", "nowhere"),
     # the MatMul-free student
     (["student.type=tiny_mmfree_llava", "student.kwargs.weight_scale=row"], "'student.kwargs'", "group:"),
-    (["student.type=tiny_mmfree_llava", "student.kwargs.text_heads=2"], "'student.kwargs'", "text_heads"),
+    (["student.type=tiny_mmfree_llava", "student.kwargs.text_heads=2"], "'student.kwargs.text_heads'",
+     "tiny_mmfree_llava"),
     (["optim.schedule=two_stage", "optim.two_stage=[0.5,0.5,-1]"], "'optim.two_stage'"),
 ]
 

@@ -1,11 +1,13 @@
-"""The wind-tunnel BitCPM4 study of docs/benchmarks.md ("Ternary students"), from a finished sweep.
+"""The wind-tunnel ternary studies of docs/benchmarks.md ("Ternary students"), from a finished sweep.
 
     workbench run experiments/windtunnel/bitcpm4.yaml --sweep seed=0,1,2
-    python docs/ternary_study.py runs/windtunnel-bitcpm4/sweep-<hash> [--plot docs/ternary_study.png]
+    python docs/ternary_study.py runs/windtunnel-bitcpm4/sweep-<hash> --plot docs/ternary_study.png
+    workbench run experiments/windtunnel/mmfree.yaml --sweep seed=0,1,2
+    python docs/ternary_study.py runs/windtunnel-mmfree/sweep-<hash> --packed mmfree --plot docs/mmfree_study.png
 
 Prints held-out answer accuracy per stage (mean ± std over the seeds that finished) and the
-packed size of the ternary student (`workbench compress` of its last stage: 2-bit codes four to
-a byte plus fp32 scales) against its ternary weights in bf16; `--plot` draws the training CE of
+packed size of the ternary student (`workbench compress` of the `--packed` stage, default kd:
+2-bit codes four to a byte plus fp32 scales) against its ternary weights in bf16; `--plot` draws the training CE of
 every stage against the steps since the run started from scratch (a stage continuing another
 starts where that one ended), mean over the seeds.
 """
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("sweep", type=Path)
     p.add_argument("--plot", type=Path, help="write the loss curves here")
+    p.add_argument("--packed", default="kd", help="the stage whose ternary student is packed (default kd)")
     args = p.parse_args(argv)
     runs = sorted(d for d in args.sweep.iterdir()
                   if not d.is_symlink() and (d / "summary.json").is_file()
@@ -97,13 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     for model, values in accs.items():
         spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
         print(f"| {model} | {statistics.mean(values):.3f}{spread} |")
-    size = packed_size(runs[0] / "stages" / "kd" / "student")
+    size = packed_size(runs[0] / "stages" / args.packed / "student")
     print(f"\nternary layers ({size['layers']}, {size['weight_scale']} scales): bf16 {size['bf16_bytes']:,} B; packed "
           f"{size['packed_bytes']:,} B ({size['ratio']:.2f}x smaller)")
     if args.plot:
         plot(curves(runs), args.plot)
         print(f"plot written to {args.plot}")
-    (args.sweep / "ternary_study.json").write_text(json.dumps({"seeds": [r.name for r in runs], "acc": accs,
+    (args.sweep / "study.json").write_text(json.dumps({"seeds": [r.name for r in runs], "acc": accs,
                                                                "bytes": size}, indent=2))
     return 0
 

@@ -1,6 +1,6 @@
 """Golden first losses of a short wind-tunnel run per student family: a VLM trained with CE,
 a VLM distilled from a teacher (KL + CE), a Mamba hybrid (MaTVLM), the encoder-free EVE and
-BREEN, and a MatFormer ViT on digits. Pinned values (recorded with the versions in
+BREEN, a MatFormer ViT on digits, and the MatMul-free student (distilled, ternary throughout). Pinned values (recorded with the versions in
 constraints.txt, before the issue-18 restructuring) catch any change of what a recipe
 computes: a refactor must leave them as they are. Tolerance: 1e-4 relative (float32 on CPU;
 other torch releases may move the last digits)."""
@@ -37,6 +37,9 @@ FAMILIES = {
     "breen": ("experiments/windtunnel/breen.yaml", lambda root, t: _small(root, t, "stages.pretrain=null",
                                                                         "stages.sft=null")),
     "matformer_vit": ("experiments/windtunnel/matformer_vit.yaml", lambda root, t: [f"out_root={root}/runs", *MATVIT]),
+    "mmfree": ("experiments/windtunnel/mmfree.yaml", lambda root, t: _small(
+        root, t, "stages.transformer=null", f"stages.mmfree.teacher.path={t}", "stages.mmfree.trainer.max_steps=3",
+        "stages.mmfree.trainer.val_every_n_steps=3")),
 }
 
 GOLDEN = {  # family -> first three train/loss values of its (first) trained stage
@@ -46,6 +49,7 @@ GOLDEN = {  # family -> first three train/loss values of its (first) trained sta
     "eve": [4.871335029602051, 4.43326997756958, 4.265475749969482],
     "breen": [5.863433361053467, 5.718326568603516, 5.677765369415283],
     "matformer_vit": [4.636192798614502, 4.678216934204102, 4.790215015411377],
+    "mmfree": [2.253153085708618, 1.6338143348693848, 1.4914557933807373],  # recorded 2026-12-04 (torch 2.14.1)
 }
 
 

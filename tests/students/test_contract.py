@@ -39,6 +39,8 @@ TINY_ARGS = {
     "llava_from_parts": _parts,
     "eve": lambda tmp_path, fields: dict(ENCODER_FREE, heads=2),
     "breen": lambda tmp_path, fields: dict(ENCODER_FREE, query_grids=[[2, 2], [1, 1]]),
+    "tiny_mmfree_llava": lambda tmp_path, fields: dict(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32,
+                                                       text_layers=2),
 }
 
 

@@ -152,7 +152,11 @@ def _restructure(model: nn.Module, widths: list[int] | None, hybrid: dict | None
         from students.hybrid import restore_structure
 
         restore_structure(model)
-    if ternary:
+    if ternary and "layers" not in ternary:  # exported before the layers were recorded: plan them again
+        from students.ternary import ternary_transform
+
+        ternary_transform(model, **{k: v for k, v in ternary.items() if k != "packed"})
+    elif ternary:
         from students.bitlinear import restore_ternary
 
         restore_ternary(model, ternary)

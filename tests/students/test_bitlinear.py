@@ -207,3 +207,20 @@ def test_packed_weights_are_eight_times_smaller_than_bf16_with_per_matrix_scales
     assert torch.equal(unpack_ternary(packed.weight_packed, (256, 512)), codes)
     stored = packed.weight_packed.numel() + 4 * packed.weight_scale.numel()
     assert 2 * layer.weight.numel() / stored == pytest.approx(8.0, rel=1e-3)
+
+
+def test_a_folder_exported_before_the_layers_were_recorded_still_loads(processor, tmp_path):
+    import json
+
+    import students
+
+    model = _ternary_vlm(processor, "group:32", None, "bitnet_faq")
+    model.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    for key in ("layers", "removed_norms"):  # the record of the first ternary exports
+        del config["workbench_ternary"][key]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    again = students.load(tmp_path / "old")
+    inputs = _inputs(processor)
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, model(**inputs).logits)

@@ -16,8 +16,8 @@ values pack four to a byte (`pack_ternary` / `unpack_ternary`, from `kernels.ter
 
 PackedBitLinear is the deployment form: the codes packed four to a byte and the scales, as
 buffers, computed by the integer path of `kernels.ternary` (int8 activations, int32
-accumulation per weight group, one rescale) - the same outputs as the BitLinear it was packed
-from, up to float rounding. `pack_model` turns a trained ternary student into it;
+accumulation per weight group, one rescale) - in fp32 the same outputs, bit for bit, as the
+BitLinear it was packed from (whose forward computes the same integer sums). `pack_model` turns a trained ternary student into it;
 `restore_ternary` rebuilds either form from the layer list a config records (`CONFIG_KEY`),
 before the weights load. This file imports only torch and the kernel, so an exported folder
 carries a copy of it (`students.remote_code`); the transform that chooses the layers is

@@ -135,14 +135,18 @@ def export_student(built: Built, out, state_dict: dict[str, torch.Tensor] | None
     students.write_remote_code(built.student, out)  # loads without this project (trust_remote_code)
 
 
-def _merge_metrics(run_dir: RunDir, earlier, resumed_step: int) -> None:
-    """After a resume: the rows logged before the checkpoint, then the resumed run's rows."""
+def _merge_metrics(run_dir: RunDir, earlier, resumed_step: int, row: dict[str, Any] | None = None) -> None:
+    """After a resume: the rows logged before the checkpoint, then the resumed run's rows. `row`
+    is the checkpoint's own step's row (DistillModule.on_save_checkpoint): it goes back in when
+    the run was killed before writing it."""
     import pandas as pd
 
     if not earlier.is_file():
         return
     old = pd.read_csv(earlier)
     old = old[old["step"] < resumed_step]
+    if row is not None and row["step"] == resumed_step - 1 and not (old["step"] == row["step"]).any():
+        old = pd.concat([old, pd.DataFrame([row])], ignore_index=True)
     new = pd.read_csv(run_dir.metrics) if run_dir.metrics.is_file() else old.iloc[:0]
     merged = pd.concat([old, new], ignore_index=True)
     tmp = run_dir.path / "metrics.csv.tmp"
@@ -151,9 +155,11 @@ def _merge_metrics(run_dir: RunDir, earlier, resumed_step: int) -> None:
     earlier.unlink()
 
 
-def _checkpoint_step(ckpt) -> int:
+def _checkpoint_step(ckpt) -> tuple[int, dict[str, Any] | None]:
+    """The checkpoint's step and its metrics row (if it carries one)."""
     try:
-        return int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        return int(state["global_step"]), state.get("workbench_metrics_row")
     except Exception as e:  # noqa: BLE001 - truncated zip, unpickling refusal, missing key
         raise WorkbenchError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}); was the run killed while "
                              "writing it? Remove it to restart this stage from scratch") from None
@@ -182,7 +188,7 @@ def train(cfg: RunConfig, built: Built, run_dir: RunDir, resume: bool = False,
     """
     start, is_main = time.time(), not is_worker_process()
     ckpt = run_dir.last_checkpoint if resume and run_dir.last_checkpoint.is_file() else None
-    resumed_step = _checkpoint_step(ckpt) if ckpt else 0
+    resumed_step, resumed_row = _checkpoint_step(ckpt) if ckpt else (0, None)
     summary: dict[str, Any] = {"name": cfg.name, "run_id": run_dir.path.name, "status": "running",
                                "target": built.target.name, **built.notes}
     earlier_metrics = run_dir.path / "metrics.before-resume.csv"
@@ -211,7 +217,7 @@ def train(cfg: RunConfig, built: Built, run_dir: RunDir, resume: bool = False,
         finally:
             finish_loggers(trainer.loggers)
             if is_main:
-                _merge_metrics(run_dir, earlier_metrics, resumed_step)
+                _merge_metrics(run_dir, earlier_metrics, resumed_step, resumed_row)
         full_state = full_state_dict(cfg, built.student)  # FSDP: gathered from every rank
         if trainer.is_global_zero:
             _finish(cfg, built, run_dir, trainer, module, summary, time.time() - fit_start, val_loader, full_state)

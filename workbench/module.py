@@ -55,6 +55,7 @@ class DistillModule(pl.LightningModule):
         self.val_keys = ["all", *sorted(set(val_tags))]
         self.step_values: list[tuple[str, torch.Tensor]] = []  # this step's logged values, for the DivergenceGuard
         self._logging = True  # whether this training step logs (see `logs_this_step`)
+        self._row: dict[str, torch.Tensor] = {}  # this step's training values for the loggers (see on_save_checkpoint)
         self._val_scores: dict[str, tuple[int, int]] = {}
         self.fused_logits = fused_logits
         student_points, _ = loss.tap_points()
@@ -108,6 +109,7 @@ class DistillModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         n = batch["labels"].shape[0]
         self._logging = logs_this_step(self.trainer, self.global_step + 1)
+        self._row = {}
         if self.matformer is not None:
             total = self._matformer_step(batch, n)
         else:
@@ -120,6 +122,7 @@ class DistillModule(pl.LightningModule):
         self._log_train("loss", total, n, prog_bar=True)
         if self._logging:
             self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
+            self._row["lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
         return total
 
     def _log_train(self, name: str, value: torch.Tensor, n: int, **kwargs: Any) -> None:
@@ -127,6 +130,7 @@ class DistillModule(pl.LightningModule):
         the steps Lightning writes (a `self.log` costs ~0.5 ms on CPU; others skip it)."""
         if self._logging:
             self.log(f"train/{name}", value, batch_size=n, **kwargs)
+            self._row[f"train/{name}"] = value.detach()
         self.step_values.append((name, value.detach()))
 
     def _matformer_step(self, batch: dict[str, Any], n: int) -> torch.Tensor:
@@ -172,6 +176,14 @@ class DistillModule(pl.LightningModule):
             self.log("val/loss", total, batch_size=n, sync_dist=True)
             self.log_dict({f"val/{name}": value for name, value in terms.items()}, batch_size=n, sync_dist=True)
         merge_scores(self._val_scores, score_outputs(inputs.student_logits, batch))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning saves a step's checkpoint before it hands that step's values to the loggers,
+        so a run killed in between would lose one metrics row for good (the resumed run starts at
+        the next step). The checkpoint carries the row; a resume puts it back if it is missing."""
+        if self._logging and self._row:
+            checkpoint["workbench_metrics_row"] = {"step": self.global_step - 1, "epoch": self.current_epoch,
+                                                   **{k: float(v) for k, v in self._row.items()}}
 
     def on_validation_epoch_end(self) -> None:
         keys = self.val_keys

@@ -6,6 +6,7 @@ that hits it ends `failed` with exit 2 and resumes from that checkpoint."""
 import errno
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -14,6 +15,8 @@ import workbench.checkpoint as ckpt_io
 from conftest import tiny_run_args
 from workbench.checkpoint import AtomicCheckpointIO
 from workbench.cli import main
+from workbench.fit import _merge_metrics
+from workbench.rundir import RunDir
 
 
 def _full_disk_after(monkeypatch, good_saves: int):
@@ -67,3 +70,29 @@ def test_a_full_disk_mid_run_ends_failed_and_the_run_resumes(tmp_path, monkeypat
     assert main(["run", "--resume", str(run_dir)]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 6
+    metrics = pd.read_csv(run_dir / "metrics.csv").dropna(subset=["train/loss"])
+    assert metrics["step"].tolist() == list(range(6))  # one row per step, from before and after the failure
+    row = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["workbench_metrics_row"]
+    assert row["step"] == 5 and row["train/loss"] == pytest.approx(metrics["train/loss"].iloc[-1], rel=1e-6)
+    assert row["lr"] == pytest.approx(metrics["lr"].iloc[-1], rel=1e-6)
+
+
+def test_a_row_lost_between_the_checkpoint_and_the_logger_comes_back_on_resume(tmp_path):
+    """Lightning writes step 3's checkpoint before step 3's row reaches metrics.csv; a kill in
+    between leaves rows 0-2. The resume puts the checkpoint's row back, once, in order."""
+    run = RunDir(tmp_path / "r")
+    run.path.mkdir()
+    earlier = run.path / "metrics.before-resume.csv"
+    pd.DataFrame({"step": [0, 1, 2], "epoch": 0, "train/loss": [3.0, 2.5, 2.0]}).to_csv(earlier, index=False)
+    pd.DataFrame({"step": [4, 5], "epoch": 0, "train/loss": [1.2, 1.0]}).to_csv(run.metrics, index=False)
+    row = {"step": 3, "epoch": 0, "train/loss": 1.5, "lr": 0.001}
+    _merge_metrics(run, earlier, 4, row)
+    merged = pd.read_csv(run.metrics)
+    assert merged["step"].tolist() == [0, 1, 2, 3, 4, 5] and merged["train/loss"].tolist() == [3, 2.5, 2, 1.5, 1.2, 1]
+    assert not earlier.exists()
+
+    pd.DataFrame({"step": [0, 1, 2, 3], "epoch": 0, "train/loss": [3.0, 2.5, 2.0, 1.6]}).to_csv(earlier, index=False)
+    pd.DataFrame({"step": [4, 5], "epoch": 0, "train/loss": [1.2, 1.0]}).to_csv(run.metrics, index=False)
+    _merge_metrics(run, earlier, 4, row)  # the row was written before the kill: kept as logged, not doubled
+    merged = pd.read_csv(run.metrics)
+    assert merged["step"].tolist() == [0, 1, 2, 3, 4, 5] and merged["train/loss"].iloc[3] == 1.6

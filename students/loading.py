@@ -93,8 +93,9 @@ def skeleton(path: str | Path) -> nn.Module:
     auto, widths, hybrid = _auto_class(config)
     with torch.device("meta"):
         model = auto.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
-    if widths or hybrid or getattr(config, "workbench_ternary", None):
-        _restructure(model, widths, hybrid, getattr(config, "workbench_ternary", None))
+    if widths or hybrid or getattr(config, "workbench_ternary", None) or getattr(config, "workbench_mod", None):
+        _restructure(model, widths, hybrid, getattr(config, "workbench_ternary", None),
+                     getattr(config, "workbench_mod", None))
     return model
 
 
@@ -113,7 +114,8 @@ def _load_hf(path: Path, quantization_config: Any = None) -> nn.Module:
     with per-layer MLP widths (an extracted Mix'n'Match submodel, `matformer_widths`);
     attention->Mamba hybrids with their Mamba layers (`hybrid`, see `students.hybrid`); ternary
     students with their BitLinear layers, or packed ones (`workbench_ternary`, see
-    `students.bitlinear`)."""
+    `students.bitlinear`); mixture-of-depths students with their routers (`workbench_mod`, see
+    `students.mod`)."""
     from transformers import AutoModelForCausalLM
 
     from students.quantize import fake_quantize_model, recorded_request
@@ -122,9 +124,10 @@ def _load_hf(path: Path, quantization_config: Any = None) -> nn.Module:
     auto, widths, hybrid = _auto_class(config)
     extra = {} if quantization_config is None else {"quantization_config": quantization_config}
     ternary = getattr(config, "workbench_ternary", None)
-    if widths or hybrid or ternary:  # the structure differs from the architecture's: rebuild it, then load
-        model = _from_pretrained_restructured(auto, path, config, lambda m: _restructure(m, widths, hybrid, ternary),
-                                              extra)
+    mod = getattr(config, "workbench_mod", None)
+    if widths or hybrid or ternary or mod:  # the structure differs from the architecture's: rebuild it, then load
+        model = _from_pretrained_restructured(
+            auto, path, config, lambda m: _restructure(m, widths, hybrid, ternary, mod), extra)
     else:
         model = auto.from_pretrained(path, **extra)
     request = recorded_request(config)
@@ -141,7 +144,7 @@ def _load_hf(path: Path, quantization_config: Any = None) -> nn.Module:
 
 
 def _restructure(model: nn.Module, widths: list[int] | None, hybrid: dict | None,
-                 ternary: dict | None = None) -> None:
+                 ternary: dict | None = None, mod: dict | None = None) -> None:
     if widths:
         from students.matformer import NestedMLP
 
@@ -160,6 +163,10 @@ def _restructure(model: nn.Module, widths: list[int] | None, hybrid: dict | None
         from students.bitlinear import restore_ternary
 
         restore_ternary(model, ternary)
+    if mod:
+        from students.mod import restore_mod
+
+        restore_mod(model, mod)
 
 
 def _from_pretrained_restructured(auto: Any, path: Path, config: Any, restructure, extra: dict) -> nn.Module:

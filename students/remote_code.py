@@ -9,7 +9,7 @@ next to the weights, with imports made relative to the folder, and an `auto_map`
   mapped for `AutoConfig`, `AutoModelForImageTextToText`, `AutoProcessor` and
   `AutoImageProcessor`;
 - stock architectures whose structure the config changes (attention -> Mamba hybrids,
-  per-layer MatFormer widths, ternary BitLinear layers - trained or packed): a generated `modeling_workbench.py` whose class builds the stock
+  per-layer MatFormer widths, ternary BitLinear layers - trained or packed, mixture-of-depths routers): a generated `modeling_workbench.py` whose class builds the stock
   model, rebuilds the recorded structure, and then loads the weights, plus the files that
   structure needs (the Mamba-2 mixer and its torch SSD scan, the nested MLP, the ternary layers and
   their integer path in torch).
@@ -43,10 +43,11 @@ _FILES = {
     "ternary_ref.py": _KERNELS / "ternary" / "ref.py",
     "mmfree.py": _PACKAGE / "mmfree.py",
     "hgrn_ref.py": _KERNELS / "hgrn" / "ref.py",
+    "mod.py": _PACKAGE / "mod.py",
 }
 _IMPORTS = [
     (re.compile(r"^(\s*)from students\.encoder_free\.(\w+) import", re.M), r"\1from .\2 import"),
-    (re.compile(r"^(\s*)from students\.(hf_cache|mamba2|hybrid|matformer|bitlinear|mmfree) import", re.M),
+    (re.compile(r"^(\s*)from students\.(hf_cache|mamba2|hybrid|matformer|bitlinear|mmfree|mod) import", re.M),
      r"\1from .\2 import"),
     # the torch scan: mamba-ssm's fused one is this project's dispatch, not needed to load a model
     (re.compile(r"^(\s*)from kernels\.ssd import compute_dtype, ssd_scan, ssd_step$", re.M),
@@ -62,6 +63,7 @@ _NEEDS = {
     "hybrid": ["hybrid.py", "mamba2.py", "ssd_ref.py", "hf_cache.py"],
     "widths": ["matformer.py"],
     "ternary": ["bitlinear.py", "ternary_ref.py"],
+    "mod": ["mod.py", "hf_cache.py"],
     "mmfree": ["mmfree.py", "hgrn_ref.py", "bitlinear.py", "ternary_ref.py", "hf_cache.py"],
 }
 MODELING = "modeling_workbench.py"
@@ -97,6 +99,7 @@ def write_remote_code(model: nn.Module, folder: str | Path) -> list[str]:
     kinds = [k for k, present in (("hybrid", getattr(text, "hybrid", None)),
                                   ("widths", getattr(text, "matformer_widths", None)),
                                   ("ternary", getattr(config, "workbench_ternary", None)),
+                                  ("mod", getattr(config, "workbench_mod", None)),
                                   ("mmfree", text.model_type == "mmfree")) if present]
     if not kinds:
         return []
@@ -156,6 +159,8 @@ def _modeling(base: str, kinds: list[str], config_class: str) -> str:
         lines.append("from .matformer import NestedMLP")
     if "ternary" in kinds:
         lines.append("from .bitlinear import restore_ternary")
+    if "mod" in kinds:
+        lines.append("from .mod import restore_mod")
     if "mmfree" in kinds:
         lines += [f"from transformers import {config_class} as _StockConfig", "",
                   "from .mmfree import MMFreeConfig  # noqa: F401 - registers \"mmfree\" with the Auto classes",
@@ -184,6 +189,8 @@ def _modeling(base: str, kinds: list[str], config_class: str) -> str:
         lines.append("        restore_structure(self)")
     if "ternary" in kinds:
         lines.append("        restore_ternary(self, config.workbench_ternary)")
+    if "mod" in kinds:
+        lines.append("        restore_mod(self, config.workbench_mod)")
     lines.append("")
     return "\n".join(lines)
 

@@ -62,6 +62,7 @@ class WindTunnelConfig:
     question_first: bool = False
     question_types: list[str] | None = None  # subset of count, color, shape, presence, position, cell (default all)
     n_classification: int = 0  # training images of the classification set (windtunnel_classification)
+    patch_size: int | None = None  # pixels per image token side (default 16: one token per cell; 4 gives 16 per cell)
 
 
 @dataclass
@@ -487,6 +488,9 @@ def _validate_windtunnel(wt: WindTunnelConfig) -> None:
     if unknown or len(set(types)) != len(types):
         raise WorkbenchError(f"config key 'data.windtunnel.question_types': {unknown or types} - choose distinct "
                              f"names from {', '.join(QUESTION_TYPES)}")
+    if wt.patch_size is not None and (wt.patch_size < 1 or 16 % wt.patch_size):
+        raise WorkbenchError(f"config key 'data.windtunnel.patch_size' must divide the 16-pixel cell (1, 2, 4, 8 or "
+                             f"16), got {wt.patch_size}")
     if not 1 <= wt.questions_per_image <= len(types):
         raise WorkbenchError(f"config key 'data.windtunnel.questions_per_image' must be in 1..{len(types)} "
                              "(one question per type)")

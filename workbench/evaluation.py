@@ -33,21 +33,32 @@ EVAL_FILE = "eval.json"
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
     """{"acc", "acc/<question type>"}: exact-match answer accuracy of a VLM (greedy decoding,
-    from one teacher-forced pass at the answer positions), or top-1 accuracy of a classifier."""
+    from one teacher-forced pass at the answer positions), or top-1 accuracy of a classifier.
+    A model that skips tokens (a mixture-of-depths student) adds `tokens/flops_ratio` and
+    `tokens/kv_ratio`: its processed-token FLOPs and KV-cache proxies against the dense model
+    on the same inputs (`students.mod.TokenCounter`)."""
+    from contextlib import nullcontext
+
+    from students.mod import count_tokens, mod_state
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     scores: dict[str, tuple[int, int]] = {}
-    for batch in loader:
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
-        labels = batch["labels"].to(device)
-        if labels.dim() == 1:  # class labels
-            merge_scores(scores, score_outputs(model(**inputs), batch))
-        else:
-            predictions = answer_predictions(model, inputs, labels)
-            merge_scores(scores, score_spans(*spans_correct(predictions, labels), batch.get("qtypes")))
+    with count_tokens(model) if mod_state(model) is not None else nullcontext() as counter:
+        for batch in loader:
+            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
+            labels = batch["labels"].to(device)
+            if labels.dim() == 1:  # class labels
+                merge_scores(scores, score_outputs(model(**inputs), batch))
+            else:
+                predictions = answer_predictions(model, inputs, labels)
+                merge_scores(scores, score_spans(*spans_correct(predictions, labels), batch.get("qtypes")))
     model.train(was_training)
-    return accuracies(scores)
+    out = accuracies(scores)
+    if counter is not None and counter.summary():
+        out.update({f"tokens/{k}": counter.summary()[k] for k in ("flops_ratio", "kv_ratio")})
+    return out
 
 
 # ---------------------------------------------------------------- fingerprints

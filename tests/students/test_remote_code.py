@@ -167,3 +167,18 @@ def test_a_matmul_free_student_loads_with_its_remote_code(packed, processor, wor
     assert {"modeling_workbench.py", "mmfree.py", "hgrn_ref.py", "bitlinear.py"} <= set(written)
     assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoConfig"].startswith("modeling_workbench.")
     _check_in_child(model, folder, _batch(proc, world_dir), tmp_path, "AutoModelForImageTextToText", True)
+
+
+def test_a_mixture_of_depths_student_loads_with_its_remote_code(processor, world_dir, tmp_path):
+    """Routers, per-layer kept-token caches and all: logits and cached greedy decoding equal."""
+    from students.mod import decoder_layers, mod_transform
+
+    model = _tiny("tiny_llava", processor, tmp_path, **{**TINY_STUDENT, "text_layers": 4})
+    assert mod_transform(model)["mod_layers"] == [1, 2, 3]
+    torch.manual_seed(1)
+    for layer in decoder_layers(model)[1:]:
+        torch.nn.init.normal_(layer.mod_router.weight)
+    folder, proc, written = _export(model, processor, tmp_path)
+    assert {"modeling_workbench.py", "mod.py", "hf_cache.py"} <= set(written)
+    child = _check_in_child(model, folder, _batch(proc, world_dir), tmp_path, "AutoModelForImageTextToText", True)
+    assert child["class"] == "LlavaForConditionalGeneration"

@@ -248,7 +248,8 @@ OVERRIDE_CASES = [
     (["name="], "'name'"), (["run_id=../x"], "'run_id'"), (["run_id=a/b"], "'run_id'"), (["run_id=.."], "'run_id'"),
     # keys and types
     (["optim.lrr=1"], "'optim.lrr'"), (["trainer.max_step=1"], "'trainer.max_step'", "max_steps"),
-    (["bogus=1"], "'bogus'"), (["seed=abc"], "'seed'"), (["optim=3"], "'optim'", "section"), (["data.windtunnel=2"], "'data.windtunnel'", "section"), (["oops"], "oops", "key=value"),
+    (["bogus=1"], "'bogus'"), (["seed=abc"], "'seed'"), (["optim=3"], "'optim'", "section"), (["data.windtunnel=2"], "'data.windtunnel'", "section"),
+    (["data.type=windtunnel", "data.windtunnel.patch_size=5"], "'data.windtunnel.patch_size'", "divide"), (["oops"], "oops", "key=value"),
     # teacher and student
     (["teacher.path=/nonexistent", "teacher.top_k=0"], "'teacher.top_k'"),
     (["teacher.path=/nonexistent", "teacher.quantize=int4"], "'teacher.quantize'", "nf4"),

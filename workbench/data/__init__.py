@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from workbench.data.llava import LlavaDataset, VLMCollator
-from workbench.data.windtunnel import WORLD_VERSION, WorldConfig, write_windtunnel
+from workbench.data.windtunnel import CELL, WORLD_VERSION, WorldConfig, write_windtunnel
 from workbench.errors import WorkbenchError
 
 __all__ = ["LlavaDataset", "VLMCollator", "Splits", "generate_windtunnel", "hf_dataset_splits", "llava_splits",
@@ -82,7 +82,7 @@ def generate_windtunnel(cfg) -> Path:
                                 question_first=wt.question_first,
                                 **({"question_types": tuple(wt.question_types)} if wt.question_types else {}))
             write_windtunnel(tmp / "w", n_train=wt.n_train, n_val=wt.n_val, seed=wt.seed, world=world,
-                             n_classification=wt.n_classification)
+                             n_classification=wt.n_classification, patch_size=wt.patch_size or CELL)
             if not (out / "world.json").is_file():  # another process may have finished first
                 shutil.rmtree(out, ignore_errors=True)
                 os.replace(tmp / "w", out)

@@ -254,6 +254,7 @@ def write_windtunnel(
     seed: int = 0,
     n_classification: int = 0,
     world: WorldConfig = WorldConfig(),
+    patch_size: int = CELL,
 ) -> Path:
     """Write the world to `out`: train.json, val.json, images/, processor/, classification/.
 
@@ -265,6 +266,8 @@ def write_windtunnel(
         n_classification: training images of the image-folder classification set
             (`classification/{train,val}/<colour>_<shape>/`, 18 classes in turn, one shape
             in a random cell; val gets a fifth as many); 0 skips it.
+        patch_size: the processor's patch side: CELL (16) gives one image token per cell, 4
+            gives 16 per cell (a high-resolution world: image tokens outnumber the text).
     Returns:
         The folder, with a `world.json` manifest of these arguments.
     """
@@ -279,8 +282,9 @@ def write_windtunnel(
     if n_classification:
         _classification(out / "classification", "train", n_classification, world, seed)
         _classification(out / "classification", "val", max(1, n_classification // 5), world, seed)
-    build_processor(world).save_pretrained(out / "processor")
+    build_processor(world, patch_size).save_pretrained(out / "processor")
     manifest = {"version": WORLD_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val,
-                "n_classification": n_classification, "image_size": world.image_size, **asdict(world)}
+                "n_classification": n_classification, "image_size": world.image_size, "patch_size": patch_size,
+                **asdict(world)}
     (out / "world.json").write_text(json.dumps(manifest, indent=2))
     return out

@@ -89,6 +89,25 @@ def test_world_manifest_and_refusal(tmp_path):
         write_windtunnel(out, n_train=2, n_val=1)
 
 
+def test_a_high_resolution_world_has_16_image_tokens_per_cell(tmp_path):
+    """`data.windtunnel.patch_size=4`: the same pictures, 4-pixel patches (144 image tokens on a
+    3x3 grid), a folder of its own; the default keeps the folder worlds were made in before."""
+    from transformers import AutoProcessor
+
+    from workbench.config import DataConfig, WindTunnelConfig
+    from workbench.data import generate_windtunnel, windtunnel_dir
+
+    cfg = DataConfig(type="windtunnel", root=str(tmp_path), windtunnel=WindTunnelConfig(n_train=2, n_val=1))
+    fine = DataConfig(type="windtunnel", root=str(tmp_path),
+                      windtunnel=WindTunnelConfig(n_train=2, n_val=1, patch_size=4))
+    assert windtunnel_dir(fine) != windtunnel_dir(cfg)
+    out = generate_windtunnel(fine)
+    processor = AutoProcessor.from_pretrained(out / "processor")
+    assert processor.patch_size == 4 and json.loads((out / "world.json").read_text())["patch_size"] == 4
+    batch = VLMCollator(processor)([LlavaDataset(out / "train.json")[0]])
+    assert int(batch["image_mask"].sum()) == (48 // 4) ** 2
+
+
 def test_world_shape_of_records(world_dir):
     recs = json.loads((world_dir / "train.json").read_text())
     assert len(recs) == 64 and len(json.loads((world_dir / "val.json").read_text())) == 16

@@ -1,0 +1,211 @@
+"""Mixture-of-depths students (students/mod.py, p-MoD): the progressive-ratio-decay schedule,
+identity with the dense model, per-layer caches of the kept tokens, cached generation against
+recomputation (left padding included), the router's gradient from skipped tokens, the token
+counter's FLOPs and KV proxies, reload and the transform's bad options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import students
+from conftest import make_tiny_vlm
+from students.hf_cache import output_cache
+from students.mod import (ModCacheLayer, count_tokens, decoder_layers, kept_count, mean_retention, mod_transform,
+                          prd_ratios, schedule_ratios)
+from workbench.data.llava import LlavaDataset, VLMCollator
+
+
+def _inputs(processor, world_dir, n=2, left_pad=0):
+    """Two wind-tunnel prompts with their images; with `left_pad`, the second one is that many
+    tokens shorter (its last text tokens dropped) and padded on the left, as batched
+    generation pads."""
+    samples = [LlavaDataset(world_dir / "val.json")[i] for i in range(n)]
+    batch = VLMCollator(processor)(samples)
+    ids, mask = batch["input_ids"].clone(), batch["attention_mask"].clone()
+    if left_pad:
+        pad = processor.tokenizer.pad_token_id
+        ids[1] = torch.cat([torch.full((left_pad,), pad), ids[1, :-left_pad]])
+        mask[1] = torch.cat([torch.zeros(left_pad, dtype=mask.dtype), mask[1, :-left_pad]])
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": batch["pixel_values"]}
+
+
+def _mod_student(processor, schedule="prd", seed=0, random_routers=True, **kwargs):
+    model = make_tiny_vlm(processor, seed=seed, text_layers=4).eval()
+    mod_transform(model, schedule=schedule, **kwargs)
+    if random_routers:
+        torch.manual_seed(seed + 1)
+        for layer in decoder_layers(model):
+            if hasattr(layer, "mod_router"):
+                torch.nn.init.normal_(layer.mod_router.weight, std=1.0)
+    return model
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def test_prd_for_32_layers_is_the_published_schedule():
+    ratios = prd_ratios(32)
+    assert ratios[:8] == [None] * 8  # s(l) > 0.85: dense
+    assert [round(r, 3) for r in ratios[8:12]] == [0.844, 0.806, 0.764, 0.72]
+    assert ratios[24:] == [0.15] * 8
+    assert prd_ratios(4) == [None, 0.75, 0.25, 0.15] or [None, *[round(r, 12) for r in prd_ratios(4)[1:]]] == \
+        [None, 0.75, 0.25, 0.15]
+
+
+@pytest.mark.parametrize("layers", [4, 8, 12, 16, 32])
+def test_prd_mean_retention_is_0_5375_for_any_depth_divisible_by_4(layers):
+    assert mean_retention(prd_ratios(layers)) == pytest.approx(0.5375, abs=1e-12)
+
+
+def test_schedules_and_their_errors():
+    assert schedule_ratios("fixed:0.5", 6) == [None, None, 0.5, 0.5, 0.5, None]
+    assert schedule_ratios("uniform:1.0", 3) == [1.0, 1.0, 1.0]
+    assert schedule_ratios([None, 0.5, 0.25], 3) == [None, 0.5, 0.25]
+    for bad, match in [("cosine", "unknown schedule"), ("fixed:half", "not a ratio"), ("uniform:1.5", r"\(0, 1\]"),
+                       ([0.5, 0.5], "2 ratios for 3"), (["x", 1, 1], "ratios or null")]:
+        with pytest.raises(ValueError, match=match):
+            schedule_ratios(bad, 3)
+    assert kept_count(0.15, 20) == 3 and kept_count(0.75, 9) == 6
+
+
+def test_bad_transform_options(processor):
+    model = make_tiny_vlm(processor, text_layers=4)
+    for kwargs, match in [({"targets": "text"}, "targets"), ({"string_scope": "attention"}, "string_scope"),
+                          ({"schedule": [None] * 4}, "no layer")]:
+        with pytest.raises(ValueError, match=match):
+            mod_transform(model, **kwargs)
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+def test_with_ratio_1_every_layer_is_the_dense_layer_exactly(processor, world_dir):
+    dense = make_tiny_vlm(processor, text_layers=4).eval()
+    mod = _mod_student(processor, "uniform:1.0", random_routers=False)
+    inputs = _inputs(processor, world_dir, left_pad=5)
+    with torch.no_grad():
+        assert torch.equal(mod(**inputs).logits, dense(**inputs).logits)
+
+
+def test_at_initialisation_skipped_tokens_pass_through_unchanged(processor, world_dir):
+    mod = _mod_student(processor, random_routers=False)
+    inputs = _inputs(processor, world_dir)
+    with torch.no_grad():
+        hidden = mod(**inputs, output_hidden_states=True).hidden_states
+    image = inputs["input_ids"] == processor.image_token_id
+    n_image = int(image[0].sum())
+    for i, ratio in enumerate(prd_ratios(4)[:3]):  # the last hidden state is after the final norm
+        if ratio is None:
+            continue
+        moved = (hidden[i + 1] - hidden[i]).abs().amax(-1)[0][image[0]]  # per image token of example 0
+        assert int((moved == 0).sum()) == n_image - kept_count(ratio, n_image)
+        assert torch.isfinite(hidden[i + 1]).all()
+
+
+def test_each_layer_caches_the_text_plus_its_kept_image_tokens(processor, world_dir):
+    mod = _mod_student(processor)
+    inputs = _inputs(processor, world_dir, n=1)
+    with torch.no_grad():
+        cache = output_cache(mod(**inputs, use_cache=True))
+    n = inputs["input_ids"].shape[1]
+    n_image = int((inputs["input_ids"] == processor.image_token_id).sum())
+    for layer, ratio in zip(cache.layers, prd_ratios(4)):
+        expected = n if ratio is None else n - n_image + kept_count(ratio, n_image)
+        assert layer.keys.shape[-2] == expected
+        assert isinstance(layer, ModCacheLayer) == (ratio is not None)
+        assert layer.get_seq_length() == n  # what positions are computed from
+
+
+@pytest.mark.parametrize("string_scope", ["mlp", "layer"])
+def test_cached_greedy_generation_equals_recomputation_with_left_padding(processor, world_dir, string_scope):
+    mod = _mod_student(processor, string_scope=string_scope)
+    inputs = _inputs(processor, world_dir, left_pad=7)
+    steps = 6
+    with torch.no_grad():
+        generated = mod.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=None,
+                                 pad_token_id=processor.tokenizer.pad_token_id)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        for _ in range(steps):  # the whole sequence again at every step: no cache
+            nxt = mod(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"]).logits[:, -1].argmax(-1)
+            ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(generated, ids)
+
+
+def test_a_rolled_back_cache_decodes_as_before(processor, world_dir):
+    """Speculative decoding crops rejected tokens: generated text can be rolled back; the
+    image part of a MoD layer's cache cannot."""
+    mod = _mod_student(processor)
+    inputs = _inputs(processor, world_dir, n=1)
+    with torch.no_grad():
+        out = mod(**inputs, use_cache=True)
+        cache = output_cache(out)
+        before = [layer.keys.shape[-2] for layer in cache.layers]
+        token = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1)
+        first = mod(input_ids=token, attention_mask=mask, cache=cache, use_cache=True).logits
+        cache.crop(-1)
+        assert [layer.keys.shape[-2] for layer in cache.layers] == before
+        again = mod(input_ids=token, attention_mask=mask, cache=cache, use_cache=True).logits
+        assert torch.equal(first, again)
+        with pytest.raises(RuntimeError, match="only roll back"):
+            cache.layers[3].crop(-(cache.layers[3].stored() - 1))
+
+
+def test_skipped_tokens_give_the_router_a_gradient(processor, world_dir):
+    mod = _mod_student(processor, random_routers=False)
+    inputs = _inputs(processor, world_dir, n=1)
+    hidden = mod(**inputs, output_hidden_states=True).hidden_states
+    image = (inputs["input_ids"][0] == processor.image_token_id).nonzero().flatten()
+    last = image[-1]  # at init the first k image tokens are kept (ties): the last one is skipped in layer 3
+    n_image = len(image)
+    assert kept_count(0.15, n_image) < n_image
+    hidden[4][0, last].sum().backward()  # only through layer 3 (layer index 3 -> hidden_states[4])
+    router = decoder_layers(mod)[3].mod_router
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def test_token_counter_proxies(processor, world_dir):
+    inputs = _inputs(processor, world_dir, left_pad=5)
+    dense = make_tiny_vlm(processor, text_layers=4).eval()
+    with count_tokens(dense) as counter, torch.no_grad():
+        dense(**inputs)
+    assert counter.summary()["flops_ratio"] == 1.0 and counter.summary()["kv_ratio"] == 1.0
+    mod = _mod_student(processor)
+    with count_tokens(mod) as counter, torch.no_grad():
+        mod(**inputs)
+        mod.generate(**inputs, max_new_tokens=2, do_sample=False)  # prefill counts, decoding steps do not
+    valid = inputs["attention_mask"].sum(1)
+    n_image = (inputs["input_ids"] == processor.image_token_id).sum(1)
+    layers = decoder_layers(mod)
+    d = mod.config.text_config.hidden_size
+    weights = sum(p.numel() for name, p in layers[0].named_parameters() if name.endswith("weight") and p.dim() == 2
+                  and not name.startswith("mod_router"))
+    kept = torch.stack([valid if r is None else valid - n_image + kept_count(r, int(n_image[0])) for r in prd_ratios(4)])
+
+    def flops(n):
+        n = n.double()
+        return float((n * (2 * weights + d * (n + 1))).sum())
+
+    summary = counter.summary()
+    assert summary["tokens"] == 2 * int(valid.sum())
+    assert summary["kv_ratio"] == pytest.approx(float(kept.sum()) / (4 * float(valid.sum())), rel=1e-12)
+    assert summary["flops_ratio"] == pytest.approx(sum(flops(k) for k in kept) / (4 * flops(valid)), rel=1e-12)
+    assert summary["image_retention"][0] == 1.0 and math.isclose(summary["image_retention"][3], 1 / 9)
+
+
+def test_a_mod_student_reloads_with_its_routers(processor, world_dir, tmp_path):
+    mod = _mod_student(processor, schedule=[None, 0.5, None, 0.25])
+    mod.save_pretrained(tmp_path / "m")
+    again = students.load(tmp_path / "m").eval()
+    assert [type(layer).__name__ for layer in decoder_layers(again)] == \
+        ["LlamaDecoderLayer", "ModLlamaDecoderLayer", "LlamaDecoderLayer", "ModLlamaDecoderLayer"]
+    inputs = _inputs(processor, world_dir)
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, mod(**inputs).logits)
+    assert mod_transform(again)["already_mod"]

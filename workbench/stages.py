@@ -163,11 +163,15 @@ def stage_results(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def results_markdown(title: str, rows: list[dict[str, Any]]) -> str:
+    """The stages' table; token-reducing students add their FLOPs and KV proxies (dense = 1)."""
     types = sorted({k for r in rows for k in r if k.startswith("acc/")})
-    head = ["model", "params", "answer acc" if types else "accuracy", *[t.removeprefix("acc/") for t in types]]
+    proxies = [k for k in ("tokens/flops_ratio", "tokens/kv_ratio") if any(k in r for r in rows)]
+    head = ["model", "params", "answer acc" if types else "accuracy", *[t.removeprefix("acc/") for t in types],
+            *[{"tokens/flops_ratio": "FLOPs", "tokens/kv_ratio": "KV"}[k] for k in proxies]]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["model"], f"{r['params']:,}", _fmt(r["acc"]), *[_fmt(r.get(t)) for t in types]]
+        cells = [r["model"], f"{r['params']:,}", _fmt(r["acc"]), *[_fmt(r.get(t)) for t in types],
+                 *[_fmt(r.get(k, 1.0 if r["acc"] is not None else None)) for k in proxies]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

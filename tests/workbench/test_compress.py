@@ -94,7 +94,10 @@ def test_compressed_folders_reload_with_stock_transformers_and_generate(model_di
             f"assert m.config.quantization_config is not None\n"
             f"inputs = {{k: torch.tensor(v) for k, v in json.loads(sys.stdin.read()).items()}}\n"
             f"out = m.generate(**inputs, max_new_tokens=3, do_sample=False)\n"
-            f"print(json.dumps({{'logits': m(**inputs).logits[0, -1].tolist(), 'tokens': out[0].tolist()}}))\n")
+            # inference under no_grad, as a deployment runs: on CPUs with AVX512-BF16, bitsandbytes
+            # 0.50's repacked 4-bit path adds the bias in place, which autograd refuses
+            f"with torch.no_grad():\n    logits = m(**inputs).logits\n"
+            f"print(json.dumps({{'logits': logits[0, -1].tolist(), 'tokens': out[0].tolist()}}))\n")
     env = {**subprocess_env(), "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", code], input=json.dumps({k: v.tolist() for k, v in inputs.items()}),
                           capture_output=True, text=True, env=env, cwd="/", timeout=300)

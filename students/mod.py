@@ -121,11 +121,13 @@ class ModState:
         self.image_token_id, self.targets = image_token_id, targets
         self.target_mask: Tensor | None = None  # (batch, new tokens) bool
         self.valid_mask: Tensor | None = None
+        self.selected: Tensor | None = None  # image tokens a training-free selector keeps (students.reduce)
         self.counter: TokenCounter | None = None
 
     def read(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
+        self.selected = None
         if input_ids is None:  # embeddings only: no way to tell image tokens apart; every layer runs dense
             self.target_mask = self.valid_mask = None
             return
@@ -263,10 +265,15 @@ class ModLayerMixin:
             else torch.ones(b, n, dtype=torch.bool, device=h.device)
         targets = state.target_mask if state.target_mask is not None and state.target_mask.shape == (b, n) \
             else torch.zeros(b, n, dtype=torch.bool, device=h.device)
-        w = self.mod_scale * torch.tanh(self.mod_router(h)) + self.mod_bias  # (b, n, 1)
         keep = valid & ~targets
         n_targets = targets.sum(1)
-        if targets.any():
+        if self.mod_router is None:  # a training-free selector chose for every such layer (students.reduce)
+            w = torch.ones(b, n, 1, dtype=h.dtype, device=h.device)
+            chosen = state.selected if state.selected is not None and state.selected.shape == (b, n) else targets
+            keep = keep | (targets & chosen)
+        else:
+            w = self.mod_scale * torch.tanh(self.mod_router(h)) + self.mod_bias  # (b, n, 1)
+        if self.mod_router is not None and targets.any():
             score = w.squeeze(-1).detach().masked_fill(~targets, float("-inf"))
             order = score.argsort(dim=1, descending=True, stable=True)
             rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=h.device).expand(b, n))
@@ -362,32 +369,45 @@ def mod_state(model: nn.Module) -> ModState | None:
 
 def restore_mod(model: nn.Module, record: dict[str, Any]) -> list[int]:
     """Rebuild the MoD layers a config records (zero routers: the weights load next)."""
+    chosen = {int(i): float(r) for i, r in record["layers"].items()}
+    install(model, chosen, record.get("targets", "vision"), router=True,
+            scale=float(record.get("router_scale", 0.2)), bias=float(record.get("router_bias", 1.0)),
+            string_scope=record.get("string_scope", "mlp"))
+    return sorted(chosen)
+
+
+def install(model: nn.Module, chosen: dict[int, float], targets: str = "vision", router: bool = True,
+            scale: float = 0.2, bias: float = 1.0, string_scope: str = "mlp") -> ModState:
+    """Make the decoder layers `chosen` ({index: ratio}) MoD layers sharing one `ModState`, read
+    where the model receives `input_ids`. Without `router` they keep what the state's `selected`
+    says (a training-free selector) and scale nothing."""
+    if mod_state(model) is not None:
+        raise ValueError("the model routes its tokens already (a mixture-of-depths student or a reducer)")
     layers = decoder_layers(model)
     config = getattr(model, "config", None)
-    image_token_id = getattr(config, "image_token_id", None) if config is not None else None
-    state = ModState(image_token_id, record.get("targets", "vision"))
-    object.__setattr__(model, "_mod_state", state)
-    _hook_module(model).register_forward_pre_hook(state.read, with_kwargs=True)
-    chosen = {int(i): float(r) for i, r in record["layers"].items()}
-    hidden = None
-    for i, layer in enumerate(layers):
-        if i not in chosen:
-            continue
+    state = ModState(getattr(config, "image_token_id", None) if config is not None else None, targets)
+    for i in chosen:
+        layer = layers[i]
         missing = [a for a in _BLOCK if not isinstance(getattr(layer, a, None), nn.Module)]
         if missing:
             raise ValueError(f"decoder layer {i} ({type(layer).__name__}) has no {missing[0]}: mixture-of-depths "
                              "needs a pre-norm block (input_layernorm, self_attn, post_attention_layernorm, mlp)")
+    object.__setattr__(model, "_mod_state", state)
+    _hook_module(model).register_forward_pre_hook(state.read, with_kwargs=True)
+    for i, ratio in sorted(chosen.items()):
+        layer = layers[i]
         weight = next(p for p in layer.parameters())
-        hidden = layer.post_attention_layernorm.weight.shape[0]
         layer.__class__ = _mod_class(type(layer))
-        layer.mod_router = nn.Linear(hidden, 1, bias=True, device=weight.device, dtype=weight.dtype)
-        nn.init.zeros_(layer.mod_router.weight)
-        nn.init.zeros_(layer.mod_router.bias)
-        layer.mod_ratio, layer.mod_index, layer.mod_state = chosen[i], i, state
-        layer.mod_scale = float(record.get("router_scale", 0.2))
-        layer.mod_bias = float(record.get("router_bias", 1.0))
-        layer.mod_string_scope = record.get("string_scope", "mlp")
-    return sorted(chosen)
+        if router:
+            hidden = layer.post_attention_layernorm.weight.shape[0]
+            layer.mod_router = nn.Linear(hidden, 1, bias=True, device=weight.device, dtype=weight.dtype)
+            nn.init.zeros_(layer.mod_router.weight)
+            nn.init.zeros_(layer.mod_router.bias)
+        else:
+            layer.mod_router = None
+        layer.mod_ratio, layer.mod_index, layer.mod_state = ratio, i, state
+        layer.mod_scale, layer.mod_bias, layer.mod_string_scope = scale, bias, string_scope
+    return state
 
 
 def mod_transform(student: nn.Module, schedule: Any = "prd", max_ratio: float = 0.85, min_ratio: float = 0.15,
@@ -407,7 +427,9 @@ def mod_transform(student: nn.Module, schedule: Any = "prd", max_ratio: float = 
         raise ValueError(f"string_scope {string_scope!r}: use one of {', '.join(STRING_SCOPES)}")
     config = student.config
     if mod_state(student) is not None:  # a MoD student loaded from its folder keeps its layers
-        record = getattr(config, CONFIG_KEY)
+        record = getattr(config, CONFIG_KEY, None)
+        if record is None:
+            raise ValueError("the model has a token reducer installed; apply `mod` to the model itself")
         return {"mod_layers": sorted(int(i) for i in record["layers"]), "already_mod": True}
     if targets == "vision" and getattr(config, "image_token_id", None) is None:
         raise ValueError(f"{type(student).__name__} has no image_token_id: route targets='all' for a language model")

@@ -98,6 +98,22 @@ def tiny_vlm_dir(tmp_path_factory, processor):
     return path
 
 
+def vlm_inputs(processor, world_dir, n=2, left_pad=0):
+    """Two wind-tunnel prompts with their images; with `left_pad`, the second one is that many
+    tokens shorter (its last text tokens dropped) and padded on the left, as batched
+    generation pads."""
+    from workbench.data.llava import LlavaDataset, VLMCollator
+
+    samples = [LlavaDataset(world_dir / "val.json")[i] for i in range(n)]
+    batch = VLMCollator(processor)(samples)
+    ids, mask = batch["input_ids"].clone(), batch["attention_mask"].clone()
+    if left_pad:
+        pad = processor.tokenizer.pad_token_id
+        ids[1] = torch.cat([torch.full((left_pad,), pad), ids[1, :-left_pad]])
+        mask[1] = torch.cat([torch.zeros(left_pad, dtype=mask.dtype), mask[1, :-left_pad]])
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": batch["pixel_values"]}
+
+
 def fake_inputs(length=9, vocab=23, width=8, fused=False, seed=0, **extra):
     """Loss inputs of two hand-made sequences (image tokens at 1..3, answers near the end) with
     a random LM head over random hidden states and random dense teacher logits; with `fused`

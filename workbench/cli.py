@@ -115,7 +115,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     config, overrides = _optional_config(args.config, args.overrides)
     eval_command(args.source, config, overrides, data=args.data, processor=args.processor,
-                 image_folder=args.image_folder, teacher=args.teacher, out=args.out, batch_size=args.batch_size)
+                 image_folder=args.image_folder, teacher=args.teacher, out=args.out, batch_size=args.batch_size,
+                 reduce=args.reduce)
 
 
 def _cmd_compress(args: argparse.Namespace) -> None:
@@ -245,6 +246,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--teacher", help="a teacher folder to score beside it, or 'none' (default: the config's teacher)")
     ev.add_argument("--batch-size", type=int, help="default data.eval_batch_size, or 32")
     ev.add_argument("--out", help="where to write eval.json (default: in the run directory, else here)")
+    ev.add_argument("--reduce", metavar="SPEC", help="score the model with a training-free token reducer, e.g. "
+                                                     "attention_prune:layer=1,keep=0.5 (the teacher is scored as it is)")
     ev.set_defaults(func=_cmd_eval)
 
     c = sub.add_parser("compare", help="one table of runs: the settings that differ, metrics as mean ± std over seeds")

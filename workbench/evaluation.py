@@ -203,6 +203,7 @@ class Scored:
     params: int
     scores: dict[str, float]
     fingerprint: dict[str, Any]
+    reducer: str | None = None
 
 
 def load_model(model_dir: Path) -> torch.nn.Module:
@@ -254,9 +255,10 @@ def held_out_for(model_dir: Path, config: str | None = None, overrides: list[str
 
 def eval_command(source: str, config: str | None = None, overrides: list[str] = (), data: str | None = None,
                  processor: str | None = None, image_folder: str | None = None, teacher: str | None = None,
-                 out: str | None = None, batch_size: int | None = None) -> dict[str, Any]:
+                 out: str | None = None, batch_size: int | None = None, reduce: str | None = None) -> dict[str, Any]:
     """Score the model of a run (its exported student, a multi-stage run's last) or a folder on
-    a held-out split, and the teacher beside it; write eval.json and print both."""
+    a held-out split, and the teacher beside it; write eval.json and print both. With `reduce`,
+    the model runs with that training-free token reducer (`students.reduce`)."""
     from workbench.elastic import resolve_model_dir
 
     model_dir = resolve_model_dir(source)
@@ -264,7 +266,16 @@ def eval_command(source: str, config: str | None = None, overrides: list[str] = 
     held_out, cfg = held_out_for(model_dir, config, overrides, data, processor, image_folder)
     size = batch_size or (cfg.data.eval_batch_size if cfg is not None else 32)
     role = "student" if run is not None else "model"
-    scored = [_score(role, str(model_dir), load_model(model_dir), held_out, size, model_fingerprint(model_dir))]
+    model = load_model(model_dir)
+    if reduce is not None:
+        from students.reduce import apply_reducer
+
+        try:
+            apply_reducer(model, reduce)
+        except ValueError as e:
+            raise WorkbenchError(f"--reduce {reduce}: {e}") from None
+    scored = [_score(role, str(model_dir), model, held_out, size, model_fingerprint(model_dir))]
+    scored[0].reducer = reduce
     teacher_model, teacher_path, teacher_fp = _teacher(cfg, teacher)
     if teacher_model is not None:
         scored.append(_score("teacher", teacher_path, teacher_model, held_out, size, teacher_fp))
@@ -282,7 +293,8 @@ def _report(held_out: HeldOut, scored: list[Scored], teacher_fp: dict | None) ->
     return {
         "scored_on": scored_on(held_out.fingerprint, teacher_fp, held_out.classification),
         "data": {"source": held_out.source, "fingerprint": held_out.fingerprint},
-        "models": {s.role: {"path": s.path, "params": s.params, "scores": s.scores, "fingerprint": s.fingerprint}
+        "models": {s.role: {"path": s.path, "params": s.params, "scores": s.scores, "fingerprint": s.fingerprint,
+                            **({"reducer": s.reducer} if s.reducer else {})}
                    for s in scored},
         "packages": {k: v for k, v in env["packages"].items() if k in ("torch", "transformers", "timm")},
         "git_commit": env["git_commit"],

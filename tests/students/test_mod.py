@@ -11,25 +11,10 @@ import pytest
 import torch
 
 import students
-from conftest import make_tiny_vlm
+from conftest import make_tiny_vlm, vlm_inputs
 from students.hf_cache import output_cache
 from students.mod import (ModCacheLayer, count_tokens, decoder_layers, kept_count, mean_retention, mod_transform,
                           prd_ratios, schedule_ratios)
-from workbench.data.llava import LlavaDataset, VLMCollator
-
-
-def _inputs(processor, world_dir, n=2, left_pad=0):
-    """Two wind-tunnel prompts with their images; with `left_pad`, the second one is that many
-    tokens shorter (its last text tokens dropped) and padded on the left, as batched
-    generation pads."""
-    samples = [LlavaDataset(world_dir / "val.json")[i] for i in range(n)]
-    batch = VLMCollator(processor)(samples)
-    ids, mask = batch["input_ids"].clone(), batch["attention_mask"].clone()
-    if left_pad:
-        pad = processor.tokenizer.pad_token_id
-        ids[1] = torch.cat([torch.full((left_pad,), pad), ids[1, :-left_pad]])
-        mask[1] = torch.cat([torch.zeros(left_pad, dtype=mask.dtype), mask[1, :-left_pad]])
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": batch["pixel_values"]}
 
 
 def _mod_student(processor, schedule="prd", seed=0, random_routers=True, **kwargs):
@@ -85,14 +70,14 @@ def test_bad_transform_options(processor):
 def test_with_ratio_1_every_layer_is_the_dense_layer_exactly(processor, world_dir):
     dense = make_tiny_vlm(processor, text_layers=4).eval()
     mod = _mod_student(processor, "uniform:1.0", random_routers=False)
-    inputs = _inputs(processor, world_dir, left_pad=5)
+    inputs = vlm_inputs(processor, world_dir, left_pad=5)
     with torch.no_grad():
         assert torch.equal(mod(**inputs).logits, dense(**inputs).logits)
 
 
 def test_at_initialisation_skipped_tokens_pass_through_unchanged(processor, world_dir):
     mod = _mod_student(processor, random_routers=False)
-    inputs = _inputs(processor, world_dir)
+    inputs = vlm_inputs(processor, world_dir)
     with torch.no_grad():
         hidden = mod(**inputs, output_hidden_states=True).hidden_states
     image = inputs["input_ids"] == processor.image_token_id
@@ -107,7 +92,7 @@ def test_at_initialisation_skipped_tokens_pass_through_unchanged(processor, worl
 
 def test_each_layer_caches_the_text_plus_its_kept_image_tokens(processor, world_dir):
     mod = _mod_student(processor)
-    inputs = _inputs(processor, world_dir, n=1)
+    inputs = vlm_inputs(processor, world_dir, n=1)
     with torch.no_grad():
         cache = output_cache(mod(**inputs, use_cache=True))
     n = inputs["input_ids"].shape[1]
@@ -122,7 +107,7 @@ def test_each_layer_caches_the_text_plus_its_kept_image_tokens(processor, world_
 @pytest.mark.parametrize("string_scope", ["mlp", "layer"])
 def test_cached_greedy_generation_equals_recomputation_with_left_padding(processor, world_dir, string_scope):
     mod = _mod_student(processor, string_scope=string_scope)
-    inputs = _inputs(processor, world_dir, left_pad=7)
+    inputs = vlm_inputs(processor, world_dir, left_pad=7)
     steps = 6
     with torch.no_grad():
         generated = mod.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=None,
@@ -138,7 +123,7 @@ def test_a_rolled_back_cache_decodes_as_before(processor, world_dir):
     """Speculative decoding crops rejected tokens: generated text can be rolled back; the
     image part of a MoD layer's cache cannot."""
     mod = _mod_student(processor)
-    inputs = _inputs(processor, world_dir, n=1)
+    inputs = vlm_inputs(processor, world_dir, n=1)
     with torch.no_grad():
         out = mod(**inputs, use_cache=True)
         cache = output_cache(out)
@@ -156,7 +141,7 @@ def test_a_rolled_back_cache_decodes_as_before(processor, world_dir):
 
 def test_skipped_tokens_give_the_router_a_gradient(processor, world_dir):
     mod = _mod_student(processor, random_routers=False)
-    inputs = _inputs(processor, world_dir, n=1)
+    inputs = vlm_inputs(processor, world_dir, n=1)
     hidden = mod(**inputs, output_hidden_states=True).hidden_states
     image = (inputs["input_ids"][0] == processor.image_token_id).nonzero().flatten()
     last = image[-1]  # at init the first k image tokens are kept (ties): the last one is skipped in layer 3
@@ -171,7 +156,7 @@ def test_skipped_tokens_give_the_router_a_gradient(processor, world_dir):
 
 
 def test_token_counter_proxies(processor, world_dir):
-    inputs = _inputs(processor, world_dir, left_pad=5)
+    inputs = vlm_inputs(processor, world_dir, left_pad=5)
     dense = make_tiny_vlm(processor, text_layers=4).eval()
     with count_tokens(dense) as counter, torch.no_grad():
         dense(**inputs)
@@ -205,7 +190,7 @@ def test_a_mod_student_reloads_with_its_routers(processor, world_dir, tmp_path):
     again = students.load(tmp_path / "m").eval()
     assert [type(layer).__name__ for layer in decoder_layers(again)] == \
         ["LlamaDecoderLayer", "ModLlamaDecoderLayer", "LlamaDecoderLayer", "ModLlamaDecoderLayer"]
-    inputs = _inputs(processor, world_dir)
+    inputs = vlm_inputs(processor, world_dir)
     with torch.no_grad():
         assert torch.equal(again(**inputs).logits, mod(**inputs).logits)
     assert mod_transform(again)["already_mod"]

@@ -82,6 +82,23 @@ def test_eval_of_a_model_folder_on_a_data_file(kd_run, tmp_path, capsys):
     assert json.loads((tmp_path / "e.json").read_text())["scored_on"]["data"] != cfg_val["data"]
 
 
+def test_eval_with_a_token_reducer_reports_its_proxies(kd_run, tmp_path, capsys):
+    """`--reduce`: the model scored with attention pruning, its FLOPs and KV proxies beside the
+    accuracy; keep=1 scores exactly as the model itself."""
+    run, _ = kd_run
+    out = tmp_path / "e.json"
+    assert main(["eval", str(run), "--teacher", "none", "--out", str(out), "--reduce", "attention_prune:layer=0,keep=1"]) == 0
+    scores = json.loads(out.read_text())["models"]["student"]["scores"]
+    assert scores["tokens/flops_ratio"] == 1.0 and scores["tokens/kv_ratio"] == 1.0
+    assert {k: v for k, v in scores.items() if k.startswith("acc")} == pytest.approx(RunDir(run).read_summary()["student"])
+    assert main(["eval", str(run), "--teacher", "none", "--out", str(out), "--reduce",
+                 "attention_prune:layer=0,keep=0.5"]) == 0
+    report = json.loads(out.read_text())["models"]["student"]
+    assert report["reducer"] == "attention_prune:layer=0,keep=0.5"
+    assert report["scores"]["tokens/flops_ratio"] < 1 and report["scores"]["tokens/kv_ratio"] < 1
+    assert "tokens/flops_ratio" in capsys.readouterr().out
+
+
 def test_data_fingerprint_sees_a_changed_image(world_dir, processor, tmp_path):
     copy = tmp_path / "wt"
     shutil.copytree(world_dir, copy, ignore=shutil.ignore_patterns("train.json"))
@@ -98,6 +115,8 @@ def test_data_fingerprint_sees_a_changed_image(world_dir, processor, tmp_path):
     (["eval", "{alone}", "--data", "{tmp}/nope.json"], "does not exist"),
     (["eval", "{run}", "experiments/windtunnel/teacher.yaml", "--data", "x.json"], "either --data or a CONFIG"),
     (["eval", "{teacher}", "--data", "{tmp}"], "not an image classifier"),
+    (["eval", "{run}", "--reduce", "fastv"], "unknown reducer"),
+    (["eval", "{run}", "--reduce", "attention_prune:layer=0,keep=2"], "keep must be in"),
 ])
 def test_eval_refuses_bad_input(kd_run, tmp_path, capsys, args, message):
     run, teacher = kd_run

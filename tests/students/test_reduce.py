@@ -1,0 +1,108 @@
+"""Training-free reducers (students/reduce.py): the attention scores against the model's own
+eager attention weights, identity at keep 1, the kept tokens are the top-scored ones, the
+deeper layers' caches hold only them, cached generation equals recomputation, bad specs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_vlm, vlm_inputs
+from students.hf_cache import output_cache
+from students.mod import count_tokens, decoder_layers, kept_count
+from students.reduce import apply_reducer, attention_prune, image_token_scores, parse_reducer
+
+
+def _capture(layer, captured):
+    """What the layer receives: its input hidden states and position embeddings."""
+    def hook(module, args, kwargs):
+        captured.update(h=args[0] if args else kwargs["hidden_states"], pe=kwargs["position_embeddings"])
+    layer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _model(processor, **kw):
+    return make_tiny_vlm(processor, text_layers=4, text_kv_heads=1, **kw).eval()
+
+
+@pytest.mark.parametrize("queries", ["after_image", "last_token", "text"])
+def test_scores_are_the_layers_attention_averaged_over_heads_and_queries(processor, world_dir, queries):
+    model = _model(processor)
+    model.set_attn_implementation("eager")
+    inputs = vlm_inputs(processor, world_dir, left_pad=4)
+    captured = {}
+    layer = decoder_layers(model)[1]
+    _capture(layer, captured)
+    with torch.no_grad():
+        attentions = model(**inputs, output_attentions=True).attentions[1]  # (b, heads, n, n)
+        image = inputs["input_ids"] == processor.image_token_id
+        valid = inputs["attention_mask"].bool()
+        scores = image_token_scores(layer, captured["h"], captured["pe"], valid, image, queries)
+    n = image.shape[1]
+    positions = torch.arange(n)
+    for b in range(2):
+        last_image = int(positions[image[b]].max())
+        rows = {"after_image": positions[valid[b] & (positions > last_image)],
+                "last_token": positions[valid[b]][-1:],
+                "text": positions[valid[b] & ~image[b]]}[queries]
+        expected = attentions[b].mean(0)[rows].mean(0)
+        torch.testing.assert_close(scores[b][image[b]], expected[image[b]], atol=1e-6, rtol=1e-5)
+        assert torch.isinf(scores[b][~image[b]]).all()
+
+
+def test_keep_1_is_the_unreduced_model_exactly(processor, world_dir):
+    inputs = vlm_inputs(processor, world_dir, left_pad=5)
+    reduced = _model(processor)
+    attention_prune(reduced, layer=1, keep=1.0)
+    with torch.no_grad():
+        assert torch.equal(reduced(**inputs).logits, _model(processor)(**inputs).logits)
+
+
+def test_the_deeper_layers_keep_the_top_scored_image_tokens(processor, world_dir):
+    model = _model(processor)
+    notes = attention_prune(model, layer=1, keep=0.5)
+    assert notes["pruned_layers"] == [2, 3]
+    inputs = vlm_inputs(processor, world_dir, n=1)
+    captured = {}
+    layer = decoder_layers(model)[1]
+    _capture(layer, captured)
+    with torch.no_grad():
+        cache = output_cache(model(**inputs, use_cache=True))
+    image = inputs["input_ids"] == processor.image_token_id
+    n, n_image = image.shape[1], int(image.sum())
+    kept = kept_count(0.5, n_image)
+    assert [entry.keys.shape[-2] for entry in cache.layers] == [n, n, n - n_image + kept, n - n_image + kept]
+    scores = image_token_scores(layer, captured["h"], captured["pe"], torch.ones_like(image), image)
+    selected = model._mod_state.selected[0]
+    assert int(selected.sum()) == kept
+    assert scores[0][selected].min() >= scores[0][image[0] & ~selected].max()
+
+
+def test_cached_generation_equals_recomputation(processor, world_dir):
+    model = _model(processor)
+    attention_prune(model, layer=0, keep=0.3, queries="last_token")
+    inputs = vlm_inputs(processor, world_dir, left_pad=6)
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=5, do_sample=False, eos_token_id=None,
+                                   pad_token_id=processor.tokenizer.pad_token_id)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        for _ in range(5):
+            nxt = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"]).logits[:, -1].argmax(-1)
+            ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(generated, ids)
+    with count_tokens(model) as counter, torch.no_grad():
+        model(**inputs)
+    assert counter.summary()["image_retention"][:1] == [1.0] and counter.summary()["flops_ratio"] < 1
+
+
+def test_bad_reducer_specs(processor):
+    assert parse_reducer("attention_prune:layer=2,keep=0.25,queries=text") == \
+        ("attention_prune", {"layer": 2, "keep": 0.25, "queries": "text"})
+    model = _model(processor)
+    for spec, match in [("fastv", "unknown reducer"), ("attention_prune:layer", "key=value"),
+                        ("attention_prune:ratio=0.5", "no option 'ratio'"), ("attention_prune:layer=3", "0..2"),
+                        ("attention_prune:keep=0", r"\(0, 1\]"), ("attention_prune:queries=all", "queries")]:
+        with pytest.raises(ValueError, match=match):
+            apply_reducer(model, spec)
+    apply_reducer(model, "attention_prune")
+    with pytest.raises(ValueError, match="routes its tokens already"):
+        apply_reducer(model, "attention_prune")

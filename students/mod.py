@@ -48,6 +48,9 @@ from transformers.cache_utils import DynamicLayer
 CONFIG_KEY = "workbench_mod"
 TARGETS = ("vision", "all")
 STRING_SCOPES = ("mlp", "layer")
+ROUTERS = ("tanhnorm", "gamma")
+# fixed-ratio schedules: (first MoD layer, dense layers at the end)
+SPANS = {"uniform": (0, 0), "fixed": (2, 1), "arank_mod": (3, 1)}
 _BLOCK = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
@@ -69,9 +72,10 @@ def prd_ratios(n_layers: int, max_ratio: float = 0.85, min_ratio: float = 0.15) 
 def schedule_ratios(schedule: Any, n_layers: int, max_ratio: float = 0.85,
                     min_ratio: float = 0.15) -> list[float | None]:
     """Per-layer retention ratios of a schedule, None for a dense layer: `prd`, `fixed:<r>`
-    (p-MoD's `deep_all`: layers 2 .. L-2), `uniform:<r>` (every layer, 1.0 included: routers
-    everywhere, nothing skipped), or a list of `n_layers` entries, each a ratio in (0, 1] or
-    null (a searched schedule)."""
+    (p-MoD's `deep_all`: layers 2 .. L-2), `arank_mod:<r>` (gamma-MoD's released choice: every
+    layer but 0, 1, 2 and L-1), `uniform:<r>` (every layer, 1.0 included: routers everywhere,
+    nothing skipped), or a list of `n_layers` entries, each a ratio in (0, 1] or null (a
+    searched schedule)."""
     if isinstance(schedule, (list, tuple)):
         if len(schedule) != n_layers:
             raise ValueError(f"schedule lists {len(schedule)} ratios for {n_layers} decoder layers")
@@ -83,16 +87,17 @@ def schedule_ratios(schedule: Any, n_layers: int, max_ratio: float = 0.85,
         if not 0 < min_ratio <= max_ratio <= 1:
             raise ValueError(f"need 0 < min_ratio <= max_ratio <= 1, got {min_ratio} and {max_ratio}")
         return prd_ratios(n_layers, max_ratio, min_ratio)
-    elif isinstance(schedule, str) and schedule.partition(":")[0] in ("fixed", "uniform") and ":" in schedule:
+    elif isinstance(schedule, str) and schedule.partition(":")[0] in SPANS and ":" in schedule:
         kind, _, value = schedule.partition(":")
         try:
             r = float(value)
         except ValueError:
             raise ValueError(f"schedule {schedule!r}: {value!r} is not a ratio") from None
-        ratios = [r if kind == "uniform" or 2 <= i <= n_layers - 2 else None for i in range(n_layers)]
+        first, from_end = SPANS[kind]
+        ratios = [r if first <= i <= n_layers - 1 - from_end else None for i in range(n_layers)]
     else:
-        raise ValueError(f"unknown schedule {schedule!r}: use prd, fixed:<ratio>, uniform:<ratio> or a list of "
-                         "per-layer ratios")
+        raise ValueError(f"unknown schedule {schedule!r}: use prd, fixed:<ratio>, arank_mod:<ratio>, "
+                         "uniform:<ratio> or a list of per-layer ratios")
     bad = [r for r in ratios if r is not None and not 0 < r <= 1]
     if bad:
         raise ValueError(f"retention ratios must be in (0, 1], got {bad[0]}")
@@ -123,11 +128,12 @@ class ModState:
         self.valid_mask: Tensor | None = None
         self.selected: Tensor | None = None  # image tokens a training-free selector keeps (students.reduce)
         self.counter: TokenCounter | None = None
+        self.aux: dict[str, Tensor] = {}  # auxiliary losses of this forward (gamma routers: "mod_router")
 
     def read(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
-        self.selected = None
+        self.selected, self.aux = None, {}
         if input_ids is None:  # embeddings only: no way to tell image tokens apart; every layer runs dense
             self.target_mask = self.valid_mask = None
             return
@@ -267,18 +273,25 @@ class ModLayerMixin:
             else torch.zeros(b, n, dtype=torch.bool, device=h.device)
         keep = valid & ~targets
         n_targets = targets.sum(1)
-        if self.mod_router is None:  # a training-free selector chose for every such layer (students.reduce)
+        kind, logits = self.mod_kind, None
+        if kind == "select":  # a training-free selector chose for every such layer (students.reduce)
             w = torch.ones(b, n, 1, dtype=h.dtype, device=h.device)
             chosen = state.selected if state.selected is not None and state.selected.shape == (b, n) else targets
             keep = keep | (targets & chosen)
+        elif kind == "gamma":  # the shared 2-way router on the layer's normed input; p = P(process)
+            logits = self._mod_shared(self.input_layernorm(h))
+            w = logits.softmax(-1)[..., 1:]
         else:
             w = self.mod_scale * torch.tanh(self.mod_router(h)) + self.mod_bias  # (b, n, 1)
-        if self.mod_router is not None and targets.any():
+        if kind != "select" and targets.any():
             score = w.squeeze(-1).detach().masked_fill(~targets, float("-inf"))
             order = score.argsort(dim=1, descending=True, stable=True)
             rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=h.device).expand(b, n))
             k = torch.tensor([kept_count(self.mod_ratio, int(t)) for t in n_targets], device=h.device)
             keep = keep | (targets & (rank < k[:, None]))
+        if logits is not None and bool(valid.any()):  # gamma: the router learns its own selection (and val/ reports it)
+            ce = nn.functional.cross_entropy(logits[valid].float(), keep[valid].long())
+            state.aux["mod_router"] = state.aux["mod_router"] + ce if "mod_router" in state.aux else ce
         entry = state_layer(cache, self.mod_index, ModCacheLayer) if cache is not None else None
         history = entry.stored() if entry is not None else 0
         if state.counter is not None and history == 0:
@@ -303,7 +316,8 @@ class ModLayerMixin:
         out_kept = self._mod_block(gather(h), mask, (cos, sin), cache, gather(w), gather(targets), None, kwargs)
         if entry is not None:
             entry.record(slot_valid, n)
-        skipped = torch.where(targets[..., None], w * h, h)  # skipped image tokens: w h; padding passes
+        # skipped image tokens: w h (p-MoD; gamma leaves them as they are); padding passes
+        skipped = torch.where(targets[..., None], w * h, h) if kind == "tanhnorm" else h
         skipped = torch.cat([skipped, skipped[:, :1]], 1)
         out = skipped.scatter(1, index[..., None].expand(b, width, h.shape[-1]), out_kept.to(skipped.dtype))
         return out[:, :n]
@@ -319,6 +333,8 @@ class ModLayerMixin:
         m = self.mlp(self.post_attention_layernorm(u))
         dropout = getattr(self, "resid_mlp_dropout", None)
         m = dropout(m) if dropout is not None else m
+        if self.mod_kind == "gamma":  # every kept token's MLP branch, text included
+            return u + w * m
         scale = torch.where(targets[..., None], w, torch.ones_like(w))
         if self.mod_string_scope == "layer":
             return h + scale * (u - h + m)
@@ -367,20 +383,30 @@ def mod_state(model: nn.Module) -> ModState | None:
     return getattr(model, "_mod_state", None)
 
 
+def aux_losses(model: nn.Module) -> dict[str, Tensor]:
+    """The auxiliary losses the model's last forward computed (gamma routers: `mod_router`)."""
+    state = mod_state(model)
+    return dict(state.aux) if state is not None else {}
+
+
 def restore_mod(model: nn.Module, record: dict[str, Any]) -> list[int]:
     """Rebuild the MoD layers a config records (zero routers: the weights load next)."""
     chosen = {int(i): float(r) for i, r in record["layers"].items()}
-    install(model, chosen, record.get("targets", "vision"), router=True,
+    install(model, chosen, record.get("targets", "vision"), router=record.get("router", "tanhnorm"),
             scale=float(record.get("router_scale", 0.2)), bias=float(record.get("router_bias", 1.0)),
             string_scope=record.get("string_scope", "mlp"))
     return sorted(chosen)
 
 
-def install(model: nn.Module, chosen: dict[int, float], targets: str = "vision", router: bool = True,
+def install(model: nn.Module, chosen: dict[int, float], targets: str = "vision", router: str = "tanhnorm",
             scale: float = 0.2, bias: float = 1.0, string_scope: str = "mlp") -> ModState:
     """Make the decoder layers `chosen` ({index: ratio}) MoD layers sharing one `ModState`, read
-    where the model receives `input_ids`. Without `router` they keep what the state's `selected`
-    says (a training-free selector) and scale nothing."""
+    where the model receives `input_ids`. `router`: `tanhnorm` (p-MoD: one zero-initialised
+    Linear(d, 1) per layer), `gamma` (gamma-MoD: one Linear(d, 2) shared by every MoD layer,
+    registered on the decoder as `mod_router`), or `select` (no router: the layers keep what the
+    state's `selected` says, a training-free selector, and scale nothing)."""
+    if router not in ROUTERS + ("select",):
+        raise ValueError(f"router {router!r}: use one of {', '.join(ROUTERS)}")
     if mod_state(model) is not None:
         raise ValueError("the model routes its tokens already (a mixture-of-depths student or a reducer)")
     layers = decoder_layers(model)
@@ -394,28 +420,41 @@ def install(model: nn.Module, chosen: dict[int, float], targets: str = "vision",
                              "needs a pre-norm block (input_layernorm, self_attn, post_attention_layernorm, mlp)")
     object.__setattr__(model, "_mod_state", state)
     _hook_module(model).register_forward_pre_hook(state.read, with_kwargs=True)
+    shared = None
+    if router == "gamma":
+        weight = next(p for p in layers[0].parameters())
+        hidden = layers[0].post_attention_layernorm.weight.shape[0]
+        shared = nn.Linear(hidden, 2, bias=False, device=weight.device, dtype=weight.dtype)  # PyTorch's default init
+        model.get_decoder().mod_router = shared
     for i, ratio in sorted(chosen.items()):
         layer = layers[i]
         weight = next(p for p in layer.parameters())
         layer.__class__ = _mod_class(type(layer))
-        if router:
+        layer.mod_kind, layer.mod_router = router, None
+        if router == "tanhnorm":
             hidden = layer.post_attention_layernorm.weight.shape[0]
             layer.mod_router = nn.Linear(hidden, 1, bias=True, device=weight.device, dtype=weight.dtype)
             nn.init.zeros_(layer.mod_router.weight)
             nn.init.zeros_(layer.mod_router.bias)
-        else:
-            layer.mod_router = None
+        object.__setattr__(layer, "_mod_shared", shared)  # a reference, not a submodule: saved once
         layer.mod_ratio, layer.mod_index, layer.mod_state = ratio, i, state
         layer.mod_scale, layer.mod_bias, layer.mod_string_scope = scale, bias, string_scope
     return state
 
 
 def mod_transform(student: nn.Module, schedule: Any = "prd", max_ratio: float = 0.85, min_ratio: float = 0.15,
-                  targets: str = "vision", router_scale: float = 0.2, router_bias: float = 1.0,
-                  string_scope: str = "mlp") -> dict[str, Any]:
+                  targets: str = "vision", router: str = "tanhnorm", router_scale: float = 0.2,
+                  router_bias: float = 1.0, string_scope: str = "mlp") -> dict[str, Any]:
     """The `mod` student transform (p-MoD): the decoder layers of the language model the schedule
     gives a ratio become mixture-of-depths layers over image tokens (`targets="all"`: over
     every token). Returns notes for the run's summary: the MoD layers and the mean retention.
+
+    `router: gamma` is gamma-MoD's: one Linear(d, 2) shared by every MoD layer (2 d parameters),
+    reading each layer's normed input; p = softmax(.)[1] ranks the image tokens; every kept
+    token's MLP branch is scaled by p, skipped tokens pass as they are; in training the router
+    learns its own selection through a cross-entropy against it (`students.mod.aux_losses`, the
+    `mod_router` loss term, weight 0.01 in gamma-MoD). Text is never routed, so every text token
+    is processed by every layer (gamma-MoD's masked routing).
 
     Raises:
         ValueError: an unknown schedule, target or STRing scope, a ratio outside (0, 1], a
@@ -423,6 +462,8 @@ def mod_transform(student: nn.Module, schedule: Any = "prd", max_ratio: float = 
     """
     if targets not in TARGETS:
         raise ValueError(f"targets {targets!r}: use one of {', '.join(TARGETS)}")
+    if router not in ROUTERS:
+        raise ValueError(f"router {router!r}: use one of {', '.join(ROUTERS)}")
     if string_scope not in STRING_SCOPES:
         raise ValueError(f"string_scope {string_scope!r}: use one of {', '.join(STRING_SCOPES)}")
     config = student.config
@@ -439,7 +480,7 @@ def mod_transform(student: nn.Module, schedule: Any = "prd", max_ratio: float = 
     if not chosen:
         raise ValueError(f"schedule {schedule!r} makes no layer of {n_layers} a MoD layer")
     record = {"layers": chosen, "schedule": schedule if isinstance(schedule, str) else list(ratios),
-              "targets": targets, "router_scale": router_scale, "router_bias": router_bias,
+              "targets": targets, "router": router, "router_scale": router_scale, "router_bias": router_bias,
               "string_scope": string_scope}
     restore_mod(student, record)
     setattr(config, CONFIG_KEY, record)

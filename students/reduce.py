@@ -78,7 +78,7 @@ def attention_prune(model: nn.Module, layer: int = 1, keep: float = 0.5, queries
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     if queries not in QUERIES:
         raise ValueError(f"queries {queries!r}: use one of {', '.join(QUERIES)}")
-    state = install(model, {i: keep for i in range(layer + 1, len(layers))}, router=False)
+    state = install(model, {i: keep for i in range(layer + 1, len(layers))}, router="select")
 
     def select(module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)

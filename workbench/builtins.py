@@ -3,6 +3,7 @@ transform and dataset. A new method is its own file plus one line here (or a `re
 call in your own code, before building)."""
 
 from losses.attention import AttentionKLTerm, QKVRelationTerm
+from losses.auxiliary import RouterAuxTerm
 from losses.divergence import CrossEntropyTerm, LogitDivergenceTerm, MDistTerm
 from losses.feature import FeatureTerm, LayerReplayTerm
 from losses.relation import HiddenRelationTerm, RKDTerm, rdist_term
@@ -50,6 +51,7 @@ LOSSES.register("qkv_relation", QKVRelationTerm)
 LOSSES.register("layer_replay", LayerReplayTerm)
 LOSSES.register("eve_alignment", EVEAlignmentTerm)
 LOSSES.register("breen_query", BREENQueryTerm)
+LOSSES.register("mod_router", RouterAuxTerm)  # gamma-MoD: the router learns its own selection
 
 TARGETS.register("none", NoTeacher)
 TARGETS.register("online_teacher", OnlineTeacher)

@@ -14,10 +14,11 @@ from workbench.cli import main
 
 RECIPE = REPO / "experiments" / "windtunnel" / "pmod.yaml"
 TINY = ["data.windtunnel.n_train=48", "data.windtunnel.n_val=16", "data.batch_size=8", "data.eval_batch_size=16",
-        "trainer.max_steps=6", "trainer.val_every_n_steps=3", "trainer.progress_bar=false",
+        "trainer.max_steps=6", "trainer.val_every_n_steps=3", "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
         "stages.teacher.student.kwargs={vision_hidden: 32, vision_layers: 1, vision_heads: 2, text_hidden: 32, "
         "text_layers: 4, text_heads: 2}",
-        *[f"stages.{s}.trainer.{k}={v}" for s in ("pmod_ce", "pmod_kd")
+        "stages.gmod_kd.transforms.mod.schedule=uniform:0.5",  # arank_mod leaves no MoD layer of 4
+        *[f"stages.{s}.trainer.{k}={v}" for s in ("pmod_ce", "pmod_kd", "gmod_kd")
           for k, v in (("max_steps", 4), ("val_every_n_steps", 2))]]
 
 
@@ -54,3 +55,17 @@ def test_the_recipe_reports_the_proxies_and_its_students_read_back(pmod_run):
     results = (pmod_run / "results.md").read_text()
     assert "| FLOPs | KV |" in results and "| teacher | " in results
     assert "| 1.000 | 1.000 |" in results.splitlines()[4]  # the dense teacher's row
+
+
+def test_the_gamma_stage_trains_its_shared_router_with_the_router_loss(pmod_run):
+    import pandas as pd
+
+    summary = json.loads((pmod_run / "stages" / "gmod_kd" / "summary.json").read_text())
+    assert summary["mod"]["mod_layers"] == [0, 1, 2, 3] and summary["final_train"]["train/router"] > 0
+    logged = pd.read_csv(pmod_run / "stages" / "gmod_kd" / "metrics.csv").dropna(subset=["train/router"])
+    assert logged["step"].tolist() == [0, 1, 2, 3]
+    student = students.load(pmod_run / "stages" / "gmod_kd" / "student")
+    teacher = students.load(pmod_run / "stages" / "teacher" / "student")
+    router = student.state_dict()["model.language_model.mod_router.weight"]
+    assert router.shape == (2, student.config.text_config.hidden_size)
+    assert set(student.state_dict()) - set(teacher.state_dict()) == {"model.language_model.mod_router.weight"}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import students
+import students.mod
 from conftest import make_tiny_vlm, vlm_inputs
 from students.hf_cache import output_cache
 from students.mod import (ModCacheLayer, count_tokens, decoder_layers, kept_count, mean_retention, mod_transform,
@@ -59,6 +60,7 @@ def test_schedules_and_their_errors():
 def test_bad_transform_options(processor):
     model = make_tiny_vlm(processor, text_layers=4)
     for kwargs, match in [({"targets": "text"}, "targets"), ({"string_scope": "attention"}, "string_scope"),
+                          ({"router": "softmax"}, "router"),
                           ({"schedule": [None] * 4}, "no layer")]:
         with pytest.raises(ValueError, match=match):
             mod_transform(model, **kwargs)
@@ -194,3 +196,68 @@ def test_a_mod_student_reloads_with_its_routers(processor, world_dir, tmp_path):
     with torch.no_grad():
         assert torch.equal(again(**inputs).logits, mod(**inputs).logits)
     assert mod_transform(again)["already_mod"]
+
+
+# --------------------------------------------------------------------------- gamma-MoD
+
+
+def _gamma_student(processor, schedule="uniform:0.5", seed=0):
+    model = make_tiny_vlm(processor, seed=seed, text_layers=4).eval()
+    mod_transform(model, schedule=schedule, router="gamma")
+    return model
+
+
+def test_the_shared_gamma_router_adds_2d_parameters_once(processor, tmp_path):
+    dense = make_tiny_vlm(processor, text_layers=4)
+    model = _gamma_student(processor)
+    d = model.config.text_config.hidden_size
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in dense.parameters()) == 2 * d
+    routers = {id(layer._mod_shared) for layer in decoder_layers(model)}
+    assert len(routers) == 1 and [k for k in model.state_dict() if "mod_router" in k] == \
+        ["model.language_model.mod_router.weight"]
+    assert schedule_ratios("arank_mod:0.5", 8) == [None, None, None, 0.5, 0.5, 0.5, 0.5, None]
+
+
+def test_gamma_keeps_every_text_token_and_learns_its_selection(processor, world_dir):
+    model = _gamma_student(processor).train()
+    inputs = vlm_inputs(processor, world_dir, left_pad=5)
+    captured = []
+    shared = decoder_layers(model)[0]._mod_shared
+    shared.register_forward_hook(lambda m, a, out: captured.append(out))
+    model(**inputs)
+    image = inputs["input_ids"] == processor.image_token_id
+    valid = inputs["attention_mask"].bool()
+    expected = 0.0
+    for logits in captured:  # one per MoD layer, in order: the kept set is the text + the top half by p
+        p = logits.softmax(-1)[..., 1]
+        keep = valid & ~image
+        for b in range(2):
+            top = p[b].masked_fill(~image[b], -1).argsort(descending=True, stable=True)[:kept_count(0.5, 9)]
+            keep[b, top] = True
+        expected = expected + torch.nn.functional.cross_entropy(logits[valid], keep[valid].long())
+    loss = students.mod.aux_losses(model)["mod_router"]
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert shared.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        cache = output_cache(model(**vlm_inputs(processor, world_dir, n=1), use_cache=True))
+    n = cache.layers[0].get_seq_length()
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [n - 9 + kept_count(0.5, 9)] * 4  # all text kept
+
+
+def test_gamma_cached_generation_equals_recomputation_and_reloads(processor, world_dir, tmp_path):
+    model = _gamma_student(processor)
+    inputs = vlm_inputs(processor, world_dir, left_pad=7)
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=None,
+                                   pad_token_id=processor.tokenizer.pad_token_id)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        for _ in range(4):
+            nxt = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"]).logits[:, -1].argmax(-1)
+            ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(generated, ids)
+    model.save_pretrained(tmp_path / "g")
+    again = students.load(tmp_path / "g").eval()
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, model(**inputs).logits)

@@ -119,6 +119,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
                  reduce=args.reduce)
 
 
+def _cmd_analyze_arank(args: argparse.Namespace) -> None:
+    from workbench.analysis import arank_command
+
+    config, overrides = _optional_config(args.config, args.overrides)
+    arank_command(args.source, config, overrides, data=args.data, batches=args.batches, batch_size=args.batch_size,
+                  mod_layers=args.mod_layers, ratio=args.ratio, out=args.out)
+
+
 def _cmd_compress(args: argparse.Namespace) -> None:
     from workbench.compress import compress_command
 
@@ -249,6 +257,22 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--reduce", metavar="SPEC", help="score the model with a training-free token reducer, e.g. "
                                                      "attention_prune:layer=1,keep=0.5 (the teacher is scored as it is)")
     ev.set_defaults(func=_cmd_eval)
+
+    an = sub.add_parser("analyze", help="measure a trained model to choose how to compress it")
+    ansub = an.add_subparsers(dest="analysis", required=True)
+    ar = ansub.add_parser("arank", help="per-layer attention rank (gamma-MoD): the low-rank layers are the MoD "
+                                        "candidates; writes arank.json with a transforms.mod.schedule")
+    ar.add_argument("source", help="a run or stage directory, or a model folder")
+    ar.add_argument("config", nargs="?", help="experiment YAML whose data.val to measure on (default: the run's)")
+    ar.add_argument("overrides", nargs="*", help="key=value overrides of that config")
+    ar.add_argument("--data", help="a held-out LLaVA-format JSON instead")
+    ar.add_argument("--batches", type=int, default=4, help="batches to average over (default 4)")
+    ar.add_argument("--batch-size", type=int, default=8, help="default 8")
+    ar.add_argument("--mod-layers", type=int, help="MoD layers in the schedule: the lowest-ranked ones "
+                                                    "(default 7/8 of the layers, as gamma-MoD's 28 of 32)")
+    ar.add_argument("--ratio", type=float, default=0.5, help="their retention ratio (default 0.5)")
+    ar.add_argument("--out", help="where to write arank.json (default: in the run directory, else here)")
+    ar.set_defaults(func=_cmd_analyze_arank)
 
     c = sub.add_parser("compare", help="one table of runs: the settings that differ, metrics as mean ± std over seeds")
     c.add_argument("paths", nargs="+", help="run dirs, sweep dirs, folders of runs or globs, e.g. 'runs/study/sweep-*'")

@@ -187,6 +187,16 @@ def _cmd_bench_compress(args: argparse.Namespace) -> None:
                            args.threads, args.batch_size, args.json, args.plot, args.keep, args.reference)
 
 
+def _cmd_bench_tokens(args: argparse.Namespace) -> None:
+    from workbench.bench.tokens import bench_tokens_command
+
+    config, overrides = _optional_config(args.config, args.overrides)
+    bench_tokens_command(args.source, config, overrides, args.data, args.mod or [], args.reduce, args.repeats,
+                         args.new_tokens, args.threads, args.batch_size, args.hidden, args.intermediate, args.layers,
+                         args.heads, args.kv_heads, args.vocab, args.image_tokens, args.text_tokens, args.json,
+                         args.plot)
+
+
 def _cmd_doctor(args: argparse.Namespace) -> None:
     from workbench.device import environment
 
@@ -394,6 +404,33 @@ def parser() -> argparse.ArgumentParser:
     bc.add_argument("--json", metavar="OUT", help="also write the rows and the machine to this JSON file")
     bc.add_argument("--plot", metavar="PNG", help="accuracy against stored model size")
     bc.set_defaults(func=_cmd_bench_compress)
+
+    bt = bsub.add_parser("tokens", help="fewer image tokens: FLOPs and KV proxies, KV bytes, prefill and decode "
+                                        "time (and accuracy) of the dense model, MoD students and reducers")
+    bt.add_argument("source", nargs="?", help="a trained dense run or model (default: a random Llama decoder at "
+                                              "real-size layer shapes)")
+    bt.add_argument("config", nargs="?", help="experiment YAML whose data.val to score on (default: the run's)")
+    bt.add_argument("overrides", nargs="*", help="key=value overrides of that config")
+    bt.add_argument("--data", help="a held-out LLaVA-format JSON (processor from the model folder)")
+    bt.add_argument("--mod", action="append", metavar="DIR", help="a mixture-of-depths student (run, stage or folder) "
+                                                                 "to measure beside SOURCE; repeatable")
+    bt.add_argument("--reduce", action="append", metavar="SPEC", help="a reducer applied to SOURCE; repeatable "
+                                                                     "(default: attention_prune:layer=1,keep=0.5)")
+    bt.add_argument("--repeats", type=int, default=3, help="timed prefills (median, after one warm-up)")
+    bt.add_argument("--new-tokens", type=int, default=8, help="decode steps timed (median)")
+    bt.add_argument("--threads", type=int, default=2, help="torch threads")
+    bt.add_argument("--batch-size", type=int, default=32, help="held-out batch size of the accuracy pass")
+    bt.add_argument("--hidden", type=int, default=4096, help="random decoder: width (default 4096, LLaVA-1.5-7B)")
+    bt.add_argument("--intermediate", type=int, default=11008, help="random decoder: MLP width (default 11008)")
+    bt.add_argument("--layers", type=int, default=4, help="random decoder: layers (default 4)")
+    bt.add_argument("--heads", type=int, default=32, help="random decoder: attention heads (default 32)")
+    bt.add_argument("--kv-heads", type=int, help="random decoder: KV heads (default: --heads)")
+    bt.add_argument("--vocab", type=int, default=32000, help="random decoder: vocabulary (default 32000)")
+    bt.add_argument("--image-tokens", type=int, default=576, help="random decoder: image tokens (default 576)")
+    bt.add_argument("--text-tokens", type=int, default=60, help="random decoder: text tokens (default 60)")
+    bt.add_argument("--json", metavar="OUT", help="also write the rows and the machine to this JSON file")
+    bt.add_argument("--plot", metavar="PNG", help="accuracy (or prefill time) against the FLOPs proxy")
+    bt.set_defaults(func=_cmd_bench_tokens)
 
     doc = sub.add_parser("doctor", help="versions, CUDA / Triton / mamba-ssm / bitsandbytes, kernel paths")
     doc.add_argument("--json", action="store_true")

@@ -126,14 +126,14 @@ class ModState:
         self.image_token_id, self.targets = image_token_id, targets
         self.target_mask: Tensor | None = None  # (batch, new tokens) bool
         self.valid_mask: Tensor | None = None
-        self.selected: Tensor | None = None  # image tokens a training-free selector keeps (students.reduce)
+        self.image_rank: Tensor | None = None  # a training-free selector's ranking of the image tokens (0 = best)
         self.counter: TokenCounter | None = None
         self.aux: dict[str, Tensor] = {}  # auxiliary losses of this forward (gamma routers: "mod_router")
 
     def read(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
-        self.selected, self.aux = None, {}
+        self.image_rank, self.aux = None, {}
         if input_ids is None:  # embeddings only: no way to tell image tokens apart; every layer runs dense
             self.target_mask = self.valid_mask = None
             return
@@ -276,8 +276,12 @@ class ModLayerMixin:
         kind, logits = self.mod_kind, None
         if kind == "select":  # a training-free selector chose for every such layer (students.reduce)
             w = torch.ones(b, n, 1, dtype=h.dtype, device=h.device)
-            chosen = state.selected if state.selected is not None and state.selected.shape == (b, n) else targets
-            keep = keep | (targets & chosen)
+            rank = state.image_rank
+            if rank is not None and rank.shape == (b, n):  # this layer's share of the ranking: nested sets
+                k = torch.tensor([kept_count(self.mod_ratio, int(t)) for t in n_targets], device=h.device)
+                keep = keep | (targets & (rank < k[:, None]))
+            else:
+                keep = keep | targets
         elif kind == "gamma":  # the shared 2-way router on the layer's normed input; p = P(process)
             logits = self._mod_shared(self.input_layernorm(h))
             w = logits.softmax(-1)[..., 1:]
@@ -404,7 +408,8 @@ def install(model: nn.Module, chosen: dict[int, float], targets: str = "vision",
     where the model receives `input_ids`. `router`: `tanhnorm` (p-MoD: one zero-initialised
     Linear(d, 1) per layer), `gamma` (gamma-MoD: one Linear(d, 2) shared by every MoD layer,
     registered on the decoder as `mod_router`), or `select` (no router: the layers keep what the
-    state's `selected` says, a training-free selector, and scale nothing)."""
+    state's `image_rank` says - a training-free selector: the top trunc(ratio * n_image) - and
+    scale nothing)."""
     if router not in ROUTERS + ("select",):
         raise ValueError(f"router {router!r}: use one of {', '.join(ROUTERS)}")
     if mod_state(model) is not None:

@@ -10,6 +10,9 @@ runs on the mixture-of-depths machinery of `students.mod`: the layers after `lay
 layers without routers, so `count_tokens`, cached `generate` and the proxies in `evaluate`
 apply unchanged.
 
+A list of keep fractions, one per layer after `layer` and non-increasing, prunes progressively
+(the kept sets nested): the per-layer schedule `g_search` finds.
+
 Query sets: `after_image` (every real token after the image; Mini-Monkey's code), `last_token`
 (FastV-style and FrameFusion's prune step), `text` (every real text token).
 """
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from students.hf_cache import either_cache
-from students.mod import decoder_layers, install, kept_count
+from students.mod import decoder_layers, install
 
 QUERIES = ("after_image", "last_token", "text")
 
@@ -63,41 +66,59 @@ def image_token_scores(layer: nn.Module, hidden: Tensor, position_embeddings: tu
     return scores.masked_fill(~image, float("-inf"))
 
 
-def attention_prune(model: nn.Module, layer: int = 1, keep: float = 0.5, queries: str = "after_image") -> dict[str, Any]:
-    """Install attention-importance pruning on `model` (in place): image tokens scored at decoder
-    layer `layer`, the top `keep` fraction kept for the layers after it. Returns notes.
+def attention_prune(model: nn.Module, layer: int = 1, keep: Any = 0.5, queries: str = "after_image") -> dict[str, Any]:
+    """Install attention-importance pruning on `model` (in place): image tokens ranked by the
+    attention they receive at decoder layer `layer`; every layer after it keeps the top `keep`
+    fraction - or, with a list (or "0.9/0.7/0.5" in a spec), one non-increasing fraction per
+    layer after `layer` (a G-Search schedule; the kept sets are nested). Returns notes.
 
     Raises:
-        ValueError: a layer outside the decoder (or the last one), a keep ratio outside (0, 1],
-            an unknown query set, or a model that routes its tokens already.
+        ValueError: a layer outside the decoder (or the last one), keep fractions outside
+            (0, 1], increasing or of the wrong count, an unknown query set, or a model that
+            routes its tokens already.
     """
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers) - 1:
         raise ValueError(f"layer must be in 0..{len(layers) - 2} (the layers after it are pruned), got {layer}")
-    if not 0 < keep <= 1:
-        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    deeper = list(range(layer + 1, len(layers)))
+    keeps = _keeps(keep, len(deeper))
     if queries not in QUERIES:
         raise ValueError(f"queries {queries!r}: use one of {', '.join(QUERIES)}")
-    state = install(model, {i: keep for i in range(layer + 1, len(layers))}, router="select")
+    state = install(model, dict(zip(deeper, keeps)), router="select")
 
-    def select(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def rank(module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         cache = either_cache(kwargs.get("cache"), kwargs.get("past_key_values"))
         b, n = hidden.shape[:2]
         if state.target_mask is None or state.target_mask.shape != (b, n) or not state.target_mask.any() or (
                 cache is not None and cache.get_seq_length(layer) > 0):
             return  # decoding, or no image: nothing to choose
-        image, valid = state.target_mask, state.valid_mask
         with torch.no_grad():
-            scores = image_token_scores(module, hidden, kwargs["position_embeddings"], valid, image, queries)
+            scores = image_token_scores(module, hidden, kwargs["position_embeddings"], state.valid_mask,
+                                        state.target_mask, queries)
         order = scores.argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=hidden.device).expand(b, n))
-        k = torch.tensor([kept_count(keep, int(t)) for t in image.sum(1)], device=hidden.device)
-        state.selected = image & (rank < k[:, None])
+        state.image_rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=hidden.device).expand(b, n))
 
-    layers[layer].register_forward_pre_hook(select, with_kwargs=True)
-    return {"reducer": "attention_prune", "layer": layer, "keep": keep, "queries": queries,
-            "pruned_layers": list(range(layer + 1, len(layers)))}
+    layers[layer].register_forward_pre_hook(rank, with_kwargs=True)
+    return {"reducer": "attention_prune", "layer": layer, "keep": keeps if len(set(keeps)) > 1 else keeps[0],
+            "queries": queries, "pruned_layers": deeper}
+
+
+def _keeps(keep: Any, count: int) -> list[float]:
+    """One keep fraction per pruned layer from a number, a list, or "a/b/c"."""
+    if isinstance(keep, str):
+        try:
+            keep = [float(k) for k in keep.split("/")]
+        except ValueError:
+            raise ValueError(f"keep {keep!r}: a fraction, or fractions separated by '/'") from None
+    keeps = [float(k) for k in keep] if isinstance(keep, (list, tuple)) else [float(keep)] * count
+    if len(keeps) != count:
+        raise ValueError(f"keep lists {len(keeps)} fractions for the {count} layers after the scoring layer")
+    if any(not 0 < k <= 1 for k in keeps):
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    if any(b > a for a, b in zip(keeps, keeps[1:])):
+        raise ValueError(f"keep fractions must not increase with depth, got {keeps}")
+    return keeps
 
 
 REDUCERS = {"attention_prune": attention_prune}

@@ -127,6 +127,15 @@ def _cmd_analyze_arank(args: argparse.Namespace) -> None:
                   mod_layers=args.mod_layers, ratio=args.ratio, out=args.out)
 
 
+def _cmd_analyze_gsearch(args: argparse.Namespace) -> None:
+    from workbench.analysis import gsearch_command
+
+    config, overrides = _optional_config(args.config, args.overrides)
+    gsearch_command(args.source, config, overrides, data=args.data, tolerance=args.tolerance, layer=args.layer,
+                    queries=args.queries, batches=args.batches, batch_size=args.batch_size, steps=args.steps,
+                    out=args.out)
+
+
 def _cmd_compress(args: argparse.Namespace) -> None:
     from workbench.compress import compress_command
 
@@ -283,6 +292,21 @@ def parser() -> argparse.ArgumentParser:
     ar.add_argument("--ratio", type=float, default=0.5, help="their retention ratio (default 0.5)")
     ar.add_argument("--out", help="where to write arank.json (default: in the run directory, else here)")
     ar.set_defaults(func=_cmd_analyze_arank)
+    gs = ansub.add_parser("gsearch", help="G-Search: the per-layer image-token keep schedule with the lowest FLOPs "
+                                          "whose answer KL to the unreduced model stays within a tolerance; writes "
+                                          "gsearch.json (a reducer spec and a transforms.mod.schedule)")
+    gs.add_argument("source", help="a run or stage directory, or a model folder")
+    gs.add_argument("config", nargs="?", help="experiment YAML whose data.val to search on (default: the run's)")
+    gs.add_argument("overrides", nargs="*", help="key=value overrides of that config")
+    gs.add_argument("--data", help="a held-out LLaVA-format JSON instead")
+    gs.add_argument("--tolerance", type=float, default=0.05, help="mean answer-token KL allowed (default 0.05)")
+    gs.add_argument("--layer", type=int, default=1, help="the scoring layer; the layers after it are pruned")
+    gs.add_argument("--queries", default="text", help="after_image | last_token | text (default text)")
+    gs.add_argument("--batches", type=int, default=2, help="calibration batches; the next as many check the result")
+    gs.add_argument("--batch-size", type=int, default=16)
+    gs.add_argument("--steps", type=int, default=16, help="keep fractions are multiples of 1/steps (default 16)")
+    gs.add_argument("--out", help="where to write gsearch.json (default: in the run directory, else here)")
+    gs.set_defaults(func=_cmd_analyze_gsearch)
 
     c = sub.add_parser("compare", help="one table of runs: the settings that differ, metrics as mean ± std over seeds")
     c.add_argument("paths", nargs="+", help="run dirs, sweep dirs, folders of runs or globs, e.g. 'runs/study/sweep-*'")

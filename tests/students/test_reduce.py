@@ -72,8 +72,7 @@ def test_the_deeper_layers_keep_the_top_scored_image_tokens(processor, world_dir
     kept = kept_count(0.5, n_image)
     assert [entry.keys.shape[-2] for entry in cache.layers] == [n, n, n - n_image + kept, n - n_image + kept]
     scores = image_token_scores(layer, captured["h"], captured["pe"], torch.ones_like(image), image)
-    selected = model._mod_state.selected[0]
-    assert int(selected.sum()) == kept
+    selected = image[0] & (model._mod_state.image_rank[0] < kept)
     assert scores[0][selected].min() >= scores[0][image[0] & ~selected].max()
 
 
@@ -106,3 +105,20 @@ def test_bad_reducer_specs(processor):
     apply_reducer(model, "attention_prune")
     with pytest.raises(ValueError, match="routes its tokens already"):
         apply_reducer(model, "attention_prune")
+
+
+def test_a_per_layer_keep_schedule_prunes_progressively(processor, world_dir):
+    model = _model(processor)
+    notes = attention_prune(model, layer=0, keep="1/0.5/0.25")
+    assert notes["keep"] == [1.0, 0.5, 0.25]
+    inputs = vlm_inputs(processor, world_dir, n=1)
+    with torch.no_grad():
+        cache = output_cache(model(**inputs, use_cache=True))
+    image = inputs["input_ids"] == processor.image_token_id
+    n, n_image = image.shape[1], int(image.sum())
+    assert [entry.keys.shape[-2] for entry in cache.layers] == \
+        [n, n, n - n_image + kept_count(0.5, n_image), n - n_image + kept_count(0.25, n_image)]
+    for keep, match in [("0.5/1/1", "must not increase"), ([0.5, 0.5], "2 fractions for the 3"),
+                        ("a/b/c", "fractions separated")]:
+        with pytest.raises(ValueError, match=match):
+            attention_prune(_model(processor), layer=0, keep=keep)

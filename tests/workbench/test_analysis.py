@@ -53,3 +53,52 @@ def test_analyze_arank_through_the_cli(tmp_path, capsys):
     assert main(["analyze", "arank", str(run), "--mod-layers", "5"]) == 2
     assert main(["analyze", "arank", str(run), "--batches", "0"]) == 2
     assert "at least 1" in capsys.readouterr().err
+
+
+def _calibration(processor, world_dir):
+    inputs = vlm_inputs(processor, world_dir, n=2)
+    from workbench.data.llava import LlavaDataset, VLMCollator
+
+    batch = VLMCollator(processor)([LlavaDataset(world_dir / "val.json")[i] for i in range(4)])
+    return [{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}], inputs
+
+
+def test_g_search_finds_a_nested_schedule_within_the_tolerance(processor, world_dir):
+    from students.reduce import attention_prune
+    from workbench.analysis import answer_logprobs, g_search, mean_kl
+
+    model = make_tiny_vlm(processor, text_layers=4).eval()
+    calibration, _ = _calibration(processor, world_dir)
+    found = g_search(model, calibration, tolerance=5e-4, layer=0, queries="text", steps=8)
+    keeps = found["keep"]
+    assert len(keeps) == 3 and all(b <= a for a, b in zip(keeps, keeps[1:]))
+    assert all(k * 8 == int(k * 8) for k in keeps) and found["mod_schedule"] == [None, *keeps]
+    assert found["kl"] <= 5e-4 and keeps[0] == found["uniform_keep"]  # the first layer's search is the uniform one
+    assert 1 / 8 < keeps[0] < 1 and keeps[-1] < keeps[0]  # (on this model: a schedule, not a uniform ratio)
+    reference = answer_logprobs(model, calibration)
+    import copy
+
+    for i in range(3):  # the search is minimal: one step less at a layer (the deeper ones with it) breaks it
+        if keeps[i] == 1 / 8:
+            continue
+        tighter = copy.deepcopy(model)
+        attention_prune(tighter, layer=0, keep=[*keeps[:i], *[keeps[i] - 1 / 8] * (3 - i)], queries="text")
+        assert mean_kl(reference, answer_logprobs(tighter, calibration)) > 5e-4
+    assert mean_kl(reference, answer_logprobs(model, calibration)) == 0.0
+
+
+def test_analyze_gsearch_through_the_cli(tmp_path, capsys):
+    args = tiny_run_args(tmp_path, "run_id=r", "student.kwargs.text_layers=3")
+    assert main(["run", "experiments/windtunnel/teacher.yaml", *args]) == 0
+    run = tmp_path / "runs" / "windtunnel-teacher" / "r"
+    assert main(["analyze", "gsearch", str(run), "--layer", "0", "--batches", "1", "--batch-size", "8",
+                 "--steps", "4", "--tolerance", "0.01"]) == 0
+    report = json.loads((run / "gsearch.json").read_text())
+    assert len(report["keep"]) == 2 and report["reducer"].startswith("attention_prune:layer=0,keep=")
+    assert report["searched_check"]["flops_ratio"] <= report["uniform_check"]["flops_ratio"]
+    out = capsys.readouterr().out
+    assert "transforms.mod.schedule" in out
+    assert main(["eval", str(run), "--teacher", "none", "--reduce", report["reducer"],
+                 "--out", str(tmp_path / "e.json")]) == 0  # the found reducer runs as it is written
+    assert main(["analyze", "gsearch", str(run), "--layer", "2"]) == 2
+    assert main(["analyze", "gsearch", str(run), "--queries", "all"]) == 2

@@ -287,7 +287,10 @@ class ModLayerMixin:
             w = logits.softmax(-1)[..., 1:]
         else:
             w = self.mod_scale * torch.tanh(self.mod_router(h)) + self.mod_bias  # (b, n, 1)
-        if kind != "select" and targets.any():
+        threshold = getattr(self, "mod_threshold", None)
+        if kind == "gamma" and threshold is not None and not self.training:  # gamma-MoD's inference routing
+            keep = keep | (targets & (w.squeeze(-1) > threshold))
+        elif kind != "select" and targets.any():
             score = w.squeeze(-1).detach().masked_fill(~targets, float("-inf"))
             order = score.argsort(dim=1, descending=True, stable=True)
             rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=h.device).expand(b, n))
@@ -398,12 +401,13 @@ def restore_mod(model: nn.Module, record: dict[str, Any]) -> list[int]:
     chosen = {int(i): float(r) for i, r in record["layers"].items()}
     install(model, chosen, record.get("targets", "vision"), router=record.get("router", "tanhnorm"),
             scale=float(record.get("router_scale", 0.2)), bias=float(record.get("router_bias", 1.0)),
-            string_scope=record.get("string_scope", "mlp"))
+            string_scope=record.get("string_scope", "mlp"), threshold=record.get("threshold"))
     return sorted(chosen)
 
 
 def install(model: nn.Module, chosen: dict[int, float], targets: str = "vision", router: str = "tanhnorm",
-            scale: float = 0.2, bias: float = 1.0, string_scope: str = "mlp") -> ModState:
+            scale: float = 0.2, bias: float = 1.0, string_scope: str = "mlp", threshold: float | None = None
+            ) -> ModState:
     """Make the decoder layers `chosen` ({index: ratio}) MoD layers sharing one `ModState`, read
     where the model receives `input_ids`. `router`: `tanhnorm` (p-MoD: one zero-initialised
     Linear(d, 1) per layer), `gamma` (gamma-MoD: one Linear(d, 2) shared by every MoD layer,
@@ -444,12 +448,14 @@ def install(model: nn.Module, chosen: dict[int, float], targets: str = "vision",
         object.__setattr__(layer, "_mod_shared", shared)  # a reference, not a submodule: saved once
         layer.mod_ratio, layer.mod_index, layer.mod_state = ratio, i, state
         layer.mod_scale, layer.mod_bias, layer.mod_string_scope = scale, bias, string_scope
+        layer.mod_threshold = threshold
     return state
 
 
 def mod_transform(student: nn.Module, schedule: Any = "prd", max_ratio: float = 0.85, min_ratio: float = 0.15,
                   targets: str = "vision", router: str = "tanhnorm", router_scale: float = 0.2,
-                  router_bias: float = 1.0, string_scope: str = "mlp") -> dict[str, Any]:
+                  router_bias: float = 1.0, string_scope: str = "mlp", threshold: float | None = None
+                  ) -> dict[str, Any]:
     """The `mod` student transform (p-MoD): the decoder layers of the language model the schedule
     gives a ratio become mixture-of-depths layers over image tokens (`targets="all"`: over
     every token). Returns notes for the run's summary: the MoD layers and the mean retention.
@@ -459,7 +465,9 @@ def mod_transform(student: nn.Module, schedule: Any = "prd", max_ratio: float = 
     token's MLP branch is scaled by p, skipped tokens pass as they are; in training the router
     learns its own selection through a cross-entropy against it (`students.mod.aux_losses`, the
     `mod_router` loss term, weight 0.01 in gamma-MoD). Text is never routed, so every text token
-    is processed by every layer (gamma-MoD's masked routing).
+    is processed by every layer (gamma-MoD's masked routing). With `threshold` (gamma-MoD: 0.005)
+    a gamma student in eval mode keeps every image token whose p exceeds it instead of the top-k
+    (training always routes by top-k).
 
     Raises:
         ValueError: an unknown schedule, target or STRing scope, a ratio outside (0, 1], a
@@ -469,6 +477,8 @@ def mod_transform(student: nn.Module, schedule: Any = "prd", max_ratio: float = 
         raise ValueError(f"targets {targets!r}: use one of {', '.join(TARGETS)}")
     if router not in ROUTERS:
         raise ValueError(f"router {router!r}: use one of {', '.join(ROUTERS)}")
+    if threshold is not None and (router != "gamma" or not 0 <= threshold < 1):
+        raise ValueError(f"threshold routing is gamma-MoD's (router: gamma) with 0 <= threshold < 1, got {threshold}")
     if string_scope not in STRING_SCOPES:
         raise ValueError(f"string_scope {string_scope!r}: use one of {', '.join(STRING_SCOPES)}")
     config = student.config
@@ -486,7 +496,7 @@ def mod_transform(student: nn.Module, schedule: Any = "prd", max_ratio: float = 
         raise ValueError(f"schedule {schedule!r} makes no layer of {n_layers} a MoD layer")
     record = {"layers": chosen, "schedule": schedule if isinstance(schedule, str) else list(ratios),
               "targets": targets, "router": router, "router_scale": router_scale, "router_bias": router_bias,
-              "string_scope": string_scope}
+              "string_scope": string_scope, "threshold": threshold}
     restore_mod(student, record)
     setattr(config, CONFIG_KEY, record)
     return {"mod_layers": sorted(int(i) for i in chosen), "mean_retention": round(mean_retention(ratios), 6)}

@@ -261,3 +261,22 @@ def test_gamma_cached_generation_equals_recomputation_and_reloads(processor, wor
     again = students.load(tmp_path / "g").eval()
     with torch.no_grad():
         assert torch.equal(again(**inputs).logits, model(**inputs).logits)
+
+
+def test_gamma_threshold_routing_at_inference(processor, world_dir):
+    """In eval mode a threshold keeps the image tokens whose p exceeds it (gamma-MoD: 0.005);
+    training routes by top-k whatever the threshold."""
+    inputs = vlm_inputs(processor, world_dir, n=1)
+    n_image = int((inputs["input_ids"] == processor.image_token_id).sum())
+    for threshold, kept in ((0.0, n_image), (0.999999, 0)):
+        model = make_tiny_vlm(processor, text_layers=4).eval()
+        mod_transform(model, schedule="uniform:0.5", router="gamma", threshold=threshold)
+        with count_tokens(model) as counter, torch.no_grad():
+            model(**inputs)
+        assert counter.summary()["image_retention"] == [kept / n_image] * 4
+        model.train()
+        with count_tokens(model) as counter, torch.no_grad():
+            model(**inputs)
+        assert counter.summary()["image_retention"] == [kept_count(0.5, n_image) / n_image] * 4
+    with pytest.raises(ValueError, match="gamma-MoD's"):
+        mod_transform(make_tiny_vlm(processor, text_layers=4), threshold=0.005)

@@ -271,38 +271,11 @@ class ModLayerMixin:
             else torch.ones(b, n, dtype=torch.bool, device=h.device)
         targets = state.target_mask if state.target_mask is not None and state.target_mask.shape == (b, n) \
             else torch.zeros(b, n, dtype=torch.bool, device=h.device)
-        keep = valid & ~targets
-        n_targets = targets.sum(1)
-        kind, logits = self.mod_kind, None
-        if kind == "select":  # a training-free selector chose for every such layer (students.reduce)
-            w = torch.ones(b, n, 1, dtype=h.dtype, device=h.device)
-            rank = state.image_rank
-            if rank is not None and rank.shape == (b, n):  # this layer's share of the ranking: nested sets
-                k = torch.tensor([kept_count(self.mod_ratio, int(t)) for t in n_targets], device=h.device)
-                keep = keep | (targets & (rank < k[:, None]))
-            else:
-                keep = keep | targets
-        elif kind == "gamma":  # the shared 2-way router on the layer's normed input; p = P(process)
-            logits = self._mod_shared(self.input_layernorm(h))
-            w = logits.softmax(-1)[..., 1:]
-        else:
-            w = self.mod_scale * torch.tanh(self.mod_router(h)) + self.mod_bias  # (b, n, 1)
-        threshold = getattr(self, "mod_threshold", None)
-        if kind == "gamma" and threshold is not None and not self.training:  # gamma-MoD's inference routing
-            keep = keep | (targets & (w.squeeze(-1) > threshold))
-        elif kind != "select" and targets.any():
-            score = w.squeeze(-1).detach().masked_fill(~targets, float("-inf"))
-            order = score.argsort(dim=1, descending=True, stable=True)
-            rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=h.device).expand(b, n))
-            k = torch.tensor([kept_count(self.mod_ratio, int(t)) for t in n_targets], device=h.device)
-            keep = keep | (targets & (rank < k[:, None]))
-        if logits is not None and bool(valid.any()):  # gamma: the router learns its own selection (and val/ reports it)
-            ce = nn.functional.cross_entropy(logits[valid].float(), keep[valid].long())
-            state.aux["mod_router"] = state.aux["mod_router"] + ce if "mod_router" in state.aux else ce
+        keep, w = self._route(h, valid, targets)
         entry = state_layer(cache, self.mod_index, ModCacheLayer) if cache is not None else None
         history = entry.stored() if entry is not None else 0
         if state.counter is not None and history == 0:
-            state.counter.add(self.mod_index, keep.sum(1), valid.sum(1), (keep & targets).sum(1), n_targets)
+            state.counter.add(self.mod_index, keep.sum(1), valid.sum(1), (keep & targets).sum(1), targets.sum(1))
         if history == 0 and bool(keep[valid].all()):  # every real token stays: the dense computation
             out = self._mod_block(h, attention_mask, position_embeddings, cache, w, targets, position_ids, kwargs)
             if entry is not None:
@@ -317,17 +290,50 @@ class ModLayerMixin:
         def gather(x: Tensor) -> Tensor:  # noqa: E306 - (b, n, ...) -> (b, width, ...)
             x = torch.cat([x, x[:, :1]], 1)
             return x.gather(1, index.view(b, width, *[1] * (x.dim() - 2)).expand(b, width, *x.shape[2:]))
-        cos, sin = position_embeddings
-        cos, sin = (gather(t.expand(b, *t.shape[1:])) for t in (cos, sin))
+        cos, sin = (gather(t.expand(b, *t.shape[1:])) for t in position_embeddings)
         mask = _attention_mask(entry.key_mask if entry is not None and history else None, slot_valid, h.dtype)
         out_kept = self._mod_block(gather(h), mask, (cos, sin), cache, gather(w), gather(targets), None, kwargs)
         if entry is not None:
             entry.record(slot_valid, n)
         # skipped image tokens: w h (p-MoD; gamma leaves them as they are); padding passes
-        skipped = torch.where(targets[..., None], w * h, h) if kind == "tanhnorm" else h
+        skipped = torch.where(targets[..., None], w * h, h) if self.mod_kind == "tanhnorm" else h
         skipped = torch.cat([skipped, skipped[:, :1]], 1)
         out = skipped.scatter(1, index[..., None].expand(b, width, h.shape[-1]), out_kept.to(skipped.dtype))
         return out[:, :n]
+
+    def _route(self, h: Tensor, valid: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """(keep (b, n) bool, w (b, n, 1)): which tokens this layer processes - every real text
+        token and the chosen image tokens - and their weights; a gamma router also leaves its
+        loss in the state."""
+        state: ModState = self.mod_state
+        b, n = valid.shape
+        keep = valid & ~targets
+        n_targets = targets.sum(1)
+        kind, logits = self.mod_kind, None
+        if kind == "select":  # a training-free selector chose for every such layer (students.reduce)
+            w = torch.ones(b, n, 1, dtype=h.dtype, device=h.device)
+            rank = state.image_rank
+            if rank is None or rank.shape != (b, n):
+                return keep | targets, w
+        elif kind == "gamma":  # the shared 2-way router on the layer's normed input; p = P(process)
+            logits = self._mod_shared(self.input_layernorm(h))
+            w = logits.softmax(-1)[..., 1:]
+        else:
+            w = self.mod_scale * torch.tanh(self.mod_router(h)) + self.mod_bias  # (b, n, 1)
+        threshold = getattr(self, "mod_threshold", None)
+        if kind == "gamma" and threshold is not None and not self.training:  # gamma-MoD's inference routing
+            keep = keep | (targets & (w.squeeze(-1) > threshold))
+        elif targets.any():
+            if kind != "select":  # hard top-k by the router's weight
+                score = w.squeeze(-1).detach().masked_fill(~targets, float("-inf"))
+                order = score.argsort(dim=1, descending=True, stable=True)
+                rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=h.device).expand(b, n))
+            k = torch.tensor([kept_count(self.mod_ratio, int(t)) for t in n_targets], device=h.device)
+            keep = keep | (targets & (rank < k[:, None]))  # a selector's ranking: this layer's share, nested
+        if logits is not None and bool(valid.any()):  # gamma: the router learns its own selection (and val/ reports it)
+            ce = nn.functional.cross_entropy(logits[valid].float(), keep[valid].long())
+            state.aux["mod_router"] = state.aux["mod_router"] + ce if "mod_router" in state.aux else ce
+        return keep, w
 
     def _mod_block(self, h: Tensor, attention_mask: Tensor | None, position_embeddings: Any, cache: Any, w: Tensor,
                    targets: Tensor, position_ids: Tensor | None, kwargs: dict) -> Tensor:

@@ -89,6 +89,18 @@ def make_tiny_vlm(processor, seed: int = 0, **overrides):
 
 
 @pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory):
+    """A finished tiny wind-tunnel teacher run (4 decoder layers), for the commands that read a
+    run: analyze, bench tokens. Tests write only their own files into it."""
+    from workbench.cli import main
+
+    root = tmp_path_factory.mktemp("teacher_run")
+    assert main(["run", "experiments/windtunnel/teacher.yaml", *tiny_run_args(root, "run_id=r",
+                                                                           "student.kwargs.text_layers=4")]) == 0
+    return root / "runs" / "windtunnel-teacher" / "r"
+
+
+@pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory, processor):
     """A tiny LLaVA saved as a Hugging Face folder (model + processor), like a hub checkpoint."""
     path = tmp_path_factory.mktemp("tiny_vlm") / "model"

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_vlm, tiny_run_args, vlm_inputs
+from conftest import make_tiny_vlm, vlm_inputs
 from workbench.analysis import arank_schedule, attention_rank, layer_aranks
 from workbench.cli import main
 
@@ -42,12 +42,11 @@ def test_the_schedule_takes_the_lowest_ranked_layers():
     assert arank_schedule([9.0, 3.0, 5.0, 3.0], 1, 0.25) == [None, None, None, 0.25]
 
 
-def test_analyze_arank_through_the_cli(tmp_path, capsys):
-    args = tiny_run_args(tmp_path, "run_id=r", "student.kwargs.text_layers=4")
-    assert main(["run", "experiments/windtunnel/teacher.yaml", *args]) == 0
-    run = tmp_path / "runs" / "windtunnel-teacher" / "r"
-    assert main(["analyze", "arank", str(run), "--batches", "1", "--mod-layers", "2", "--ratio", "0.25"]) == 0
-    report = json.loads((run / "arank.json").read_text())
+def test_analyze_arank_through_the_cli(teacher_run, tmp_path, capsys):
+    run = teacher_run
+    assert main(["analyze", "arank", str(run), "--batches", "1", "--mod-layers", "2", "--ratio", "0.25",
+                 "--out", str(tmp_path / "arank.json")]) == 0
+    report = json.loads((tmp_path / "arank.json").read_text())
     assert len(report["arank"]) == 4 and report["schedule"].count(0.25) == 2 and report["schedule"].count(None) == 2
     assert "transforms.mod.schedule" in capsys.readouterr().out
     assert main(["analyze", "arank", str(run), "--mod-layers", "5"]) == 2
@@ -87,18 +86,16 @@ def test_g_search_finds_a_nested_schedule_within_the_tolerance(processor, world_
     assert mean_kl(reference, answer_logprobs(model, calibration)) == 0.0
 
 
-def test_analyze_gsearch_through_the_cli(tmp_path, capsys):
-    args = tiny_run_args(tmp_path, "run_id=r", "student.kwargs.text_layers=3")
-    assert main(["run", "experiments/windtunnel/teacher.yaml", *args]) == 0
-    run = tmp_path / "runs" / "windtunnel-teacher" / "r"
+def test_analyze_gsearch_through_the_cli(teacher_run, tmp_path, capsys):
+    run = teacher_run
     assert main(["analyze", "gsearch", str(run), "--layer", "0", "--batches", "1", "--batch-size", "8",
                  "--steps", "4", "--tolerance", "0.01"]) == 0
-    report = json.loads((run / "gsearch.json").read_text())
-    assert len(report["keep"]) == 2 and report["reducer"].startswith("attention_prune:layer=0,keep=")
+    report = json.loads((run / "gsearch.json").read_text())  # the default place: the run directory
+    assert len(report["keep"]) == 3 and report["reducer"].startswith("attention_prune:layer=0,keep=")
     assert report["searched_check"]["flops_ratio"] <= report["uniform_check"]["flops_ratio"]
     out = capsys.readouterr().out
     assert "transforms.mod.schedule" in out
     assert main(["eval", str(run), "--teacher", "none", "--reduce", report["reducer"],
                  "--out", str(tmp_path / "e.json")]) == 0  # the found reducer runs as it is written
-    assert main(["analyze", "gsearch", str(run), "--layer", "2"]) == 2
+    assert main(["analyze", "gsearch", str(run), "--layer", "3"]) == 2
     assert main(["analyze", "gsearch", str(run), "--queries", "all"]) == 2

@@ -108,10 +108,6 @@ def bench_tokens_command(source: str | None = None, config: str | None = None, o
                          kv_heads: int | None = None, vocab: int = 32000, image_tokens: int = 576,
                          text_tokens: int = 60, json_out: str | None = None, plot_out: str | None = None
                          ) -> dict[str, Any]:
-    import copy
-
-    from students.mod import mod_transform
-    from students.reduce import apply_reducer
     from workbench.bench import machine
     from workbench.rundir import write_json
 
@@ -133,39 +129,10 @@ def bench_tokens_command(source: str | None = None, config: str | None = None, o
     if source is None:
         if mods:
             raise WorkbenchError("--mod compares trained MoD students with a trained dense model: give it as SOURCE")
-        base, inputs = synthetic(hidden, intermediate, layers, heads, kv_heads, vocab, image_tokens, text_tokens)
-        title = (f"random Llama, {layers} layers of d {hidden} / MLP {intermediate} / {heads} heads; "
-                 f"{image_tokens} image + {text_tokens} text tokens")
-        row("dense", base, inputs)
-        pmod = copy.deepcopy(base)
-        mod_transform(pmod, schedule="prd")
-        row("p-MoD (PRD)", pmod, inputs)
-        for spec in specs:
-            reduced = copy.deepcopy(base)
-            _reduce(apply_reducer, reduced, spec)
-            row(spec, reduced, inputs)
+        title = _synthetic_rows(row, specs, hidden, intermediate, layers, heads, kv_heads, vocab, image_tokens,
+                                text_tokens)
     else:
-        from workbench.bench.compress import _prompt
-        from workbench.elastic import resolve_model_dir
-        from workbench.evaluation import held_out_for, load_model
-
-        model_dir = resolve_model_dir(source)
-        held_out, _ = held_out_for(model_dir, config, overrides, data)
-        if held_out.classification:
-            raise WorkbenchError(f"{model_dir} is an image classifier: no image tokens to reduce")
-        prompt = _prompt(held_out)
-        inputs = {"input_ids": torch.tensor(prompt["input_ids"]), "pixel_values": torch.tensor(prompt["pixel_values"])}
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        title = f"{model_dir} on {held_out.source}"
-        loader = held_out.loader(batch_size)
-        row("dense", load_model(model_dir), inputs, loader)
-        for folder in mods:
-            row(Path(folder).parent.name if Path(folder).name == "student" else Path(folder).name,
-                load_model(resolve_model_dir(folder)), inputs, loader)
-        for spec in specs:
-            model = load_model(model_dir)
-            _reduce(apply_reducer, model, spec)
-            row(spec, model, inputs, loader)
+        title = _trained_rows(row, specs, source, config, overrides, data, mods, batch_size)
     dense = rows[0]
     for r in rows:
         r["prefill_speedup"] = dense["prefill_ms"] / r["prefill_ms"]
@@ -180,6 +147,55 @@ def bench_tokens_command(source: str | None = None, config: str | None = None, o
         plot(result, plot_out)
         print(f"plot written to {plot_out}")
     return result
+
+
+def _synthetic_rows(row, specs: list[str], hidden: int, intermediate: int, layers: int, heads: int,
+                    kv_heads: int | None, vocab: int, image_tokens: int, text_tokens: int) -> str:
+    """Dense, p-MoD (PRD) and each reducer on a random decoder at the given shapes; the title."""
+    import copy
+
+    from students.mod import mod_transform
+    from students.reduce import apply_reducer
+
+    base, inputs = synthetic(hidden, intermediate, layers, heads, kv_heads, vocab, image_tokens, text_tokens)
+    row("dense", base, inputs)
+    pmod = copy.deepcopy(base)
+    mod_transform(pmod, schedule="prd")
+    row("p-MoD (PRD)", pmod, inputs)
+    for spec in specs:
+        reduced = copy.deepcopy(base)
+        _reduce(apply_reducer, reduced, spec)
+        row(spec, reduced, inputs)
+    return (f"random Llama, {layers} layers of d {hidden} / MLP {intermediate} / {heads} heads; "
+            f"{image_tokens} image + {text_tokens} text tokens")
+
+
+def _trained_rows(row, specs: list[str], source: str, config: str | None, overrides: list[str], data: str | None,
+                  mods: list[str], batch_size: int) -> str:
+    """The dense model, each MoD folder and each reducer on the held-out split; the title."""
+    from students.reduce import apply_reducer
+    from workbench.bench.compress import _prompt
+    from workbench.elastic import resolve_model_dir
+    from workbench.evaluation import held_out_for, load_model
+
+    model_dir = resolve_model_dir(source)
+    held_out, _ = held_out_for(model_dir, config, overrides, data)
+    if held_out.classification:
+        raise WorkbenchError(f"{model_dir} is an image classifier: no image tokens to reduce")
+    prompt = _prompt(held_out)
+    inputs = {"input_ids": torch.tensor(prompt["input_ids"]), "pixel_values": torch.tensor(prompt["pixel_values"])}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    loader = held_out.loader(batch_size)
+    row("dense", load_model(model_dir), inputs, loader)
+    for folder in mods:
+        path = Path(folder)
+        row(path.parent.name if path.name == "student" else path.name, load_model(resolve_model_dir(folder)),
+            inputs, loader)
+    for spec in specs:
+        model = load_model(model_dir)
+        _reduce(apply_reducer, model, spec)
+        row(spec, model, inputs, loader)
+    return f"{model_dir} on {held_out.source}"
 
 
 def _reduce(apply_reducer, model, spec: str) -> None:

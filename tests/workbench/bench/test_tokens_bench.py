@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from conftest import tiny_run_args
 from students.mod import kept_count, prd_ratios
 from workbench.cli import main
 
@@ -40,10 +39,8 @@ def test_random_decoder_rows_follow_from_the_shapes(tmp_path):
     assert rows["dense"]["prefill_speedup"] == 1.0 and rows["dense"]["efficiency"] == 1.0
 
 
-def test_a_trained_run_scores_each_reducer_as_eval_does(tmp_path):
-    args = tiny_run_args(tmp_path, "run_id=r", "student.kwargs.text_layers=3")
-    assert main(["run", "experiments/windtunnel/teacher.yaml", *args]) == 0
-    run = tmp_path / "runs" / "windtunnel-teacher" / "r"
+def test_a_trained_run_scores_each_reducer_as_eval_does(teacher_run, tmp_path):
+    run = teacher_run
     spec = "attention_prune:layer=0,keep=0.5"
     out = tmp_path / "t.json"
     assert main(["bench", "tokens", str(run), "--reduce", spec, "--repeats", "1", "--new-tokens", "1",

@@ -126,6 +126,19 @@ def vlm_inputs(processor, world_dir, n=2, left_pad=0):
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": batch["pixel_values"]}
 
 
+def assert_cached_generation_is_recomputation(model, inputs, steps, pad_token_id):
+    """Greedy `generate` with its cache equals greedy decoding that runs the whole sequence
+    again at every step (left padding included): what caches that differ per layer must keep."""
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=None,
+                                   pad_token_id=pad_token_id)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        for _ in range(steps):
+            nxt = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"]).logits[:, -1].argmax(-1)
+            ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(generated, ids)
+
+
 def fake_inputs(length=9, vocab=23, width=8, fused=False, seed=0, **extra):
     """Loss inputs of two hand-made sequences (image tokens at 1..3, answers near the end) with
     a random LM head over random hidden states and random dense teacher logits; with `fused`

@@ -224,6 +224,14 @@ def _cmd_doctor(args: argparse.Namespace) -> None:
     print(f"kernel path: {env['kernels']} (WB_KERNELS=ref|triton|auto)")
 
 
+def _model_on_held_out(p: argparse.ArgumentParser) -> None:
+    """The arguments of a command that measures a model on a held-out split."""
+    p.add_argument("source", help="a run or stage directory, or a model folder")
+    p.add_argument("config", nargs="?", help="experiment YAML whose data.val to use (default: the run's)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of that config")
+    p.add_argument("--data", help="a held-out LLaVA-format JSON instead")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="workbench", description="Distil and compress VLMs and ViTs.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
@@ -281,10 +289,7 @@ def parser() -> argparse.ArgumentParser:
     ansub = an.add_subparsers(dest="analysis", required=True)
     ar = ansub.add_parser("arank", help="per-layer attention rank (gamma-MoD): the low-rank layers are the MoD "
                                         "candidates; writes arank.json with a transforms.mod.schedule")
-    ar.add_argument("source", help="a run or stage directory, or a model folder")
-    ar.add_argument("config", nargs="?", help="experiment YAML whose data.val to measure on (default: the run's)")
-    ar.add_argument("overrides", nargs="*", help="key=value overrides of that config")
-    ar.add_argument("--data", help="a held-out LLaVA-format JSON instead")
+    _model_on_held_out(ar)
     ar.add_argument("--batches", type=int, default=4, help="batches to average over (default 4)")
     ar.add_argument("--batch-size", type=int, default=8, help="default 8")
     ar.add_argument("--mod-layers", type=int, help="MoD layers in the schedule: the lowest-ranked ones "
@@ -295,10 +300,7 @@ def parser() -> argparse.ArgumentParser:
     gs = ansub.add_parser("gsearch", help="G-Search: the per-layer image-token keep schedule with the lowest FLOPs "
                                           "whose answer KL to the unreduced model stays within a tolerance; writes "
                                           "gsearch.json (a reducer spec and a transforms.mod.schedule)")
-    gs.add_argument("source", help="a run or stage directory, or a model folder")
-    gs.add_argument("config", nargs="?", help="experiment YAML whose data.val to search on (default: the run's)")
-    gs.add_argument("overrides", nargs="*", help="key=value overrides of that config")
-    gs.add_argument("--data", help="a held-out LLaVA-format JSON instead")
+    _model_on_held_out(gs)
     gs.add_argument("--tolerance", type=float, default=0.05, help="mean answer-token KL allowed (default 0.05)")
     gs.add_argument("--layer", type=int, default=1, help="the scoring layer; the layers after it are pruned")
     gs.add_argument("--queries", default="text", help="after_image | last_token | text (default text)")

@@ -12,7 +12,7 @@ import torch
 
 import students
 import students.mod
-from conftest import make_tiny_vlm, vlm_inputs
+from conftest import assert_cached_generation_is_recomputation, make_tiny_vlm, vlm_inputs
 from students.hf_cache import output_cache
 from students.mod import (ModCacheLayer, count_tokens, decoder_layers, kept_count, mean_retention, mod_transform,
                           prd_ratios, schedule_ratios)
@@ -110,15 +110,7 @@ def test_each_layer_caches_the_text_plus_its_kept_image_tokens(processor, world_
 def test_cached_greedy_generation_equals_recomputation_with_left_padding(processor, world_dir, string_scope):
     mod = _mod_student(processor, string_scope=string_scope)
     inputs = vlm_inputs(processor, world_dir, left_pad=7)
-    steps = 6
-    with torch.no_grad():
-        generated = mod.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=None,
-                                 pad_token_id=processor.tokenizer.pad_token_id)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        for _ in range(steps):  # the whole sequence again at every step: no cache
-            nxt = mod(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"]).logits[:, -1].argmax(-1)
-            ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    assert torch.equal(generated, ids)
+    assert_cached_generation_is_recomputation(mod, inputs, 6, processor.tokenizer.pad_token_id)
 
 
 def test_a_rolled_back_cache_decodes_as_before(processor, world_dir):
@@ -249,14 +241,7 @@ def test_gamma_keeps_every_text_token_and_learns_its_selection(processor, world_
 def test_gamma_cached_generation_equals_recomputation_and_reloads(processor, world_dir, tmp_path):
     model = _gamma_student(processor)
     inputs = vlm_inputs(processor, world_dir, left_pad=7)
-    with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=None,
-                                   pad_token_id=processor.tokenizer.pad_token_id)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        for _ in range(4):
-            nxt = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"]).logits[:, -1].argmax(-1)
-            ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    assert torch.equal(generated, ids)
+    assert_cached_generation_is_recomputation(model, inputs, 4, processor.tokenizer.pad_token_id)
     model.save_pretrained(tmp_path / "g")
     again = students.load(tmp_path / "g").eval()
     with torch.no_grad():

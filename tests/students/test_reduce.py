@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_vlm, vlm_inputs
+from conftest import assert_cached_generation_is_recomputation, make_tiny_vlm, vlm_inputs
 from students.hf_cache import output_cache
 from students.mod import count_tokens, decoder_layers, kept_count
 from students.reduce import apply_reducer, attention_prune, image_token_scores, parse_reducer
@@ -80,14 +80,7 @@ def test_cached_generation_equals_recomputation(processor, world_dir):
     model = _model(processor)
     attention_prune(model, layer=0, keep=0.3, queries="last_token")
     inputs = vlm_inputs(processor, world_dir, left_pad=6)
-    with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=5, do_sample=False, eos_token_id=None,
-                                   pad_token_id=processor.tokenizer.pad_token_id)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        for _ in range(5):
-            nxt = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"]).logits[:, -1].argmax(-1)
-            ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    assert torch.equal(generated, ids)
+    assert_cached_generation_is_recomputation(model, inputs, 5, processor.tokenizer.pad_token_id)
     with count_tokens(model) as counter, torch.no_grad():
         model(**inputs)
     assert counter.summary()["image_retention"][:1] == [1.0] and counter.summary()["flops_ratio"] < 1

@@ -12,6 +12,10 @@ Two modes:
   `--image-tokens` image and `--text-tokens` text tokens, dense against p-MoD (PRD) and each
   reducer. The question is how much of the FLOPs proxy's promise a CPU prefill delivers:
   `efficiency` = measured speed-up x FLOPs ratio (1.0: the speed-up the proxy predicts).
+
+Prefills are timed in rounds, every variant once per round, and the median taken per variant:
+a shared machine's speed drifts by tens of percent over minutes, and drift between variants
+measured one after another would show up as speed-up.
 """
 
 from __future__ import annotations
@@ -40,20 +44,32 @@ def cache_bytes(cache: Any) -> int:
 
 
 @torch.inference_mode()
-def timings(model: torch.nn.Module, inputs: dict[str, torch.Tensor], repeats: int, new_tokens: int
-            ) -> dict[str, float]:
-    """Median prefill time (after one warm-up), KV bytes after prefill, median decode step."""
+def prefill(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[float, Any, Any]:
+    """One timed prefill into a fresh cache: (seconds, outputs, cache)."""
     from transformers import DynamicCache
 
     from students.hf_cache import CACHE_KWARG
 
-    model.eval()
-    prefill = []
-    for _ in range(repeats + 1):
-        cache = DynamicCache()
-        start = time.perf_counter()
-        out = model(**inputs, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
-        prefill.append(time.perf_counter() - start)
+    cache = DynamicCache()
+    start = time.perf_counter()
+    out = model(**inputs, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
+    return time.perf_counter() - start, out, cache
+
+
+@torch.inference_mode()
+def prefill_times(models: list[torch.nn.Module], inputs: dict[str, torch.Tensor], repeats: int) -> list[float]:
+    """Median prefill milliseconds of each model, timed in turns (one warm-up round, then
+    `repeats` rounds), so that a machine getting slower or faster shifts every model alike."""
+    rounds = [[prefill(m.eval(), inputs)[0] for m in models] for _ in range(repeats + 1)]
+    return [statistics.median(r[i] for r in rounds[1:]) * 1e3 for i in range(len(models))]
+
+
+@torch.inference_mode()
+def decoding(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int) -> dict[str, float]:
+    """KV bytes after prefill and the median decode step after it."""
+    from students.hf_cache import CACHE_KWARG
+
+    _, out, cache = prefill(model.eval(), inputs)
     kv = cache_bytes(cache)
     token = out.logits[:, -1:].argmax(-1)
     length = inputs["input_ids"].shape[1]
@@ -64,8 +80,7 @@ def timings(model: torch.nn.Module, inputs: dict[str, torch.Tensor], repeats: in
         out = model(input_ids=token, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
         steps.append(time.perf_counter() - start)
         token = out.logits[:, -1:].argmax(-1)
-    return {"prefill_ms": statistics.median(prefill[1:]) * 1e3, "kv_bytes": kv,
-            "decode_tok_s": 1.0 / statistics.median(steps[1:]) if new_tokens else None}
+    return {"kv_bytes": kv, "decode_tok_s": 1.0 / statistics.median(steps[1:]) if new_tokens else None}
 
 
 @torch.inference_mode()
@@ -116,15 +131,19 @@ def bench_tokens_command(source: str | None = None, config: str | None = None, o
     torch.set_num_threads(threads)
     specs = list(DEFAULT_REDUCERS if reducers is None else reducers)
     rows: list[dict[str, Any]] = []
+    models: list[torch.nn.Module] = []
+    prompt: dict[str, torch.Tensor] = {}
 
     def row(name: str, model, inputs, loader=None) -> None:
         print(f"[workbench] measuring {name}")
-        r: dict[str, Any] = {"variant": name, **proxies(model, inputs), **timings(model, inputs, repeats, new_tokens)}
+        r: dict[str, Any] = {"variant": name, **proxies(model, inputs), **decoding(model, inputs, new_tokens)}
         if loader is not None:
             from workbench.evaluation import evaluate
 
             r["acc"] = evaluate(model, loader).get("acc")
         rows.append(r)
+        models.append(model)
+        prompt.update(inputs)
 
     if source is None:
         if mods:
@@ -133,6 +152,9 @@ def bench_tokens_command(source: str | None = None, config: str | None = None, o
                                 text_tokens)
     else:
         title = _trained_rows(row, specs, source, config, overrides, data, mods, batch_size)
+    print(f"[workbench] timing prefills: {repeats} rounds over the {len(models)} variants in turn")
+    for r, ms in zip(rows, prefill_times(models, prompt, repeats)):
+        r["prefill_ms"] = ms
     dense = rows[0]
     for r in rows:
         r["prefill_speedup"] = dense["prefill_ms"] / r["prefill_ms"]

@@ -458,6 +458,23 @@ def install(model: nn.Module, chosen: dict[int, float], targets: str = "vision",
     return state
 
 
+def check_mod_options(schedule: Any = "prd", max_ratio: float = 0.85, min_ratio: float = 0.15,
+                      targets: str = "vision", router: str = "tanhnorm", router_scale: float = 0.2,
+                      router_bias: float = 1.0, string_scope: str = "mlp", threshold: float | None = None) -> None:
+    """The `mod` transform's options that need no model, checked when a config loads (before any
+    stage trains); raises ValueError."""
+    if targets not in TARGETS:
+        raise ValueError(f"targets {targets!r}: use one of {', '.join(TARGETS)}")
+    if router not in ROUTERS:
+        raise ValueError(f"router {router!r}: use one of {', '.join(ROUTERS)}")
+    if threshold is not None and (router != "gamma" or not 0 <= threshold < 1):
+        raise ValueError(f"threshold routing is gamma-MoD's (router: gamma) with 0 <= threshold < 1, got {threshold}")
+    if string_scope not in STRING_SCOPES:
+        raise ValueError(f"string_scope {string_scope!r}: use one of {', '.join(STRING_SCOPES)}")
+    n = len(schedule) if isinstance(schedule, (list, tuple)) else 8  # the list's own length; any depth otherwise
+    schedule_ratios(schedule, n, max_ratio, min_ratio)
+
+
 def mod_transform(student: nn.Module, schedule: Any = "prd", max_ratio: float = 0.85, min_ratio: float = 0.15,
                   targets: str = "vision", router: str = "tanhnorm", router_scale: float = 0.2,
                   router_bias: float = 1.0, string_scope: str = "mlp", threshold: float | None = None
@@ -479,14 +496,8 @@ def mod_transform(student: nn.Module, schedule: Any = "prd", max_ratio: float = 
         ValueError: an unknown schedule, target or STRing scope, a ratio outside (0, 1], a
             schedule with no MoD layer, or a decoder whose layers are not pre-norm blocks.
     """
-    if targets not in TARGETS:
-        raise ValueError(f"targets {targets!r}: use one of {', '.join(TARGETS)}")
-    if router not in ROUTERS:
-        raise ValueError(f"router {router!r}: use one of {', '.join(ROUTERS)}")
-    if threshold is not None and (router != "gamma" or not 0 <= threshold < 1):
-        raise ValueError(f"threshold routing is gamma-MoD's (router: gamma) with 0 <= threshold < 1, got {threshold}")
-    if string_scope not in STRING_SCOPES:
-        raise ValueError(f"string_scope {string_scope!r}: use one of {', '.join(STRING_SCOPES)}")
+    check_mod_options(schedule, max_ratio, min_ratio, targets, router, router_scale, router_bias, string_scope,
+                      threshold)
     config = student.config
     if mod_state(student) is not None:  # a MoD student loaded from its folder keeps its layers
         record = getattr(config, CONFIG_KEY, None)

@@ -510,6 +510,12 @@ def _validate_registered(cfg: RunConfig) -> None:
         if options is not None and not isinstance(options, dict):
             raise WorkbenchError(f"config key 'transforms.{name}' must be a mapping of options (or {{}})")
         TRANSFORMS.check_kwargs(name, dict(options or {}), f"transforms.{name}")
+        check = TRANSFORMS.info[name].get("check")  # values that need no model: before any stage trains
+        if check is not None:
+            try:
+                check(**dict(options or {}))
+            except ValueError as e:
+                raise WorkbenchError(f"config key 'transforms.{name}': {e}") from None
     if cfg.target != "auto":
         TARGETS.get(cfg.target, "target")
 

@@ -249,7 +249,11 @@ OVERRIDE_CASES = [
     # keys and types
     (["optim.lrr=1"], "'optim.lrr'"), (["trainer.max_step=1"], "'trainer.max_step'", "max_steps"),
     (["bogus=1"], "'bogus'"), (["seed=abc"], "'seed'"), (["optim=3"], "'optim'", "section"), (["data.windtunnel=2"], "'data.windtunnel'", "section"),
-    (["data.type=windtunnel", "data.windtunnel.patch_size=5"], "'data.windtunnel.patch_size'", "divide"), (["oops"], "oops", "key=value"),
+    (["data.type=windtunnel", "data.windtunnel.patch_size=5"], "'data.windtunnel.patch_size'", "divide"),
+    (["transforms.mod.schedule=cosine"], "'transforms.mod'", "unknown schedule"),
+    (["transforms.mod.router=softmax"], "'transforms.mod'", "router"),
+    (["transforms.mod.schedule=uniform:1.5"], "'transforms.mod'", "(0, 1]"),
+    (["transforms.mod.threshold=0.005"], "'transforms.mod'", "gamma-MoD's"), (["oops"], "oops", "key=value"),
     # teacher and student
     (["teacher.path=/nonexistent", "teacher.top_k=0"], "'teacher.top_k'"),
     (["teacher.path=/nonexistent", "teacher.quantize=int4"], "'teacher.quantize'", "nf4"),

@@ -226,7 +226,6 @@ class TokenCounter:
         self.tokens = 0  # real tokens seen (per layer, dense)
         self.image = 0
         self.kept_image = [0] * len(layer_weights)
-        self._seen_this_forward: set[int] = set()
 
     def _flops(self, layer: int, n: Tensor) -> float:
         n = n.double()
@@ -257,7 +256,7 @@ class TokenCounter:
 
 class ModLayerMixin:
     """The forward of a MoD decoder layer; mixed into the layer's own class (`_mod_class`), so
-    its weights keep their names. Attributes set by `make_mod_layer`: `mod_router`, `mod_ratio`,
+    its weights keep their names. Attributes set by `install`: `mod_router`, `mod_ratio`,
     `mod_index`, `mod_state`, `mod_scale`, `mod_bias`, `mod_string_scope`."""
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
@@ -402,6 +401,18 @@ def aux_losses(model: nn.Module) -> dict[str, Tensor]:
     return dict(state.aux) if state is not None else {}
 
 
+def check_routable(model: nn.Module, chosen: Any = None) -> nn.ModuleList:
+    """The decoder layers, if the `chosen` ones (default all) are pre-norm blocks a MoD layer or
+    a reducer can run; raises ValueError naming the first that is not."""
+    layers = decoder_layers(model)
+    for i in chosen if chosen is not None else range(len(layers)):
+        missing = [a for a in _BLOCK if not isinstance(getattr(layers[i], a, None), nn.Module)]
+        if missing:
+            raise ValueError(f"decoder layer {i} ({type(layers[i]).__name__}) has no {missing[0]}: token routing "
+                             "needs a pre-norm block (input_layernorm, self_attn, post_attention_layernorm, mlp)")
+    return layers
+
+
 def restore_mod(model: nn.Module, record: dict[str, Any]) -> list[int]:
     """Rebuild the MoD layers a config records (zero routers: the weights load next)."""
     chosen = {int(i): float(r) for i, r in record["layers"].items()}
@@ -424,15 +435,9 @@ def install(model: nn.Module, chosen: dict[int, float], targets: str = "vision",
         raise ValueError(f"router {router!r}: use one of {', '.join(ROUTERS)}")
     if mod_state(model) is not None:
         raise ValueError("the model routes its tokens already (a mixture-of-depths student or a reducer)")
-    layers = decoder_layers(model)
+    layers = check_routable(model, chosen)
     config = getattr(model, "config", None)
     state = ModState(getattr(config, "image_token_id", None) if config is not None else None, targets)
-    for i in chosen:
-        layer = layers[i]
-        missing = [a for a in _BLOCK if not isinstance(getattr(layer, a, None), nn.Module)]
-        if missing:
-            raise ValueError(f"decoder layer {i} ({type(layer).__name__}) has no {missing[0]}: mixture-of-depths "
-                             "needs a pre-norm block (input_layernorm, self_attn, post_attention_layernorm, mlp)")
     object.__setattr__(model, "_mod_state", state)
     _hook_module(model).register_forward_pre_hook(state.read, with_kwargs=True)
     shared = None

@@ -47,7 +47,7 @@ def layer_aranks(model: torch.nn.Module, loader, batches: int = 4) -> list[float
         mask = inputs.get("attention_mask")
         lengths = mask.sum(1).tolist() if mask is not None else [attentions[0].shape[-1]] * attentions[0].shape[0]
         totals = totals or [0.0] * len(attentions)
-        for b, n in enumerate(lengths):
+        for b in range(len(lengths)):
             real = mask[b].bool() if mask is not None else slice(None)
             for layer, a in enumerate(attentions):
                 totals[layer] += float(attention_rank(a[b][:, real][:, :, real]).mean())
@@ -132,6 +132,19 @@ def mean_kl(reference: list[Tensor], other: list[Tensor]) -> float:
     return total / max(count, 1)
 
 
+def routable_model(model_dir) -> torch.nn.Module:
+    """A model folder whose decoder layers token reducers can run on; a short error otherwise."""
+    from students.mod import check_routable
+    from workbench.evaluation import load_model
+
+    model = load_model(model_dir)
+    try:
+        check_routable(model)
+    except ValueError as e:
+        raise WorkbenchError(f"{model_dir}: {e}") from None
+    return model
+
+
 def g_search(model: torch.nn.Module, calibration: list[dict], tolerance: float, layer: int = 1,
              queries: str = "text", steps: int = 16) -> dict[str, Any]:
     """G-Search (our reading of "Accelerating MLLMs by Searching Optimal Vision Token
@@ -192,7 +205,7 @@ def gsearch_command(source: str, config: str | None = None, overrides: list[str]
     from students.reduce import QUERIES, attention_prune
     from workbench.batch import model_inputs
     from workbench.elastic import resolve_model_dir
-    from workbench.evaluation import held_out_for, load_model
+    from workbench.evaluation import held_out_for
     from workbench.rundir import run_dir_of_model, write_json
 
     if batches < 1 or batch_size < 1:
@@ -209,7 +222,7 @@ def gsearch_command(source: str, config: str | None = None, overrides: list[str]
             break
         loaded.append(batch)
     calibration, check = loaded[:batches], loaded[batches:] or loaded[:batches]
-    model = load_model(model_dir)
+    model = routable_model(model_dir)
     print(f"[workbench] G-Search on {len(calibration)} calibration batches (tolerance {tolerance})")
     report = {"model": str(model_dir), "data": held_out.source, **g_search(model, calibration, tolerance, layer,
                                                                             queries, steps)}

@@ -121,8 +121,9 @@ class DistillModule(pl.LightningModule):
                 self.log_dict(diagnostics(inputs), batch_size=n)
         self._log_train("loss", total, n, prog_bar=True)
         if self._logging:
-            self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
-            self._row["lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
+            lr = self.optimizers().param_groups[0]["lr"]
+            self.log("lr", lr, batch_size=n)
+            self._row["lr"] = torch.tensor(lr)
         return total
 
     def _log_train(self, name: str, value: torch.Tensor, n: int, **kwargs: Any) -> None:

@@ -115,3 +115,16 @@ def test_a_per_layer_keep_schedule_prunes_progressively(processor, world_dir):
                         ("a/b/c", "fractions separated")]:
         with pytest.raises(ValueError, match=match):
             attention_prune(_model(processor), layer=0, keep=keep)
+
+
+def test_a_decoder_without_pre_norm_blocks_is_refused_by_name():
+    """The MatMul-free LM's layers are not attention blocks: a reducer (and the analyze and bench
+    commands, through `workbench.analysis.routable_model`) names the layer and what it lacks."""
+    from students.mmfree import MMFreeConfig, MMFreeForCausalLM
+    from students.mod import check_routable
+
+    model = MMFreeForCausalLM(MMFreeConfig(vocab_size=40, hidden_size=32, num_hidden_layers=3, pad_token_id=0))
+    with pytest.raises(ValueError, match="decoder layer 0 .* has no input_layernorm|decoder layer 0 .* has no self_attn"):
+        check_routable(model)
+    with pytest.raises(ValueError, match="token routing needs a pre-norm block"):
+        attention_prune(model, layer=0, keep=0.5)

@@ -198,7 +198,8 @@ def _trained_rows(row, specs: list[str], source: str, config: str | None, overri
     from students.reduce import apply_reducer
     from workbench.bench.compress import _prompt
     from workbench.elastic import resolve_model_dir
-    from workbench.evaluation import held_out_for, load_model
+    from workbench.analysis import routable_model
+    from workbench.evaluation import held_out_for
 
     model_dir = resolve_model_dir(source)
     held_out, _ = held_out_for(model_dir, config, overrides, data)
@@ -208,13 +209,13 @@ def _trained_rows(row, specs: list[str], source: str, config: str | None, overri
     inputs = {"input_ids": torch.tensor(prompt["input_ids"]), "pixel_values": torch.tensor(prompt["pixel_values"])}
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     loader = held_out.loader(batch_size)
-    row("dense", load_model(model_dir), inputs, loader)
+    row("dense", routable_model(model_dir), inputs, loader)
     for folder in mods:
         path = Path(folder)
-        row(path.parent.name if path.name == "student" else path.name, load_model(resolve_model_dir(folder)),
+        row(path.parent.name if path.name == "student" else path.name, routable_model(resolve_model_dir(folder)),
             inputs, loader)
     for spec in specs:
-        model = load_model(model_dir)
+        model = routable_model(model_dir)
         _reduce(apply_reducer, model, spec)
         row(spec, model, inputs, loader)
     return f"{model_dir} on {held_out.source}"

@@ -128,6 +128,7 @@ class ModState:
         self.valid_mask: Tensor | None = None
         self.image_rank: Tensor | None = None  # a training-free selector's ranking of the image tokens (0 = best)
         self.counter: TokenCounter | None = None
+        self.prefill: Any = None  # a reducer's own prefill forward of a layer (students.reduce.FrameFusion)
         self.aux: dict[str, Tensor] = {}  # auxiliary losses of this forward (gamma routers: "mod_router")
 
     def read(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -270,9 +271,11 @@ class ModLayerMixin:
             else torch.ones(b, n, dtype=torch.bool, device=h.device)
         targets = state.target_mask if state.target_mask is not None and state.target_mask.shape == (b, n) \
             else torch.zeros(b, n, dtype=torch.bool, device=h.device)
-        keep, w = self._route(h, valid, targets)
         entry = state_layer(cache, self.mod_index, ModCacheLayer) if cache is not None else None
         history = entry.stored() if entry is not None else 0
+        if state.prefill is not None and history == 0:  # a reducer runs the prefill its own way (FrameFusion)
+            return state.prefill(self, h, valid, targets, position_embeddings, cache, entry, kwargs)
+        keep, w = self._route(h, valid, targets)
         if state.counter is not None and history == 0:
             state.counter.add(self.mod_index, keep.sum(1), valid.sum(1), (keep & targets).sum(1), targets.sum(1))
         if history == 0 and bool(keep[valid].all()):  # every real token stays: the dense computation
@@ -280,25 +283,16 @@ class ModLayerMixin:
             if entry is not None:
                 entry.record(valid, n)
             return out
-        # gather the kept tokens (in order; padded to the longest kept set with slots pointing at a dummy row)
-        counts = keep.sum(1)
-        width = max(int(counts.max()), 1)
-        slot_valid = torch.arange(width, device=h.device)[None] < counts[:, None]
-        order = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :width]  # kept positions first, in order
-        index = torch.where(slot_valid, order, torch.full_like(order, n))
-        def gather(x: Tensor) -> Tensor:  # noqa: E306 - (b, n, ...) -> (b, width, ...)
-            x = torch.cat([x, x[:, :1]], 1)
-            return x.gather(1, index.view(b, width, *[1] * (x.dim() - 2)).expand(b, width, *x.shape[2:]))
-        cos, sin = (gather(t.expand(b, *t.shape[1:])) for t in position_embeddings)
+        index, slot_valid = slots(keep)
+        cos, sin = (gather(t.expand(b, *t.shape[1:]), index) for t in position_embeddings)
         mask = _attention_mask(entry.key_mask if entry is not None and history else None, slot_valid, h.dtype)
-        out_kept = self._mod_block(gather(h), mask, (cos, sin), cache, gather(w), gather(targets), None, kwargs)
+        out_kept = self._mod_block(gather(h, index), mask, (cos, sin), cache, gather(w, index),
+                                   gather(targets, index), None, kwargs)
         if entry is not None:
             entry.record(slot_valid, n)
         # skipped image tokens: w h (p-MoD; gamma leaves them as they are); padding passes
         skipped = torch.where(targets[..., None], w * h, h) if self.mod_kind == "tanhnorm" else h
-        skipped = torch.cat([skipped, skipped[:, :1]], 1)
-        out = skipped.scatter(1, index[..., None].expand(b, width, h.shape[-1]), out_kept.to(skipped.dtype))
-        return out[:, :n]
+        return scatter(skipped, index, out_kept)
 
     def _route(self, h: Tensor, valid: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """(keep (b, n) bool, w (b, n, 1)): which tokens this layer processes - every real text
@@ -351,6 +345,32 @@ class ModLayerMixin:
         if self.mod_string_scope == "layer":
             return h + scale * (u - h + m)
         return u + scale * m
+
+
+def slots(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """The kept tokens of each example as slots, in order, padded to the longest kept set:
+    (index (b, width) into the sequence - padding slots point one past its end, at a dummy
+    row - and slot_valid (b, width))."""
+    b, n = keep.shape
+    counts = keep.sum(1)
+    width = max(int(counts.max()), 1)
+    slot_valid = torch.arange(width, device=keep.device)[None] < counts[:, None]
+    order = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :width]  # kept positions first, in order
+    return torch.where(slot_valid, order, torch.full_like(order, n)), slot_valid
+
+
+def gather(x: Tensor, index: Tensor) -> Tensor:
+    """(b, n, ...) -> (b, width, ...) at the slots' positions (`slots`)."""
+    b, width = index.shape
+    x = torch.cat([x, x[:, :1]], 1)
+    return x.gather(1, index.view(b, width, *[1] * (x.dim() - 2)).expand(b, width, *x.shape[2:]))
+
+
+def scatter(base: Tensor, index: Tensor, values: Tensor) -> Tensor:
+    """`base` (b, n, d) with the slots' rows replaced by `values` (b, width, d)."""
+    b, n, d = base.shape
+    out = torch.cat([base, base[:, :1]], 1).scatter(1, index[..., None].expand(*index.shape, d), values.to(base.dtype))
+    return out[:, :n]
 
 
 def _attention_mask(history: Tensor | None, slot_valid: Tensor, dtype: torch.dtype) -> Tensor:

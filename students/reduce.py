@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from students.hf_cache import either_cache
-from students.mod import decoder_layers, install
+from students.hf_cache import CACHE_KWARG, either_cache
+from students.mod import _attention_mask, decoder_layers, gather, install, scatter, slots
 
 QUERIES = ("after_image", "last_token", "text")
 
@@ -121,7 +121,185 @@ def _keeps(keep: Any, count: int) -> list[float]:
     return keeps
 
 
-REDUCERS = {"attention_prune": attention_prune}
+# --------------------------------------------------------------------------- FrameFusion
+
+
+def framefusion_prune_ratio(sparsity: list[float], cost: float, n_layers: int) -> float:
+    """FrameFusion's budget: after merge steps that removed the fractions `sparsity` of the
+    image tokens left, the uniform prune ratio of the rest of the `n_layers` layers that spends
+    `cost` (a fraction of the dense image-token compute) in all: 1 - R with
+    R = (L c - C_k) / ((L - k) P_k), P_k = prod(1 - s_i), C_k = sum_i prod_{j <= i}(1 - s_j);
+    0 when R > 1. Raises ValueError when the merges alone spent more than the budget."""
+    kept, spent = 1.0, 0.0
+    for s in sparsity:
+        kept *= 1 - s
+        spent += kept
+    left = n_layers * cost - spent
+    if left < 0:
+        raise ValueError(f"FrameFusion cost {cost} is too small: the merges alone spent {spent:.3f} of "
+                         f"{n_layers} layers' image-token compute")
+    rest = left / ((n_layers - len(sparsity)) * kept)
+    return 0.0 if rest > 1 else 1 - rest
+
+
+def frame_tokens(model: nn.Module) -> int | None:
+    """Image tokens per image of a LLaVA-style model (its vision config's patch grid, plus the
+    CLS token under the `full` feature strategy), or None when the config does not say."""
+    config = getattr(model, "config", None)
+    vision = getattr(config, "vision_config", None)
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if not size or not patch:
+        return None
+    full = getattr(config, "vision_feature_select_strategy", "default") == "full"
+    return (size // patch) ** 2 + int(full)
+
+
+class FrameFusion:
+    """FrameFusion's merge-then-prune over the frames of a prefill (one clip per example).
+
+    Image token k of an example (in order) has patch type k mod `frame` (its place in its
+    frame). At the input of layer 0 and after the attention of every layer, each image token
+    still there is compared (cosine) with the previous frame's token of its patch type still
+    there; those at or above `sim_th` merge into the run's head (the nearest earlier token of
+    the type that does not merge): the head becomes the mean of the run, the others leave the
+    sequence (its keys, values and positions go with them). Merging stops when it removes
+    less than `ratio_lb` of the image tokens left - then, after the next attention, the image
+    tokens are pruned once to the uniform keep the cost budget leaves
+    (`framefusion_prune_ratio`), ranked by the attention the last token pays them - or when it
+    would overspend the budget, which caps that merge at the most similar tokens and skips
+    pruning. Decisions are per example; text is never touched.
+    """
+
+    def __init__(self, n_layers: int, frame: int, cost: float, sim_th: float, ratio_lb: float):
+        self.n_layers, self.frame, self.cost, self.sim_th, self.ratio_lb = n_layers, frame, cost, sim_th, ratio_lb
+        self.alive: Tensor | None = None
+
+    def start(self, image: Tensor, valid: Tensor) -> None:
+        b, n = image.shape
+        order = image.long().cumsum(1) - 1
+        self.patch = torch.where(image, order % self.frame, -1)
+        self.alive = valid.clone()
+        self.sparsity: list[list[float]] = [[] for _ in range(b)]
+        self.merging, self.pending = [True] * b, [False] * b
+
+    def merge(self, x: Tensor) -> Tensor:
+        """One merge step on every example still merging; returns the new hidden states."""
+        x = x.clone()
+        for i in range(x.shape[0]):
+            if self.merging[i]:
+                self._merge_one(x, i)
+        return x
+
+    def _merge_one(self, x: Tensor, i: int) -> None:
+        patch, alive = self.patch[i], self.alive[i]
+        where = (alive & (patch >= 0)).nonzero().squeeze(1)
+        if not len(where):
+            self.merging[i] = False
+            return
+        order = where[torch.argsort(patch[where] * x.shape[1] + where)]  # by patch type, then by frame
+        rows, kinds = x[i, order].float(), patch[order]
+        sim = torch.full((len(order),), -2.0, device=x.device)
+        sim[1:] = nn.functional.cosine_similarity(rows[1:], rows[:-1], dim=-1)
+        sim[1:][kinds[1:] != kinds[:-1]] = -2.0
+        upper = framefusion_prune_ratio(self.sparsity[i], self.cost, self.n_layers)
+        chosen = sim >= self.sim_th
+        ratio = float(chosen.sum()) / len(order)
+        if ratio < upper:
+            self.sparsity[i].append(ratio)
+            if ratio < self.ratio_lb:
+                self.merging[i], self.pending[i] = False, True
+        else:  # the budget caps this merge; no pruning afterwards
+            chosen = torch.zeros_like(chosen)
+            chosen[sim.topk(int(upper * len(order))).indices] = True
+            chosen &= sim > -2.0
+            self.merging[i] = False
+        if not chosen.any():
+            return
+        positions = torch.arange(len(order), device=x.device)
+        head = torch.where(~chosen, positions, 0).cummax(0).values  # each token's run head
+        sums = rows.index_add(0, head[chosen], rows[chosen])
+        counts = torch.ones(len(order), device=x.device).index_add(0, head[chosen], torch.ones(int(chosen.sum()),
+                                                                                              device=x.device))
+        heads = torch.unique(head[chosen])
+        x[i, order[heads]] = (sums[heads] / counts[heads, None]).to(x.dtype)
+        self.alive[i, order[chosen]] = False
+
+    def prune(self, scores: Tensor) -> None:
+        """The pending examples' one pruning step, by `scores` (b, n; -inf where not an image token)."""
+        for i in range(scores.shape[0]):
+            if not self.pending[i]:
+                continue
+            self.pending[i] = False
+            image = self.alive[i] & (self.patch[i] >= 0)
+            n_image = int(image.sum())
+            keep = round(n_image * (1 - framefusion_prune_ratio(self.sparsity[i], self.cost, self.n_layers)))
+            if keep >= n_image:
+                continue
+            top = scores[i].masked_fill(~image, float("-inf")).topk(keep).indices
+            self.alive[i] &= ~image
+            self.alive[i, top] = True
+
+    def layer(self, layer: nn.Module, h: Tensor, valid: Tensor, image: Tensor, position_embeddings: tuple,
+              cache: Any, entry: Any, kwargs: dict) -> Tensor:
+        """A decoder layer's prefill with FrameFusion (`ModState.prefill`)."""
+        b, n, _ = h.shape
+        if layer.mod_index == 0:
+            self.start(image, valid)
+            h = self.merge(h)
+        elif self.alive is None or self.alive.shape != (b, n):
+            raise RuntimeError("FrameFusion's state does not match this forward (layer 0 did not run first)")
+        state = layer.mod_state
+        index, slot_valid = slots(self.alive)
+        cos, sin = (gather(t.expand(b, *t.shape[1:]), index) for t in position_embeddings)
+        if state.counter is not None:
+            state.counter.add(layer.mod_index, self.alive.sum(1), valid.sum(1), (self.alive & image).sum(1),
+                              image.sum(1))
+        x = gather(h, index)
+        attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=(cos, sin),
+                                  attention_mask=_attention_mask(None, slot_valid, h.dtype), **{CACHE_KWARG: cache},
+                                  **kwargs)
+        if entry is not None:
+            entry.record(slot_valid, n)
+        u = scatter(h, index, x + attn)
+        if any(self.pending):  # the layer's own attention from the last token ranks the image tokens
+            with torch.no_grad():
+                scores = image_token_scores(layer, x, (cos, sin), slot_valid, gather(image & self.alive, index),
+                                            "last_token")
+            self.prune(torch.full((b, n + 1), float("-inf"), device=h.device).scatter(1, index, scores)[:, :n])
+        if any(self.merging):
+            u = self.merge(u)
+        index, _ = slots(self.alive)
+        x = gather(u, index)
+        return scatter(u, index, x + layer.mlp(layer.post_attention_layernorm(x)))
+
+
+def framefusion(model: nn.Module, cost: float = 0.3, sim_th: float = 0.6, ratio_lb: float = 0.1,
+                frame: int | None = None) -> dict[str, Any]:
+    """Install FrameFusion (`FrameFusion`) on `model` (in place) with the compute budget `cost`
+    (a fraction of the dense image-token compute over all decoder layers; the budget's layer
+    count is the model's own), the similarity threshold `sim_th` and the merge floor
+    `ratio_lb`. `frame`: image tokens per frame (default: the model's tokens per image). Only
+    prefills are reduced; decoding attends over what each layer kept. Returns notes.
+
+    Raises:
+        ValueError: options out of range, or no frame size given or known.
+    """
+    layers = decoder_layers(model)
+    frame = frame or frame_tokens(model)
+    if not frame or frame < 1:
+        raise ValueError("FrameFusion needs the image tokens per frame: the model's config does not give them; "
+                         "pass frame=N")
+    if not 0 < cost <= 1 or not -1 <= sim_th <= 1 or not 0 <= ratio_lb <= 1:
+        raise ValueError(f"FrameFusion options: cost in (0, 1], sim_th in [-1, 1], ratio_lb in [0, 1]; got "
+                         f"cost={cost}, sim_th={sim_th}, ratio_lb={ratio_lb}")
+    state = install(model, {i: 1.0 for i in range(len(layers))}, router="select")
+    fusion = FrameFusion(len(layers), int(frame), float(cost), float(sim_th), float(ratio_lb))
+    state.prefill = fusion.layer
+    object.__setattr__(model, "_framefusion", fusion)
+    return {"reducer": "framefusion", "cost": cost, "sim_th": sim_th, "ratio_lb": ratio_lb, "frame": int(frame)}
+
+
+REDUCERS = {"attention_prune": attention_prune, "framefusion": framefusion}
 
 
 def parse_reducer(spec: str) -> tuple[str, dict[str, Any]]:

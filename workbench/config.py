@@ -63,6 +63,8 @@ class WindTunnelConfig:
     question_types: list[str] | None = None  # subset of count, color, shape, presence, position, cell (default all)
     n_classification: int = 0  # training images of the classification set (windtunnel_classification)
     patch_size: int | None = None  # pixels per image token side (default 16: one token per cell; 4 gives 16 per cell)
+    frames: int | None = None  # clip mode: frames per record sharing background and objects (default 1: images)
+    motion: float | None = None  # clip mode: chance an object steps to a free neighbouring cell per frame (0.5)
 
 
 @dataclass
@@ -491,6 +493,10 @@ def _validate_windtunnel(wt: WindTunnelConfig) -> None:
     if wt.patch_size is not None and (wt.patch_size < 1 or 16 % wt.patch_size):
         raise WorkbenchError(f"config key 'data.windtunnel.patch_size' must divide the 16-pixel cell (1, 2, 4, 8 or "
                              f"16), got {wt.patch_size}")
+    if wt.frames is not None and wt.frames < 1:
+        raise WorkbenchError(f"config key 'data.windtunnel.frames' must be >= 1, got {wt.frames}")
+    if wt.motion is not None and not 0 <= wt.motion <= 1:
+        raise WorkbenchError(f"config key 'data.windtunnel.motion' must be in [0, 1], got {wt.motion}")
     if not 1 <= wt.questions_per_image <= len(types):
         raise WorkbenchError(f"config key 'data.windtunnel.questions_per_image' must be in 1..{len(types)} "
                              "(one question per type)")

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from workbench.batch import model_inputs
+from workbench.data.sources import image_paths
 from workbench.errors import WorkbenchError
 from workbench.metrics import accuracies, answer_predictions, merge_scores, score_outputs, score_spans, spans_correct
 from workbench.rundir import run_dir_of_model, write_json
@@ -77,7 +78,7 @@ def data_fingerprint(dataset: Dataset, processor: Any = None) -> dict[str, Any]:
 
     base = getattr(dataset, "dataset", dataset)  # a Subset (limit_val)
     if hasattr(base, "json_path"):  # LLaVA-format records
-        images = sorted({(r["image"], _size(base.image_path(r["image"]))) for r in base.records if r.get("image")})
+        images = sorted({(p, _size(base.image_path(p))) for r in base.records for p in image_paths(r)})
         fingerprint = fingerprint_data([str(r.get("id", i)) for i, r in enumerate(base.records)],
                                        base.source_files(), {"images_sha256": short_hash(images)})
     elif hasattr(base, "reader"):  # a timm image folder

@@ -19,25 +19,33 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from losses.inputs import IGNORE_INDEX
-from workbench.data.sources import IMAGE_PLACEHOLDER, FileImages, read_json_records
+from workbench.data.sources import IMAGE_PLACEHOLDER, FileImages, image_paths, read_json_records
 from workbench.errors import WorkbenchError
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use marks around answers while rendering
 
 
-def _to_messages(conversations: list[dict], has_image: bool) -> list[dict]:
-    """LLaVA `conversations` -> chat messages with typed content parts."""
-    messages = []
+def _to_messages(conversations: list[dict], n_images: int) -> list[dict]:
+    """LLaVA `conversations` -> chat messages with typed content parts: one image part for each
+    of the first `n_images` `<image>` placeholders of the user turns, where the text puts it
+    (placeholders beyond the images are dropped)."""
+    messages, left = [], n_images
     for turn in conversations:
         role = ROLES[turn["from"]]
         text = turn["value"]
         content = []
-        if role == "user" and IMAGE_PLACEHOLDER in text:  # keep the image where the text puts it
-            before, after = (part.strip() for part in text.split(IMAGE_PLACEHOLDER, 1))
-            content += [{"type": "text", "text": before}] if before else []
-            content += [{"type": "image"}] if has_image else []
-            text = after.replace(IMAGE_PLACEHOLDER, "").strip()
+        if role == "user" and IMAGE_PLACEHOLDER in text:
+            pieces = [part.strip() for part in text.split(IMAGE_PLACEHOLDER)]
+            for k, piece in enumerate(pieces):
+                last = k == len(pieces) - 1
+                if last and piece:
+                    break  # the text after the last image: appended below
+                content += [{"type": "text", "text": piece}] if piece else []
+                if not last and left:
+                    content.append({"type": "image"})
+                    left -= 1
+            text = pieces[-1]
         if text or not content:
             content.append({"type": "text", "text": text})
         messages.append({"role": role, "content": content})
@@ -55,6 +63,8 @@ class LlavaDataset(Dataset):
     Args:
         json_path: a LLaVA JSON list, or a JSONL file; with `records`, what they came from.
         image_folder: where `record["image"]` paths are relative to (default: the file's folder).
+            `image` is one path, or a list of paths (a multi-image record: frames of a clip),
+            each with its own `<image>` placeholder in the human turns, in order.
         limit: keep only the first `limit` records (quick experiments).
         bad_images: "error" or "skip" (counted in `skipped_images`; a lazily decoded image
             that fails is replaced by the next record that decodes).
@@ -119,12 +129,20 @@ class LlavaDataset(Dataset):
         if any(not a.strip() for a in answers):
             raise WorkbenchError(f"{where}: has an empty assistant answer (nothing to learn from it)")
         image = rec.get("image")
-        if image is not None and not isinstance(image, str):
-            raise WorkbenchError(f"{where}: 'image' must be a path string, got {type(image).__name__} {image!r}")
-        if image and not any(ROLES[t["from"]] == "user" and IMAGE_PLACEHOLDER in t["value"] for t in turns):
+        frames = isinstance(image, list)
+        if image is not None and not isinstance(image, str) and not (
+                frames and image and all(isinstance(p, str) and p for p in image)):
+            raise WorkbenchError(f"{where}: 'image' must be a path string or a non-empty list of them, got "
+                                 f"{type(image).__name__} {str(image)[:60]}")
+        placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns if ROLES[t["from"]] == "user")
+        if image and not placeholders:
             raise WorkbenchError(f"{where}: has an image but no '<image>' in a human turn")
+        if frames and placeholders != len(image):
+            raise WorkbenchError(f"{where}: has {len(image)} images but {placeholders} '<image>' placeholders in its "
+                                 "human turns; a multi-image record needs one per image, in order")
         if image and isinstance(self.images, FileImages):
-            self._check_path(where, image)
+            for path in image_paths(rec):
+                self._check_path(where, path)
 
     def _check_path(self, where: str, image: str) -> None:
         if Path(image).is_absolute():
@@ -151,17 +169,19 @@ class LlavaDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
+        """`{"id", "images" (PIL, in order), "image" (the first or None), "messages", "qtypes"}`."""
         for k in range(len(self.records)):  # a lazily checked image that fails is replaced by the next record's
             rec = self.records[(i + k) % len(self.records)]
-            image = self._open(rec) if rec.get("image") else None
-            if image is not None or not rec.get("image"):
+            images = self._open(rec) if rec.get("image") else []
+            if images is not None:
                 break
         else:
             raise WorkbenchError(f"{self.json_path}: no record's image decodes (data.bad_images=skip)")
         return {
             "id": str(rec.get("id", i)),
-            "image": image,
-            "messages": _to_messages(rec["conversations"], image is not None),
+            "images": images,
+            "image": images[0] if images else None,
+            "messages": _to_messages(rec["conversations"], len(images)),
             "qtypes": rec.get("qtypes", []),  # optional per-answer tags, e.g. question types
         }
 
@@ -282,7 +302,7 @@ class VLMCollator:
 
     def __call__(self, samples: list[dict]) -> dict[str, Any]:
         texts = [self._render(s["messages"]) for s in samples]
-        images = [s["image"] for s in samples if s["image"] is not None]
+        images = [image for s in samples for image in s.get("images", [s["image"]] if s["image"] else [])]
         enc = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
         input_ids, attention = enc["input_ids"], enc["attention_mask"]
         labels = torch.full_like(input_ids, IGNORE_INDEX)
@@ -300,6 +320,8 @@ class VLMCollator:
             batch = self._truncate(batch, samples)
         batch["image_mask"] = batch["input_ids"] == self.image_token_id
         if self.teacher_images is not None and images:
+            if len(images) != sum(s["image"] is not None for s in samples):
+                raise WorkbenchError("a vision-encoder target reads one image per sample; these records hold several")
             batch["teacher_pixel_values"] = self.teacher_images(images)
         batch["ids"] = [s["id"] for s in samples]
         batch["qtypes"] = [s["qtypes"] for s in samples]

@@ -30,7 +30,7 @@ _ROLE_NAMES = {"user": "human", "assistant": "gpt", "system": "system"}
 
 
 def from_messages(rec: dict, where: str) -> dict:
-    """A `messages` + `images` record as a LLaVA-style one (one image per record)."""
+    """A `messages` + `images` record as a LLaVA-style one."""
     messages = rec.get("messages")
     if not isinstance(messages, list) or not messages:
         raise WorkbenchError(f"{where}: needs a non-empty 'messages' list")
@@ -45,16 +45,24 @@ def from_messages(rec: dict, where: str) -> dict:
 
 
 def single_image(rec: dict, where: str) -> dict:
-    """`images` (a list of at most one path, or a path) as LLaVA's `image`."""
+    """`images` (a list of paths, or a path) as LLaVA's `image`: a path, or a list of paths for
+    a multi-image record (frames of a clip, LLaVA-OneVision style)."""
     if "images" not in rec:
         return rec
     out = {k: v for k, v in rec.items() if k != "images"}
     images = rec["images"] if isinstance(rec["images"], list) else [rec["images"]]
-    if len(images) > 1:
-        raise WorkbenchError(f"{where}: has {len(images)} images; records with more than one image are not supported")
-    if images and images[0] is not None:
-        out["image"] = images[0]
+    images = [im for im in images if im is not None]
+    if images:
+        out["image"] = images[0] if len(images) == 1 else images
     return out
+
+
+def image_paths(rec: dict) -> list[str]:
+    """A record's image paths in order: none, one (`image` a path) or several (`image` a list)."""
+    image = rec.get("image")
+    if not image:
+        return []
+    return list(image) if isinstance(image, list) else [image]
 
 
 def _text(content: Any, where: str) -> str:
@@ -121,18 +129,24 @@ class FileImages:
         return Path(image) if Path(image).is_absolute() else self.folder / image
 
     def problem(self, rec: dict) -> str | None:
-        """Why the record's image cannot be used (missing, not an image), or None."""
-        image = rec["image"]
-        if image not in self._problems:
-            self._problems[image] = _file_problem(self.path(image))
-        return self._problems[image]
+        """Why the record's images cannot be used (missing, not an image), or None."""
+        for image in image_paths(rec):
+            if image not in self._problems:
+                self._problems[image] = _file_problem(self.path(image))
+            if self._problems[image]:
+                return self._problems[image]
+        return None
 
-    def open(self, rec: dict) -> Image.Image:
-        with Image.open(self.path(rec["image"])) as im:
-            return im.convert("RGB")
+    def open(self, rec: dict) -> list[Image.Image]:
+        images = []
+        for image in image_paths(rec):
+            with Image.open(self.path(image)) as im:
+                images.append(im.convert("RGB"))
+        return images
 
     def describe(self, rec: dict) -> str:
-        return f"image file {self.path(rec['image'])}"
+        return f"image file {self.path(image_paths(rec)[0])}" if len(image_paths(rec)) == 1 else \
+            f"image files {', '.join(str(self.path(p)) for p in image_paths(rec))}"
 
 
 def _file_problem(path: Path) -> str | None:
@@ -157,14 +171,14 @@ class DatasetImages:
     def problem(self, rec: dict) -> str | None:
         return None  # checked when decoded
 
-    def open(self, rec: dict) -> Image.Image:
+    def open(self, rec: dict) -> list[Image.Image]:
         value = self.dataset[int(rec["_row"])][self.column]
         data = value.get("bytes") if isinstance(value, dict) else value
         if data is None and isinstance(value, dict) and value.get("path"):
             with Image.open(value["path"]) as im:
-                return im.convert("RGB")
+                return [im.convert("RGB")]
         with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
+            return [im.convert("RGB")]
 
     def describe(self, rec: dict) -> str:
         return f"image of row {rec['_row']} of {self.source}"

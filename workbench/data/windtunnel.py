@@ -41,7 +41,7 @@ GRID_NAMES = {2: (("top", "bottom"), ("left", "right")), 3: (ROWS, COLS)}
 NUMBERS = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES = ("count", "color", "shape", "presence", "position", "cell")
 
-# Chat format of the world's processor: LLaVA-1.5 style, one image per conversation.
+# Chat format of the world's processor: LLaVA-1.5 style, images where the user turn puts them.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: "
@@ -76,6 +76,8 @@ class WorldConfig:
     questions_per_image: int = 6
     question_first: bool = False  # "question\n<image>" instead of "<image>\nquestion" in turn 1
     question_types: tuple[str, ...] = QUESTION_TYPES  # which kinds of question are asked
+    frames: int = 1  # > 1: each record is a clip of this many frames (one image each) sharing content
+    motion: float = 0.5  # in a clip: chance that an object steps to a free neighbouring cell between frames
 
     @property
     def image_size(self) -> int:
@@ -107,10 +109,12 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: f
         raise ValueError(kind)
 
 
-def render(objects: list[dict], world: WorldConfig, rng: random.Random) -> Image.Image:
-    """Draw `objects` ({colour, shape, row, col}) on a noisy canvas."""
+def render(objects: list[dict], world: WorldConfig, rng: random.Random,
+           background: tuple[int, int, int] | None = None) -> Image.Image:
+    """Draw `objects` ({colour, shape, row, col}) on a noisy canvas (of a random dark colour, or
+    `background`: the frames of a clip share theirs)."""
     size, cell = world.image_size, CELL
-    bg = tuple(rng.randint(20, 60) for _ in range(3))
+    bg = background or tuple(rng.randint(20, 60) for _ in range(3))
     img = Image.new("RGB", (size, size), bg)
     draw = ImageDraw.Draw(img)
     for obj in objects:
@@ -185,14 +189,51 @@ def ask(objects: list[dict], qtype: str, rng: random.Random, grid: int = 3) -> t
     raise ValueError(f"unknown question type {qtype!r}")
 
 
-def _records(split: str, n_images: int, world: WorldConfig, seed: int, image_dir: Path) -> list[dict]:
-    """One record per image: a multi-turn conversation of `questions_per_image` questions."""
-    rng = random.Random(f"{seed}-{split}")
-    records = []
-    for i in tqdm(range(n_images), desc=f"wind tunnel {split}", leave=False, mininterval=1.0):
-        objects = sample_scene(world, rng)
+def move(objects: list[dict], world: WorldConfig, rng: random.Random) -> list[dict]:
+    """The next frame's scene: each object steps to a random free neighbouring cell (up, down,
+    left, right) with probability `world.motion`, one object after another."""
+    taken = {(o["row"], o["col"]) for o in objects}
+    out = []
+    for o in objects:
+        o = dict(o)
+        if rng.random() < world.motion:
+            steps = [(o["row"] + dr, o["col"] + dc) for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+            free = [(r, c) for r, c in steps if 0 <= r < world.grid and 0 <= c < world.grid and (r, c) not in taken]
+            if free:
+                taken.discard((o["row"], o["col"]))
+                o["row"], o["col"] = rng.choice(free)
+                taken.add((o["row"], o["col"]))
+        out.append(o)
+    return out
+
+
+def _frames(split: str, i: int, objects: list[dict], world: WorldConfig, rng: random.Random,
+            image_dir: Path) -> tuple[list[dict], str | list[str]]:
+    """Render one record's image (or a clip's frames: shared background and objects, fresh noise
+    and jitter, objects moving); returns the last frame's scene and the file name(s)."""
+    if world.frames == 1:
         name = f"{split}-{i:06d}.png"
         render(objects, world, rng).save(image_dir / name)
+        return objects, f"images/{name}"
+    background = tuple(rng.randint(20, 60) for _ in range(3))
+    names = []
+    for f in range(world.frames):
+        if f:
+            objects = move(objects, world, rng)
+        name = f"{split}-{i:06d}-f{f}.png"
+        render(objects, world, rng, background).save(image_dir / name)
+        names.append(f"images/{name}")
+    return objects, names
+
+
+def _records(split: str, n_images: int, world: WorldConfig, seed: int, image_dir: Path) -> list[dict]:
+    """One record per image (or clip): a multi-turn conversation of `questions_per_image`
+    questions; in a clip, positions are asked about the last frame."""
+    rng = random.Random(f"{seed}-{split}")
+    records = []
+    tags = "\n".join(["<image>"] * world.frames)
+    for i in tqdm(range(n_images), desc=f"wind tunnel {split}", leave=False, mininterval=1.0):
+        objects, image = _frames(split, i, sample_scene(world, rng), world, rng, image_dir)
         turns, qtypes = [], []
         for qtype in rng.sample(world.question_types, world.questions_per_image):
             qa = ask(objects, qtype, rng, world.grid)
@@ -201,11 +242,10 @@ def _records(split: str, n_images: int, world: WorldConfig, seed: int, image_dir
                 qa = ask(objects, qtype, rng, world.grid)
             question, answer = qa
             if not turns:
-                question = f"{question}\n<image>" if world.question_first else f"<image>\n{question}"
+                question = f"{question}\n{tags}" if world.question_first else f"{tags}\n{question}"
             turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
             qtypes.append(qtype)
-        records.append({"id": f"{split}-{i:06d}", "image": f"images/{name}", "qtypes": qtypes,
-                        "conversations": turns})
+        records.append({"id": f"{split}-{i:06d}", "image": image, "qtypes": qtypes, "conversations": turns})
     return records
 
 
@@ -260,7 +300,7 @@ def write_windtunnel(
 
     Args:
         out: target folder; created, and refused if it already holds a world.
-        n_train, n_val: number of training / held-out *images* (each carries
+        n_train, n_val: number of training / held-out *images* or clips (each carries
             `world.questions_per_image` conversations, as separate records).
         seed: fixes every image and question; train and val use disjoint streams.
         n_classification: training images of the image-folder classification set

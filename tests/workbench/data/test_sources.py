@@ -121,7 +121,7 @@ def test_images_shared_by_many_records_are_checked_once(world_dir, tmp_path, mon
 
 @pytest.mark.parametrize("text, words", [
     ('{"messages": [{"role": "user", "content": "<image> hi"}, {"role": "assistant", "content": "yo"}], '
-     '"images": ["a.png", "b.png"]}', ["record 0", "2 images"]),
+     '"images": ["a.png", "b.png"]}', ["record 0", "2 images but 1"]),
     ('{"messages": [{"role": "robot", "content": "hi"}]}', ["record 0", "'role'"]),
     ('{"messages": [{"role": "user", "content": [{"type": "video"}]}]}', ["record 0", "neither text nor image"]),
     ('{"messages": []}', ["record 0", "non-empty 'messages'"]),

@@ -108,6 +108,40 @@ def test_a_high_resolution_world_has_16_image_tokens_per_cell(tmp_path):
     assert int(batch["image_mask"].sum()) == (48 // 4) ** 2
 
 
+def test_a_clip_world_shows_one_scene_in_frames_and_asks_about_the_last(tmp_path):
+    """`frames: 3`: each record is three images with a shared background, the same objects
+    (moving between cells) and fresh noise; positions are asked about the last frame."""
+    world = WorldConfig(frames=3, motion=0.5)
+    out = write_windtunnel(tmp_path / "clips", n_train=24, n_val=2, world=world)
+    assert json.loads((out / "world.json").read_text())["frames"] == 3
+    moved = 0
+    for rec in json.loads((out / "train.json").read_text()):
+        assert len(rec["image"]) == 3 and rec["conversations"][0]["value"].startswith("<image>\n" * 3)
+        frames = []
+        for name in rec["image"]:
+            with Image.open(out / name) as im:
+                frames.append(objects_in_cells(im.convert("RGB")))
+        assert len({tuple(sorted(f.values())) for f in frames}) == 1  # the same objects in every frame
+        moved += frames[0] != frames[-1]
+        for qtype, (question, answer) in zip(rec["qtypes"], qa_pairs(rec)):
+            if qtype == "position":
+                row, col = answer.split()
+                assert frames[-1].get((ROWS.index(row), COLS.index(col))) == question.split()[3]
+    assert moved >= 6  # objects do move
+    still = write_windtunnel(tmp_path / "still", n_train=4, n_val=1, world=WorldConfig(frames=2, motion=0.0))
+    for rec in json.loads((still / "train.json").read_text()):
+        a, b = (np.asarray(Image.open(still / name), dtype=float) for name in rec["image"])
+        assert np.abs(a - b).mean() < 20  # the same picture up to noise and jitter
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(out / "processor")
+    batch = VLMCollator(processor)([LlavaDataset(out / "val.json")[0], LlavaDataset(out / "val.json")[1]])
+    assert batch["pixel_values"].shape[0] == 6 and batch["image_mask"].sum(1).tolist() == [27, 27]
+    with torch.no_grad():
+        assert make_tiny_vlm(processor)(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+                                        ).logits.shape[:2] == batch["input_ids"].shape
+
+
 def test_world_shape_of_records(world_dir):
     recs = json.loads((world_dir / "train.json").read_text())
     assert len(recs) == 64 and len(json.loads((world_dir / "val.json").read_text())) == 16
@@ -397,6 +431,12 @@ def test_llava_dataset_images_relative_to_json_by_default(tmp_path, image_folder
     ({"conversations": [{"from": "gpt", "value": 3}]}, ["record 0", "'value'"]),
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
      ["record 0", "'000000033471'", "<image>"]),  # an image the text never places
+    ({"image": ["coco/train2017/000000033471.jpg"] * 2}, ["record 0", "2 images but 1 '<image>'"]),
+    ({"image": []}, ["record 0", "non-empty list"]),
+    ({"image": ["coco/train2017/000000033471.jpg", 3]}, ["record 0", "path string or a non-empty list"]),
+    ({"image": ["coco/train2017/000000033471.jpg", "coco/train2017/gone.jpg"], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nsame?"}, {"from": "gpt", "value": "no"}]},
+     ["record 0", "gone.jpg", "does not exist"]),  # each frame of a multi-image record is checked
 ])
 def test_llava_dataset_validates_records(tmp_path, image_folder, broken, words):
     path = write_records(tmp_path, [{**REAL_STYLE[0], **broken}, REAL_STYLE[1]])

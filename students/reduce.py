@@ -15,6 +15,12 @@ A list of keep fractions, one per layer after `layer` and non-increasing, prunes
 
 Query sets: `after_image` (every real token after the image; Mini-Monkey's code), `last_token`
 (FastV-style and FrameFusion's prune step), `text` (every real text token).
+
+`random_prune` ranks the image tokens at random instead: the baseline a scorer has to beat.
+
+`framefusion(model, cost=0.3, sim_th=0.6, ratio_lb=0.1)` is FrameFusion's merge-then-prune for
+multi-frame inputs (`FrameFusion`): near-copies of the previous frame's token at the same patch
+merge into one, then the image tokens are pruned once to what the compute budget leaves.
 """
 
 from __future__ import annotations
@@ -77,13 +83,36 @@ def attention_prune(model: nn.Module, layer: int = 1, keep: Any = 0.5, queries: 
             (0, 1], increasing or of the wrong count, an unknown query set, or a model that
             routes its tokens already.
     """
+    if queries not in QUERIES:
+        raise ValueError(f"queries {queries!r}: use one of {', '.join(QUERIES)}")
+
+    def scores(module: nn.Module, hidden: Tensor, kwargs: dict, state: Any) -> Tensor:
+        return image_token_scores(module, hidden, kwargs["position_embeddings"], state.valid_mask, state.target_mask,
+                                  queries)
+
+    return {"reducer": "attention_prune", **_prune(model, layer, keep, scores), "queries": queries}
+
+
+def random_prune(model: nn.Module, layer: int = 1, keep: Any = 0.5, seed: int = 0) -> dict[str, Any]:
+    """Like `attention_prune`, with the image tokens ranked at random (a fresh draw per forward
+    from a generator seeded with `seed`): the baseline a scorer has to beat."""
+    generator = torch.Generator().manual_seed(int(seed))
+
+    def scores(module: nn.Module, hidden: Tensor, kwargs: dict, state: Any) -> Tensor:
+        drawn = torch.rand(hidden.shape[:2], generator=generator).to(hidden.device)
+        return drawn.masked_fill(~state.target_mask, float("-inf"))
+
+    return {"reducer": "random_prune", **_prune(model, layer, keep, scores), "seed": seed}
+
+
+def _prune(model: nn.Module, layer: int, keep: Any, scores: Any) -> dict[str, Any]:
+    """The layers after `layer` keep the top `keep` of the image tokens by `scores(layer module,
+    its input, its kwargs, state)` (b, n), computed at `layer` in every prefill."""
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers) - 1:
         raise ValueError(f"layer must be in 0..{len(layers) - 2} (the layers after it are pruned), got {layer}")
     deeper = list(range(layer + 1, len(layers)))
     keeps = _keeps(keep, len(deeper))
-    if queries not in QUERIES:
-        raise ValueError(f"queries {queries!r}: use one of {', '.join(QUERIES)}")
     state = install(model, dict(zip(deeper, keeps)), router="select")
 
     def rank(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -94,14 +123,11 @@ def attention_prune(model: nn.Module, layer: int = 1, keep: Any = 0.5, queries: 
                 cache is not None and cache.get_seq_length(layer) > 0):
             return  # decoding, or no image: nothing to choose
         with torch.no_grad():
-            scores = image_token_scores(module, hidden, kwargs["position_embeddings"], state.valid_mask,
-                                        state.target_mask, queries)
-        order = scores.argsort(dim=1, descending=True, stable=True)
+            order = scores(module, hidden, kwargs, state).argsort(dim=1, descending=True, stable=True)
         state.image_rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=hidden.device).expand(b, n))
 
     layers[layer].register_forward_pre_hook(rank, with_kwargs=True)
-    return {"reducer": "attention_prune", "layer": layer, "keep": keeps if len(set(keeps)) > 1 else keeps[0],
-            "queries": queries, "pruned_layers": deeper}
+    return {"layer": layer, "keep": keeps if len(set(keeps)) > 1 else keeps[0], "pruned_layers": deeper}
 
 
 def _keeps(keep: Any, count: int) -> list[float]:
@@ -299,7 +325,7 @@ def framefusion(model: nn.Module, cost: float = 0.3, sim_th: float = 0.6, ratio_
     return {"reducer": "framefusion", "cost": cost, "sim_th": sim_th, "ratio_lb": ratio_lb, "frame": int(frame)}
 
 
-REDUCERS = {"attention_prune": attention_prune, "framefusion": framefusion}
+REDUCERS = {"attention_prune": attention_prune, "random_prune": random_prune, "framefusion": framefusion}
 
 
 def parse_reducer(spec: str) -> tuple[str, dict[str, Any]]:

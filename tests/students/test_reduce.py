@@ -10,7 +10,7 @@ import torch
 from conftest import assert_cached_generation_is_recomputation, make_tiny_vlm, vlm_inputs
 from students.hf_cache import output_cache
 from students.mod import count_tokens, decoder_layers, kept_count
-from students.reduce import apply_reducer, attention_prune, image_token_scores, parse_reducer
+from students.reduce import apply_reducer, attention_prune, image_token_scores, parse_reducer, random_prune
 
 
 def _capture(layer, captured):
@@ -74,6 +74,23 @@ def test_the_deeper_layers_keep_the_top_scored_image_tokens(processor, world_dir
     scores = image_token_scores(layer, captured["h"], captured["pe"], torch.ones_like(image), image)
     selected = image[0] & (model._mod_state.image_rank[0] < kept)
     assert scores[0][selected].min() >= scores[0][image[0] & ~selected].max()
+
+
+def test_random_pruning_keeps_the_same_count_drawn_by_its_seed(processor, world_dir):
+    inputs = vlm_inputs(processor, world_dir, n=2)
+    image = inputs["input_ids"] == processor.image_token_id
+    ranks = {}
+    for seed in (0, 0, 1):
+        model = _model(processor)
+        assert random_prune(model, layer=1, keep=0.5, seed=seed)["reducer"] == "random_prune"
+        with torch.no_grad():
+            cache = output_cache(model(**inputs, use_cache=True))
+        rank = model._mod_state.image_rank
+        assert sorted(rank[0][image[0]].tolist()) == list(range(int(image[0].sum())))  # a ranking of the image tokens
+        n_image = int(image[0].sum())
+        assert cache.layers[2].stored() == image.shape[1] - n_image + kept_count(0.5, n_image)
+        ranks.setdefault(seed, []).append(rank)
+    assert torch.equal(ranks[0][0], ranks[0][1]) and not torch.equal(ranks[0][0], ranks[1][0])
 
 
 def test_cached_generation_equals_recomputation(processor, world_dir):

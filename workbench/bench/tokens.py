@@ -5,8 +5,9 @@ training-free reducers, measured in one process.
 
 Two modes:
 - `workbench bench tokens RUN_OR_MODEL [--mod DIR ...] [--reduce SPEC ...]`: the dense model
-  scored on its held-out split as it is and with each reducer, beside each MoD student folder;
-  timings on the first held-out prompt (up to its first answer token).
+  scored on its held-out split as it is and with each reducer, beside each MoD student folder:
+  accuracy, the FLOPs and KV proxies averaged over the split, and the mean answer-token KL to
+  the dense model; timings on the first held-out prompt (up to its first answer token).
 - `workbench bench tokens` (no model): a randomly initialised Llama decoder at real-size layer
   shapes (default LLaVA-1.5-7B's: d 4096, MLP 11008, 32 heads; 4 of its 32 layers), a prompt of
   `--image-tokens` image and `--text-tokens` text tokens, dense against p-MoD (PRD) and each
@@ -134,13 +135,12 @@ def bench_tokens_command(source: str | None = None, config: str | None = None, o
     models: list[torch.nn.Module] = []
     prompt: dict[str, torch.Tensor] = {}
 
-    def row(name: str, model, inputs, loader=None) -> None:
+    def row(name: str, model, inputs, held_out=None) -> None:
         print(f"[workbench] measuring {name}")
         r: dict[str, Any] = {"variant": name, **proxies(model, inputs), **decoding(model, inputs, new_tokens)}
-        if loader is not None:
-            from workbench.evaluation import evaluate
-
-            r["acc"] = evaluate(model, loader).get("acc")
+        r["timed_flops_ratio"] = r["flops_ratio"]  # of the timed prompt; with held-out data the split's mean replaces it
+        if held_out is not None:
+            r.update(held_out(model))
         rows.append(r)
         models.append(model)
         prompt.update(inputs)
@@ -158,7 +158,7 @@ def bench_tokens_command(source: str | None = None, config: str | None = None, o
     dense = rows[0]
     for r in rows:
         r["prefill_speedup"] = dense["prefill_ms"] / r["prefill_ms"]
-        r["efficiency"] = r["prefill_speedup"] * r["flops_ratio"]
+        r["efficiency"] = r["prefill_speedup"] * r["timed_flops_ratio"]
     result = {"title": title, "threads": threads, "repeats": repeats, "new_tokens": new_tokens, "rows": rows,
               "machine": machine()}
     _print(result)
@@ -198,8 +198,8 @@ def _trained_rows(row, specs: list[str], source: str, config: str | None, overri
     from students.reduce import apply_reducer
     from workbench.bench.compress import _prompt
     from workbench.elastic import resolve_model_dir
-    from workbench.analysis import routable_model
-    from workbench.evaluation import held_out_for
+    from workbench.analysis import answer_logprobs, mean_kl, routable_model
+    from workbench.evaluation import evaluate, held_out_for
 
     model_dir = resolve_model_dir(source)
     held_out, _ = held_out_for(model_dir, config, overrides, data)
@@ -209,15 +209,29 @@ def _trained_rows(row, specs: list[str], source: str, config: str | None, overri
     inputs = {"input_ids": torch.tensor(prompt["input_ids"]), "pixel_values": torch.tensor(prompt["pixel_values"])}
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     loader = held_out.loader(batch_size)
-    row("dense", routable_model(model_dir), inputs, loader)
+    batches = list(loader)
+    reference: list = []
+
+    def scores(model) -> dict[str, Any]:
+        """Held-out accuracy, the proxies averaged over the split, answer-token KL to the dense model."""
+        metrics = evaluate(model, loader)
+        out = {"acc": metrics.get("acc")}
+        out.update({k: metrics[f"tokens/{k}"] for k in ("flops_ratio", "kv_ratio") if f"tokens/{k}" in metrics})
+        logprobs = answer_logprobs(model, batches)
+        if not reference:
+            reference.extend(logprobs)
+        out["kl"] = mean_kl(reference, logprobs)
+        return out
+
+    row("dense", routable_model(model_dir), inputs, scores)
     for folder in mods:
         path = Path(folder)
         row(path.parent.name if path.name == "student" else path.name, routable_model(resolve_model_dir(folder)),
-            inputs, loader)
+            inputs, scores)
     for spec in specs:
         model = routable_model(model_dir)
         _reduce(apply_reducer, model, spec)
-        row(spec, model, inputs, loader)
+        row(spec, model, inputs, scores)
     return f"{model_dir} on {held_out.source}"
 
 
@@ -234,13 +248,13 @@ def _print(result: dict[str, Any]) -> None:
 
     table = Table(title=f"{result['title']} ({result['threads']} threads)")
     accuracy = any("acc" in r for r in result["rows"])
-    columns = ["variant", *(["acc"] if accuracy else []), "FLOPs ratio", "KV ratio", "KV MiB", "prefill ms",
-               "speed-up", "efficiency", "decode tok/s"]
+    columns = ["variant", *(["acc", "KL to dense"] if accuracy else []), "FLOPs ratio", "KV ratio", "KV MiB",
+               "prefill ms", "speed-up", "efficiency", "decode tok/s"]
     for col in columns:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in result["rows"]:
         decode = "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
-        table.add_row(r["variant"], *([f"{r['acc']:.3f}"] if accuracy else []), f"{r['flops_ratio']:.3f}",
+        table.add_row(r["variant"], *([f"{r['acc']:.3f}", f"{r['kl']:.4f}"] if accuracy else []), f"{r['flops_ratio']:.3f}",
                       f"{r['kv_ratio']:.3f}", f"{r['kv_bytes'] / MIB:.2f}", f"{r['prefill_ms']:.1f}",
                       f"{r['prefill_speedup']:.2f}", f"{r['efficiency']:.2f}", decode)
     Console(width=160).print(table)

@@ -48,7 +48,8 @@ def test_a_trained_run_scores_each_reducer_as_eval_does(teacher_run, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["dense", spec] and (tmp_path / "t.png").stat().st_size > 0
     assert main(["eval", str(run), "--teacher", "none", "--reduce", spec, "--out", str(tmp_path / "e.json")]) == 0
-    assert rows[1]["acc"] == json.loads((tmp_path / "e.json").read_text())["models"]["student"]["scores"]["acc"]
-    assert rows[0]["flops_ratio"] == 1.0 and rows[1]["flops_ratio"] < 1
+    scores = json.loads((tmp_path / "e.json").read_text())["models"]["student"]["scores"]
+    assert rows[1]["acc"] == scores["acc"] and rows[1]["flops_ratio"] == scores["tokens/flops_ratio"] < 1
+    assert rows[0]["flops_ratio"] == 1.0 and rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0
     assert main(["bench", "tokens", str(run), "--reduce", "fastv"]) == 2
     assert main(["bench", "tokens", "--mod", str(run)]) == 2

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from students.hf_cache import CACHE_KWARG, either_cache
-from students.mod import _attention_mask, decoder_layers, gather, install, scatter, slots
+from students.mod import _attention_mask, decoder_layers, gather, install, kept_count, scatter, slots
 
 QUERIES = ("after_image", "last_token", "text")
 
@@ -145,6 +145,23 @@ def _keeps(keep: Any, count: int) -> list[float]:
     if any(b > a for a, b in zip(keeps, keeps[1:])):
         raise ValueError(f"keep fractions must not increase with depth, got {keeps}")
     return keeps
+
+
+def kept_image_tokens(model: nn.Module) -> Tensor | None:
+    """(b, n) bool: the image tokens of the last prefill that reached the deepest layer under
+    a reducer (`attention_prune`, `random_prune`: the top of the ranking at the last layer's
+    keep; `framefusion`: the tokens left), or None for a model without one."""
+    fusion = getattr(model, "_framefusion", None)
+    state = getattr(model, "_mod_state", None)
+    if state is None or state.target_mask is None:
+        return None
+    if fusion is not None:
+        return fusion.alive & state.target_mask
+    if state.image_rank is None:
+        return None
+    ratio = decoder_layers(model)[-1].mod_ratio
+    counts = torch.tensor([kept_count(ratio, int(t)) for t in state.target_mask.sum(1)], device=state.image_rank.device)
+    return state.target_mask & (state.image_rank < counts[:, None])
 
 
 # --------------------------------------------------------------------------- FrameFusion

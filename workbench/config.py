@@ -65,6 +65,8 @@ class WindTunnelConfig:
     patch_size: int | None = None  # pixels per image token side (default 16: one token per cell; 4 gives 16 per cell)
     frames: int | None = None  # clip mode: frames per record sharing background and objects (default 1: images)
     motion: float | None = None  # clip mode: chance an object steps to a free neighbouring cell per frame (0.5)
+    min_shapes: int | None = None  # objects per scene: min_shapes..max_shapes (default 1..3)
+    max_shapes: int | None = None
 
 
 @dataclass
@@ -493,6 +495,10 @@ def _validate_windtunnel(wt: WindTunnelConfig) -> None:
     if wt.patch_size is not None and (wt.patch_size < 1 or 16 % wt.patch_size):
         raise WorkbenchError(f"config key 'data.windtunnel.patch_size' must divide the 16-pixel cell (1, 2, 4, 8 or "
                              f"16), got {wt.patch_size}")
+    low, high = wt.min_shapes or 1, wt.max_shapes or 3
+    if not 1 <= low <= high <= min(wt.grid ** 2, 18):
+        raise WorkbenchError(f"config key 'data.windtunnel.min_shapes'/'max_shapes': need 1 <= min_shapes <= "
+                             f"max_shapes <= {min(wt.grid ** 2, 18)} (cells of the grid), got {low}..{high}")
     if wt.frames is not None and wt.frames < 1:
         raise WorkbenchError(f"config key 'data.windtunnel.frames' must be >= 1, got {wt.frames}")
     if wt.motion is not None and not 0 <= wt.motion <= 1:

@@ -10,7 +10,8 @@ import torch
 from conftest import assert_cached_generation_is_recomputation, make_tiny_vlm, vlm_inputs
 from students.hf_cache import output_cache
 from students.mod import count_tokens, decoder_layers, kept_count
-from students.reduce import apply_reducer, attention_prune, image_token_scores, parse_reducer, random_prune
+from students.reduce import (apply_reducer, attention_prune, image_token_scores, kept_image_tokens, parse_reducer,
+                             random_prune)
 
 
 def _capture(layer, captured):
@@ -74,6 +75,7 @@ def test_the_deeper_layers_keep_the_top_scored_image_tokens(processor, world_dir
     scores = image_token_scores(layer, captured["h"], captured["pe"], torch.ones_like(image), image)
     selected = image[0] & (model._mod_state.image_rank[0] < kept)
     assert scores[0][selected].min() >= scores[0][image[0] & ~selected].max()
+    assert torch.equal(kept_image_tokens(model)[0], selected)
 
 
 def test_random_pruning_keeps_the_same_count_drawn_by_its_seed(processor, world_dir):

@@ -210,6 +210,8 @@ def _trained_rows(row, specs: list[str], source: str, config: str | None, overri
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     loader = held_out.loader(batch_size)
     batches = list(loader)
+    base = getattr(held_out.dataset, "dataset", held_out.dataset)  # a Subset under data.limit_val
+    world = (Path(getattr(base, "json_path", "")).parent / "world.json").is_file()
     reference: list = []
 
     def scores(model) -> dict[str, Any]:
@@ -221,7 +223,8 @@ def _trained_rows(row, specs: list[str], source: str, config: str | None, overri
         if not reference:
             reference.extend(logprobs)
         out["kl"] = mean_kl(reference, logprobs)
-        return out
+        recall = object_recall(model, batches, held_out.collator.processor) if world else None
+        return {**out, **({"object_recall": recall} if recall is not None else {})}
 
     row("dense", routable_model(model_dir), inputs, scores)
     for folder in mods:
@@ -233,6 +236,34 @@ def _trained_rows(row, specs: list[str], source: str, config: str | None, overri
         _reduce(apply_reducer, model, spec)
         row(spec, model, inputs, scores)
     return f"{model_dir} on {held_out.source}"
+
+
+@torch.inference_mode()
+def object_recall(model: torch.nn.Module, batches: list[dict], processor: Any) -> float | None:
+    """Wind-tunnel data: the share of the image tokens showing part of an object that a
+    reducer's selection keeps to the deepest layer (`students.reduce.kept_image_tokens`); None
+    for a model that selects nothing or tokens that are not one per patch."""
+    from students.reduce import kept_image_tokens
+    from workbench.batch import model_inputs
+    from workbench.data.windtunnel import object_patches
+
+    image_processor = processor.image_processor
+    kept_total = objects = 0
+    for batch in batches:
+        model(**model_inputs(batch))
+        kept = kept_image_tokens(model)
+        if kept is None:
+            return None
+        flags = object_patches(batch["pixel_values"], processor.patch_size, image_processor.image_mean,
+                               image_processor.image_std).flatten()
+        image = batch["input_ids"] == processor.image_token_id
+        if flags.numel() != int(image.sum()):
+            return None
+        shows = torch.zeros_like(image)
+        shows[image] = flags
+        kept_total += int((kept & shows).sum())
+        objects += int(shows.sum())
+    return kept_total / objects if objects else None
 
 
 def _reduce(apply_reducer, model, spec: str) -> None:
@@ -248,13 +279,16 @@ def _print(result: dict[str, Any]) -> None:
 
     table = Table(title=f"{result['title']} ({result['threads']} threads)")
     accuracy = any("acc" in r for r in result["rows"])
-    columns = ["variant", *(["acc", "KL to dense"] if accuracy else []), "FLOPs ratio", "KV ratio", "KV MiB",
-               "prefill ms", "speed-up", "efficiency", "decode tok/s"]
+    recall = any("object_recall" in r for r in result["rows"])
+    columns = ["variant", *(["acc", "KL to dense"] if accuracy else []), *(["object recall"] if recall else []),
+               "FLOPs ratio", "KV ratio", "KV MiB", "prefill ms", "speed-up", "efficiency", "decode tok/s"]
     for col in columns:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in result["rows"]:
         decode = "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
-        table.add_row(r["variant"], *([f"{r['acc']:.3f}", f"{r['kl']:.4f}"] if accuracy else []), f"{r['flops_ratio']:.3f}",
+        shown = [f"{r['object_recall']:.3f}" if "object_recall" in r else "-"] if recall else []
+        table.add_row(r["variant"], *([f"{r['acc']:.3f}", f"{r['kl']:.4f}"] if accuracy else []), *shown,
+                      f"{r['flops_ratio']:.3f}",
                       f"{r['kv_ratio']:.3f}", f"{r['kv_bytes'] / MIB:.2f}", f"{r['prefill_ms']:.1f}",
                       f"{r['prefill_speedup']:.2f}", f"{r['efficiency']:.2f}", decode)
     Console(width=160).print(table)

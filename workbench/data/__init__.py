@@ -80,7 +80,8 @@ def generate_windtunnel(cfg) -> Path:
         try:
             world = WorldConfig(grid=wt.grid, questions_per_image=wt.questions_per_image,
                                 question_first=wt.question_first, frames=wt.frames or 1,
-                                motion=0.5 if wt.motion is None else wt.motion,
+                                motion=0.5 if wt.motion is None else wt.motion, min_shapes=wt.min_shapes or 1,
+                                max_shapes=wt.max_shapes or 3,
                                 **({"question_types": tuple(wt.question_types)} if wt.question_types else {}))
             write_windtunnel(tmp / "w", n_train=wt.n_train, n_val=wt.n_val, seed=wt.seed, world=world,
                              n_classification=wt.n_classification, patch_size=wt.patch_size or CELL)

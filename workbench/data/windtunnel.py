@@ -71,6 +71,7 @@ class WorldConfig:
 
     grid: int = 3  # cells per side (2 or 3); each cell is one 16-pixel patch
     max_shapes: int = 3
+    min_shapes: int = 1  # objects per scene: min_shapes..max_shapes (2..2 on a 2x2 grid: half the cells empty)
     noise: float = 12.0  # std of per-pixel Gaussian noise, in 0..255 units
     jitter: float = 1.0  # max shift (pixels) of a shape's centre within its cell
     questions_per_image: int = 6
@@ -131,8 +132,8 @@ def render(objects: list[dict], world: WorldConfig, rng: random.Random,
 
 
 def sample_scene(world: WorldConfig, rng: random.Random) -> list[dict]:
-    """1..max_shapes objects in distinct cells, no (colour, shape) pair repeated."""
-    n = rng.randint(1, world.max_shapes)
+    """min_shapes..max_shapes objects in distinct cells, no (colour, shape) pair repeated."""
+    n = rng.randint(world.min_shapes, world.max_shapes)
     cells = rng.sample(range(world.grid * world.grid), n)
     pairs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], n)
     return [
@@ -224,6 +225,20 @@ def _frames(split: str, i: int, objects: list[dict], world: WorldConfig, rng: ra
         render(objects, world, rng, background).save(image_dir / name)
         names.append(f"images/{name}")
     return objects, names
+
+
+def object_patches(pixel_values, patch_size: int, image_mean, image_std, level: int = 150, pixels: int = 4):
+    """(images, patches) bool, patches in raster order: which patches of processed wind-tunnel
+    images show part of an object - at least `pixels` pixels with a channel above `level`
+    (shapes are drawn with a channel of 200 or more, the background below 60 plus noise)."""
+    import torch
+
+    mean = torch.as_tensor(image_mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.as_tensor(image_std, dtype=torch.float32).view(1, -1, 1, 1)
+    bright = ((pixel_values.float() * std + mean) * 255).amax(1) > level  # (images, H, W)
+    n, h, w = bright.shape
+    per_patch = bright.view(n, h // patch_size, patch_size, w // patch_size, patch_size).sum((2, 4))
+    return (per_patch >= pixels).flatten(1)
 
 
 def _records(split: str, n_images: int, world: WorldConfig, seed: int, image_dir: Path) -> list[dict]:

@@ -51,5 +51,6 @@ def test_a_trained_run_scores_each_reducer_as_eval_does(teacher_run, tmp_path):
     scores = json.loads((tmp_path / "e.json").read_text())["models"]["student"]["scores"]
     assert rows[1]["acc"] == scores["acc"] and rows[1]["flops_ratio"] == scores["tokens/flops_ratio"] < 1
     assert rows[0]["flops_ratio"] == 1.0 and rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0
+    assert "object_recall" not in rows[0] and 0 <= rows[1]["object_recall"] <= 1  # a wind tunnel: objects known
     assert main(["bench", "tokens", str(run), "--reduce", "fastv"]) == 2
     assert main(["bench", "tokens", "--mod", str(run)]) == 2

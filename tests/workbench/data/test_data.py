@@ -142,6 +142,29 @@ def test_a_clip_world_shows_one_scene_in_frames_and_asks_about_the_last(tmp_path
                                         ).logits.shape[:2] == batch["input_ids"].shape
 
 
+def test_half_empty_scenes_and_the_patches_that_show_objects(tmp_path):
+    """min_shapes = max_shapes = 2 on the 2x2 grid: every picture half empty; `object_patches`
+    finds exactly the occupied cells from the processed pixels (at 16- and 8-pixel patches)."""
+    from transformers import AutoProcessor
+
+    from workbench.data.windtunnel import object_patches
+
+    out = write_windtunnel(tmp_path / "half", n_train=2, n_val=12, world=WorldConfig(grid=2, min_shapes=2, max_shapes=2))
+    processor = AutoProcessor.from_pretrained(out / "processor")
+    data = LlavaDataset(out / "val.json")
+    batch = VLMCollator(processor)([data[i] for i in range(len(data))])
+    ip = processor.image_processor
+    flags = object_patches(batch["pixel_values"], 16, ip.image_mean, ip.image_std)
+    fine = object_patches(batch["pixel_values"], 8, ip.image_mean, ip.image_std).view(-1, 4, 4)
+    for i, rec in enumerate(json.loads((out / "val.json").read_text())):
+        with Image.open(out / rec["image"]) as im:
+            cells = objects_in_cells(im.convert("RGB"), grid=2)
+        assert sorted(flags[i].nonzero().squeeze(1).tolist()) == sorted(r * 2 + c for r, c in cells)
+        # every 8-pixel quarter of an occupied cell shows part of its shape; empty cells none
+        quarters = fine[i].view(2, 2, 2, 2).transpose(1, 2).reshape(4, 4)
+        assert quarters.all(1).tolist() == flags[i].tolist() and not quarters[~flags[i]].any()
+
+
 def test_world_shape_of_records(world_dir):
     recs = json.loads((world_dir / "train.json").read_text())
     assert len(recs) == 64 and len(json.loads((world_dir / "val.json").read_text())) == 16

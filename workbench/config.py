@@ -64,6 +64,7 @@ class WindTunnelConfig:
     n_classification: int = 0  # training images of the classification set (windtunnel_classification)
     patch_size: int | None = None  # pixels per image token side (default 16: one token per cell; 4 gives 16 per cell)
     frames: int | None = None  # clip mode: frames per record sharing background and objects (default 1: images)
+    min_frames: int | None = None  # clip mode: clips of min_frames..frames frames, drawn per record (default: frames)
     motion: float | None = None  # clip mode: chance an object steps to a free neighbouring cell per frame (0.5)
     min_shapes: int | None = None  # objects per scene: min_shapes..max_shapes (default 1..3)
     max_shapes: int | None = None
@@ -501,6 +502,9 @@ def _validate_windtunnel(wt: WindTunnelConfig) -> None:
                              f"max_shapes <= {min(wt.grid ** 2, 18)} (cells of the grid), got {low}..{high}")
     if wt.frames is not None and wt.frames < 1:
         raise WorkbenchError(f"config key 'data.windtunnel.frames' must be >= 1, got {wt.frames}")
+    if wt.min_frames is not None and not 1 <= wt.min_frames <= (wt.frames or 1):
+        raise WorkbenchError(f"config key 'data.windtunnel.min_frames' must be in 1..frames ({wt.frames or 1}), "
+                             f"got {wt.min_frames}")
     if wt.motion is not None and not 0 <= wt.motion <= 1:
         raise WorkbenchError(f"config key 'data.windtunnel.motion' must be in [0, 1], got {wt.motion}")
     if not 1 <= wt.questions_per_image <= len(types):

@@ -251,6 +251,8 @@ OVERRIDE_CASES = [
     (["bogus=1"], "'bogus'"), (["seed=abc"], "'seed'"), (["optim=3"], "'optim'", "section"), (["data.windtunnel=2"], "'data.windtunnel'", "section"),
     (["data.type=windtunnel", "data.windtunnel.patch_size=5"], "'data.windtunnel.patch_size'", "divide"),
     (["data.type=windtunnel", "data.windtunnel.frames=0"], "'data.windtunnel.frames'", ">= 1"),
+    (["data.type=windtunnel", "data.windtunnel.frames=2", "data.windtunnel.min_frames=3"],
+     "'data.windtunnel.min_frames'", "1..frames"),
     (["data.type=windtunnel", "data.windtunnel.min_shapes=4"], "'data.windtunnel.min_shapes'", "max_shapes"),
     (["data.type=windtunnel", "data.windtunnel.grid=2", "data.windtunnel.max_shapes=5"], "max_shapes <= 4"),
     (["data.type=windtunnel", "data.windtunnel.motion=1.5"], "'data.windtunnel.motion'", "[0, 1]"),

@@ -79,7 +79,7 @@ def generate_windtunnel(cfg) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=".windtunnel-", dir=cfg.root))
         try:
             world = WorldConfig(grid=wt.grid, questions_per_image=wt.questions_per_image,
-                                question_first=wt.question_first, frames=wt.frames or 1,
+                                question_first=wt.question_first, frames=wt.frames or 1, min_frames=wt.min_frames,
                                 motion=0.5 if wt.motion is None else wt.motion, min_shapes=wt.min_shapes or 1,
                                 max_shapes=wt.max_shapes or 3,
                                 **({"question_types": tuple(wt.question_types)} if wt.question_types else {}))

@@ -78,6 +78,7 @@ class WorldConfig:
     question_first: bool = False  # "question\n<image>" instead of "<image>\nquestion" in turn 1
     question_types: tuple[str, ...] = QUESTION_TYPES  # which kinds of question are asked
     frames: int = 1  # > 1: each record is a clip of this many frames (one image each) sharing content
+    min_frames: int | None = None  # clips of min_frames..frames frames, drawn per record (default: all `frames`)
     motion: float = 0.5  # in a clip: chance that an object steps to a free neighbouring cell between frames
 
     @property
@@ -216,9 +217,10 @@ def _frames(split: str, i: int, objects: list[dict], world: WorldConfig, rng: ra
         name = f"{split}-{i:06d}.png"
         render(objects, world, rng).save(image_dir / name)
         return objects, f"images/{name}"
+    count = world.frames if world.min_frames in (None, world.frames) else rng.randint(world.min_frames, world.frames)
     background = tuple(rng.randint(20, 60) for _ in range(3))
     names = []
-    for f in range(world.frames):
+    for f in range(count):
         if f:
             objects = move(objects, world, rng)
         name = f"{split}-{i:06d}-f{f}.png"
@@ -246,9 +248,9 @@ def _records(split: str, n_images: int, world: WorldConfig, seed: int, image_dir
     questions; in a clip, positions are asked about the last frame."""
     rng = random.Random(f"{seed}-{split}")
     records = []
-    tags = "\n".join(["<image>"] * world.frames)
     for i in tqdm(range(n_images), desc=f"wind tunnel {split}", leave=False, mininterval=1.0):
         objects, image = _frames(split, i, sample_scene(world, rng), world, rng, image_dir)
+        tags = "\n".join(["<image>"] * (len(image) if isinstance(image, list) else 1))
         turns, qtypes = [], []
         for qtype in rng.sample(world.question_types, world.questions_per_image):
             qa = ask(objects, qtype, rng, world.grid)

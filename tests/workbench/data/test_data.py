@@ -132,6 +132,11 @@ def test_a_clip_world_shows_one_scene_in_frames_and_asks_about_the_last(tmp_path
     for rec in json.loads((still / "train.json").read_text()):
         a, b = (np.asarray(Image.open(still / name), dtype=float) for name in rec["image"])
         assert np.abs(a - b).mean() < 20  # the same picture up to noise and jitter
+    varied = write_windtunnel(tmp_path / "varied", n_train=24, n_val=1, world=WorldConfig(frames=4, min_frames=1))
+    counts = [len(rec["image"]) for rec in json.loads((varied / "train.json").read_text())]
+    assert set(counts) == {1, 2, 3, 4}  # clips of 1..4 frames, a placeholder each
+    assert all(r["conversations"][0]["value"].count("<image>") == len(r["image"])
+               for r in json.loads((varied / "train.json").read_text()))
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(out / "processor")

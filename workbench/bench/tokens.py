@@ -242,11 +242,14 @@ def _trained_rows(row, specs: list[str], source: str, config: str | None, overri
 def object_recall(model: torch.nn.Module, batches: list[dict], processor: Any) -> float | None:
     """Wind-tunnel data: the share of the image tokens showing part of an object that a
     reducer's selection keeps to the deepest layer (`students.reduce.kept_image_tokens`); None
-    for a model that selects nothing or tokens that are not one per patch."""
+    for a model that selects nothing, one that merges (a merged token's content lives on in its
+    run's head, so kept tokens do not measure kept objects) or tokens that are not one per patch."""
     from students.reduce import kept_image_tokens
     from workbench.batch import model_inputs
     from workbench.data.windtunnel import object_patches
 
+    if getattr(model, "_framefusion", None) is not None:
+        return None
     image_processor = processor.image_processor
     kept_total = objects = 0
     for batch in batches:

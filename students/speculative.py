@@ -44,23 +44,26 @@ class SpecStats:
 
     rounds: int = 0
     proposed: int = 0  # draft tokens proposed
+    tested: int = 0  # of those, the ones the rule decided on (up to the first rejection)
     accepted: int = 0  # of those, accepted
     emitted: int = 0  # tokens generated (accepted + one per round, up to the budget)
     target_passes: int = 0  # verification forwards (one per round; the prompt's prefill not counted)
     draft_passes: int = 0
     replay_passes: int = 0  # target/draft forwards that re-run accepted tokens into recurrent states
-    overlap: float = 0.0  # sum over proposed positions of sum_v min(p, q)
+    overlap: float = 0.0  # sum over tested positions of sum_v min(p, q)
     accepted_per_round: list[int] = field(default_factory=list)
 
     @property
     def alpha(self) -> float:
-        """Empirical acceptance: accepted / proposed draft tokens."""
-        return self.accepted / self.proposed if self.proposed else 0.0
+        """Empirical acceptance: accepted / tested draft tokens (a token after a rejection is
+        never tested)."""
+        return self.accepted / self.tested if self.tested else 0.0
 
     @property
     def alpha_analytic(self) -> float:
-        """Mean of sum_v min(p(v), q(v)) over the proposed positions (1 - mean total variation)."""
-        return self.overlap / self.proposed if self.proposed else 0.0
+        """Mean of sum_v min(p(v), q(v)) over the tested positions (1 - mean total variation):
+        what alpha estimates; equal to it when greedy."""
+        return self.overlap / self.tested if self.tested else 0.0
 
     @property
     def tau(self) -> float:
@@ -69,7 +72,7 @@ class SpecStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "alpha_analytic": self.alpha_analytic, "tau": self.tau, "rounds": self.rounds,
-                "proposed": self.proposed, "accepted": self.accepted, "emitted": self.emitted,
+                "proposed": self.proposed, "tested": self.tested, "accepted": self.accepted, "emitted": self.emitted,
                 "target_passes": self.target_passes, "draft_passes": self.draft_passes,
                 "replay_passes": self.replay_passes}
 
@@ -228,9 +231,11 @@ def speculative_generate(target: torch.nn.Module, draft: torch.nn.Module, input_
         q = torch.stack(qs) if qs else p[:0]
         k, nxt = verify(p, q, drafted, greedy, generator)
         stats.rounds += 1
+        tested = min(k + 1, n)
         stats.proposed += n
+        stats.tested += tested
         stats.accepted += k
-        stats.overlap += float(torch.minimum(p[:n], q).sum()) if n else 0.0
+        stats.overlap += float(torch.minimum(p[:tested], q[:tested]).sum()) if tested else 0.0
         stats.accepted_per_round.append(k)
         kept = drafted[:k] + [nxt]
         if eos_token_id is not None and eos_token_id in kept:

@@ -196,6 +196,14 @@ def _cmd_bench_compress(args: argparse.Namespace) -> None:
                            args.threads, args.batch_size, args.json, args.plot, args.keep, args.reference)
 
 
+def _cmd_bench_speculative(args: argparse.Namespace) -> None:
+    from workbench.bench.speculative import bench_speculative_command
+
+    config, overrides = _optional_config(args.config, args.overrides)
+    bench_speculative_command(args.source, args.draft, config, overrides, args.data, args.gamma, args.prompts,
+                              args.new_tokens, args.temperature, args.top_k, args.seed, args.threads, args.json)
+
+
 def _cmd_bench_tokens(args: argparse.Namespace) -> None:
     from workbench.bench.tokens import bench_tokens_command
 
@@ -457,6 +465,25 @@ def parser() -> argparse.ArgumentParser:
     bt.add_argument("--json", metavar="OUT", help="also write the rows and the machine to this JSON file")
     bt.add_argument("--plot", metavar="PNG", help="accuracy (or prefill time) against the FLOPs proxy")
     bt.set_defaults(func=_cmd_bench_tokens)
+
+    bs = bsub.add_parser("speculative", help="a draft model as a draft of TARGET: acceptance, mean accepted "
+                                             "length, passes per token, cost ratio, decode speed, losslessness")
+    bs.add_argument("source", help="the target: a run or model folder")
+    bs.add_argument("config", nargs="?", help="experiment YAML whose data.val gives the prompts (default: the run's)")
+    bs.add_argument("overrides", nargs="*", help="key=value overrides of that config")
+    bs.add_argument("--draft", required=True, help="a run or model folder sharing the target's tokenizer, or "
+                                                   "extract:SPEC (a MatFormer submodel of the target)")
+    bs.add_argument("--data", help="a held-out LLaVA-format JSON (processor from the target folder)")
+    bs.add_argument("--gamma", default="2,4", help="draft lengths, comma-separated (default 2,4)")
+    bs.add_argument("--prompts", type=int, default=8, help="held-out prompts (default 8)")
+    bs.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
+    bs.add_argument("--temperature", type=float, default=0.0, help="0: greedy, checked token for token; > 0: "
+                                                                    "speculative sampling")
+    bs.add_argument("--top-k", type=int, help="sampling: keep the k most likely tokens (both models alike)")
+    bs.add_argument("--seed", type=int, default=0, help="sampling seed")
+    bs.add_argument("--threads", type=int, default=2, help="torch threads")
+    bs.add_argument("--json", metavar="OUT", help="also write the rows and the machine to this JSON file")
+    bs.set_defaults(func=_cmd_bench_speculative)
 
     doc = sub.add_parser("doctor", help="versions, CUDA / Triton / mamba-ssm / bitsandbytes, kernel paths")
     doc.add_argument("--json", action="store_true")

@@ -40,7 +40,8 @@ def test_greedy_output_is_the_targets_with_a_random_draft(gamma):
     stats = SpecStats()
     out = speculative_generate(target, draft, PROMPT, max_new_tokens=17, gamma=gamma, stats=stats)
     assert torch.equal(out, _greedy(target, PROMPT, 17))
-    assert stats.emitted == 17 and stats.target_passes == stats.rounds and stats.accepted < stats.proposed
+    assert stats.emitted == 17 and stats.target_passes == stats.rounds and stats.accepted < stats.tested
+    assert stats.alpha == pytest.approx(stats.alpha_analytic)  # greedy: kept exactly when the argmaxes agree
 
 
 def test_the_target_as_its_own_draft_accepts_everything():
@@ -111,9 +112,9 @@ def test_acceptance_matches_the_overlap_and_tau_the_formula():
     for _ in range(8):
         speculative_generate(target, draft, ids, max_new_tokens=60, gamma=3, temperature=1.0, generator=generator,
                              stats=stats)
-    n = stats.proposed
+    n = stats.tested
     assert n > 300
-    # each proposal is kept with probability sum_v min(p, q) given its context: 4 standard errors
+    # each tested proposal is kept with probability sum_v min(p, q) given its context: 4 standard errors
     assert abs(stats.alpha - stats.alpha_analytic) < 4 * (stats.alpha * (1 - stats.alpha) / n) ** 0.5
     full = [k for k in stats.accepted_per_round[:-1]]  # rounds that proposed all gamma tokens
     assert abs((sum(full) / len(full) + 1) - expected_tokens_per_round(stats.alpha, 3)) < 0.25

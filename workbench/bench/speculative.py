@@ -1,0 +1,199 @@
+"""`workbench bench speculative TARGET --draft DRAFT | extract:SPEC [--gamma 2,4]`: a draft model
+measured as a draft of TARGET (students/speculative.py) on held-out prompts.
+
+Per draft length gamma: empirical acceptance alpha and its analytic counterpart (the mean over
+proposed positions of sum_v min(p, q)), mean accepted length tau (tokens per target pass),
+target passes per generated token, the draft's cost ratio c (the decode FLOPs proxy: Linear
+weights of the language model and its head, draft / target), the speed-up Leviathan et al.'s
+formula predicts from alpha and c, and wall-clock decode tokens/s on this machine against the
+target's own greedy `generate` (reported, not asserted). Every greedy run is checked token for
+token against the target's greedy output (`lossless`).
+
+Prompts are the first held-out samples up to their first answer token, and the models decode
+`--new-tokens` tokens past the end-of-turn token (a fixed length, so every draft is timed on
+the same work). `extract:SPEC` drafts with the MatFormer submodel SPEC of TARGET (no
+training). A draft that is a run gets the results in its `summary.json` (`speculative`), so
+`workbench compare --metric speculative.gamma4.tau` reads them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workbench.errors import WorkbenchError
+
+
+def decode_params(model: torch.nn.Module) -> int:
+    """Linear weights a decode step runs through: the language model's layers and its head."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    total = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
+    return total + (head.weight.numel() if head is not None else 0)
+
+
+def predicted_speedup(alpha: float, gamma: int, cost: float) -> float:
+    """(1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1)): the expected wall-clock speed-up when
+    each draft token is accepted independently with probability alpha and a draft step costs
+    c target steps (Leviathan et al.)."""
+    from students.speculative import expected_tokens_per_round
+
+    return expected_tokens_per_round(alpha, gamma) / (gamma * cost + 1)
+
+
+def load_draft(spec: str, target_dir: Path) -> tuple[torch.nn.Module, str, Path | None]:
+    """(draft model, its name, its folder) from a run / model folder or `extract:SPEC` of the target."""
+    from workbench.elastic import load_universal, resolve_model_dir, spec_for
+    from workbench.evaluation import load_model
+
+    if spec.startswith("extract:"):
+        from students.matformer import extract
+
+        universal = load_universal(target_dir)
+        try:
+            return extract(universal, spec_for(universal, spec.partition(":")[2], None)).eval(), spec, None
+        except ValueError as e:
+            raise WorkbenchError(f"--draft {spec}: {e}") from None
+    folder = resolve_model_dir(spec)
+    return load_model(folder), str(folder), folder
+
+
+def prompts(held_out, count: int) -> list[dict[str, torch.Tensor]]:
+    """The first `count` held-out samples up to their first answer token."""
+    from workbench.batch import model_inputs
+    from workbench.metrics import answer_positions
+
+    out = []
+    for batch in held_out.loader(1):
+        answers = answer_positions(batch["labels"])[0].nonzero()
+        if not len(answers):
+            continue
+        inputs = model_inputs(batch)
+        first = int(answers[0]) + 1
+        out.append({"input_ids": inputs["input_ids"][:, :first],
+                    **({"pixel_values": inputs["pixel_values"]} if "pixel_values" in inputs else {})})
+        if len(out) == count:
+            break
+    if not out:
+        raise WorkbenchError("no held-out sample has an answer to prompt with")
+    return out
+
+
+@torch.no_grad()
+def _target_greedy(target, prompt: dict, new_tokens: int) -> tuple[torch.Tensor, float]:
+    ids = prompt["input_ids"]
+    start = time.perf_counter()
+    out = target.generate(**prompt, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                          pad_token_id=getattr(target.generation_config, "pad_token_id", None) or 0)
+    return out, time.perf_counter() - start
+
+
+def _row(target, draft, items: list[dict], references: list[torch.Tensor], gamma: int, new_tokens: int,
+         temperature: float, top_k: int | None, seed: int) -> dict[str, Any]:
+    from students.speculative import SpecStats, speculative_generate
+
+    stats, lossless, seconds = SpecStats(), True, 0.0
+    generator = torch.Generator().manual_seed(seed)
+    for prompt, reference in zip(items, references):
+        extra = {k: v for k, v in prompt.items() if k != "input_ids"}
+        start = time.perf_counter()
+        out = speculative_generate(target, draft, prompt["input_ids"], max_new_tokens=new_tokens, gamma=gamma,
+                                   temperature=temperature, top_k=top_k, generator=generator, stats=stats, **extra)
+        seconds += time.perf_counter() - start
+        if temperature <= 0:
+            lossless &= bool(torch.equal(out, reference))
+    return {"gamma": gamma, **stats.as_dict(), "target_passes_per_token": stats.target_passes / max(stats.emitted, 1),
+            "tok_s": stats.emitted / seconds, "lossless": lossless if temperature <= 0 else None}
+
+
+def bench_speculative_command(source: str, draft: str, config: str | None = None, overrides: list[str] = (),
+                              data: str | None = None, gammas: str = "2,4", count: int = 8, new_tokens: int = 32,
+                              temperature: float = 0.0, top_k: int | None = None, seed: int = 0, threads: int = 2,
+                              json_out: str | None = None) -> dict[str, Any]:
+    from workbench.bench import machine
+    from workbench.elastic import resolve_model_dir
+    from workbench.evaluation import held_out_for, load_model
+    from workbench.rundir import write_json
+
+    try:
+        gamma_list = [int(g) for g in gammas.split(",")]
+    except ValueError:
+        raise WorkbenchError(f"--gamma {gammas!r}: draft lengths separated by commas, e.g. 2,4") from None
+    if any(g < 1 for g in gamma_list) or count < 1 or new_tokens < 1 or threads < 1:
+        raise WorkbenchError("--gamma values, --prompts, --new-tokens and --threads must be at least 1")
+    torch.set_num_threads(threads)
+    target_dir = resolve_model_dir(source)
+    held_out, _ = held_out_for(target_dir, config, overrides, data)
+    if held_out.classification:
+        raise WorkbenchError(f"{target_dir} is an image classifier: nothing to decode")
+    target = load_model(target_dir)
+    draft_model, draft_name, draft_dir = load_draft(draft, target_dir)
+    if draft_model.get_input_embeddings().weight.shape[0] != target.get_input_embeddings().weight.shape[0]:
+        raise WorkbenchError(f"--draft {draft}: its vocabulary differs from the target's; a draft must share the "
+                             "target's tokenizer")
+    items = prompts(held_out, count)
+    print(f"[workbench] target {target_dir}, draft {draft_name}: {len(items)} prompts, {new_tokens} new tokens")
+    references, seconds = [], 0.0
+    for prompt in items:
+        out, took = _target_greedy(target, prompt, new_tokens)
+        references.append(out)
+        seconds += took
+    cost = decode_params(draft_model) / decode_params(target)
+    rows = []
+    for gamma in gamma_list:
+        print(f"[workbench] gamma {gamma}")
+        row = _row(target, draft_model, items, references, gamma, new_tokens, temperature, top_k, seed)
+        row["cost_ratio"] = cost
+        row["predicted_speedup"] = predicted_speedup(row["alpha"], gamma, cost)
+        row["speedup"] = row["tok_s"] / (len(items) * new_tokens / seconds)
+        rows.append(row)
+    result = {"target": str(target_dir), "draft": draft_name, "prompts": len(items), "new_tokens": new_tokens,
+              "temperature": temperature, "top_k": top_k, "target_tok_s": len(items) * new_tokens / seconds,
+              "rows": rows, "machine": machine()}
+    _print(result)
+    if json_out:
+        write_json(Path(json_out), result)
+        print(f"written to {json_out}")
+    _record(draft_dir, result)
+    if any(r["lossless"] is False for r in rows):
+        raise WorkbenchError("speculative output differed from the target's greedy output: a bug in the decoding "
+                             "loop or a model whose forward is not deterministic; results written")
+    return result
+
+
+def _record(draft_dir: Path | None, result: dict[str, Any]) -> None:
+    """Put the rows in the draft run's summary.json (`speculative.gamma<g>`), for `compare`."""
+    import json
+
+    from workbench.rundir import run_dir_of_model, write_json
+
+    run = run_dir_of_model(draft_dir) if draft_dir is not None else None
+    if run is None:
+        return
+    path = run.path / "summary.json"
+    summary = json.loads(path.read_text())
+    keys = ("alpha", "alpha_analytic", "tau", "target_passes_per_token", "cost_ratio", "predicted_speedup", "speedup")
+    summary["speculative"] = {"target": result["target"], "temperature": result["temperature"],
+                              **{f"gamma{r['gamma']}": {k: r[k] for k in keys} for r in result["rows"]}}
+    write_json(path, summary)
+    print(f"[workbench] recorded in {path} (speculative.gamma<g>.*)")
+
+
+def _print(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"draft {result['draft']} for {result['target']} (target greedy: "
+                        f"{result['target_tok_s']:.1f} tok/s)")
+    for col in ("gamma", "alpha", "sum min(p,q)", "tau", "target passes / token", "cost c", "predicted speed-up",
+                "tok/s", "speed-up", "lossless"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        table.add_row(str(r["gamma"]), f"{r['alpha']:.3f}", f"{r['alpha_analytic']:.3f}", f"{r['tau']:.2f}",
+                      f"{r['target_passes_per_token']:.3f}", f"{r['cost_ratio']:.3f}", f"{r['predicted_speedup']:.2f}",
+                      f"{r['tok_s']:.1f}", f"{r['speedup']:.2f}", "-" if r["lossless"] is None else str(r["lossless"]))
+    Console(width=160).print(table)

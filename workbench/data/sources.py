@@ -44,7 +44,7 @@ def from_messages(rec: dict, where: str) -> dict:
     return out
 
 
-def single_image(rec: dict, where: str) -> dict:
+def image_field(rec: dict) -> dict:
     """`images` (a list of paths, or a path) as LLaVA's `image`: a path, or a list of paths for
     a multi-image record (frames of a clip, LLaVA-OneVision style)."""
     if "images" not in rec:
@@ -89,7 +89,7 @@ def normalise(rec: Any, where: str) -> Any:
         return rec
     if "messages" in rec and "conversations" not in rec:
         rec = from_messages(rec, where)
-    return single_image(rec, where)
+    return image_field(rec)
 
 
 def read_json_records(path: Path) -> list:

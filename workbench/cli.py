@@ -201,7 +201,8 @@ def _cmd_bench_speculative(args: argparse.Namespace) -> None:
 
     config, overrides = _optional_config(args.config, args.overrides)
     bench_speculative_command(args.source, args.draft, config, overrides, args.data, args.gamma, args.prompts,
-                              args.new_tokens, args.temperature, args.top_k, args.seed, args.threads, args.json)
+                              args.new_tokens, args.temperature, args.top_k, args.seed, args.threads, args.json,
+                              args.draft_reduce)
 
 
 def _cmd_bench_tokens(args: argparse.Namespace) -> None:
@@ -473,6 +474,8 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("overrides", nargs="*", help="key=value overrides of that config")
     bs.add_argument("--draft", required=True, help="a run or model folder sharing the target's tokenizer, or "
                                                    "extract:SPEC (a MatFormer submodel of the target)")
+    bs.add_argument("--draft-reduce", metavar="SPEC", help="a token reducer for the draft only (e.g. "
+                                                          "attention_prune:layer=0,keep=0.25)")
     bs.add_argument("--data", help="a held-out LLaVA-format JSON (processor from the target folder)")
     bs.add_argument("--gamma", default="2,4", help="draft lengths, comma-separated (default 2,4)")
     bs.add_argument("--prompts", type=int, default=8, help="held-out prompts (default 8)")

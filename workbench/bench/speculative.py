@@ -12,7 +12,8 @@ token against the target's greedy output (`lossless`).
 Prompts are the first held-out samples up to their first answer token, and the models decode
 `--new-tokens` tokens past the end-of-turn token (a fixed length, so every draft is timed on
 the same work). `extract:SPEC` drafts with the MatFormer submodel SPEC of TARGET (no
-training). A draft that is a run gets the results in its `summary.json` (`speculative`), so
+training); `--draft-reduce SPEC` lets the draft read fewer image tokens (a training-free
+reducer of `students.reduce`) while the target reads them all, so decoding stays lossless. A draft that is a run gets the results in its `summary.json` (`speculative`), so
 `workbench compare --metric speculative.gamma4.tau` reads them.
 """
 
@@ -44,8 +45,22 @@ def predicted_speedup(alpha: float, gamma: int, cost: float) -> float:
     return expected_tokens_per_round(alpha, gamma) / (gamma * cost + 1)
 
 
-def load_draft(spec: str, target_dir: Path) -> tuple[torch.nn.Module, str, Path | None]:
-    """(draft model, its name, its folder) from a run / model folder or `extract:SPEC` of the target."""
+def load_draft(spec: str, target_dir: Path, reduce: str | None = None) -> tuple[torch.nn.Module, str, Path | None]:
+    """(draft model, its name, its folder) from a run / model folder or `extract:SPEC` of the
+    target; with `reduce`, the draft reads fewer image tokens (the target still reads them all)."""
+    draft, name, folder = _draft(spec, target_dir)
+    if reduce is not None:
+        from students.reduce import apply_reducer
+
+        try:
+            apply_reducer(draft, reduce)
+        except ValueError as e:
+            raise WorkbenchError(f"--draft-reduce {reduce}: {e}") from None
+        name = f"{name} + {reduce}"
+    return draft, name, folder
+
+
+def _draft(spec: str, target_dir: Path) -> tuple[torch.nn.Module, str, Path | None]:
     from workbench.elastic import load_universal, resolve_model_dir, spec_for
     from workbench.evaluation import load_model
 
@@ -113,7 +128,7 @@ def _row(target, draft, items: list[dict], references: list[torch.Tensor], gamma
 def bench_speculative_command(source: str, draft: str, config: str | None = None, overrides: list[str] = (),
                               data: str | None = None, gammas: str = "2,4", count: int = 8, new_tokens: int = 32,
                               temperature: float = 0.0, top_k: int | None = None, seed: int = 0, threads: int = 2,
-                              json_out: str | None = None) -> dict[str, Any]:
+                              json_out: str | None = None, draft_reduce: str | None = None) -> dict[str, Any]:
     from workbench.bench import machine
     from workbench.elastic import resolve_model_dir
     from workbench.evaluation import held_out_for, load_model
@@ -131,7 +146,7 @@ def bench_speculative_command(source: str, draft: str, config: str | None = None
     if held_out.classification:
         raise WorkbenchError(f"{target_dir} is an image classifier: nothing to decode")
     target = load_model(target_dir)
-    draft_model, draft_name, draft_dir = load_draft(draft, target_dir)
+    draft_model, draft_name, draft_dir = load_draft(draft, target_dir, draft_reduce)
     if draft_model.get_input_embeddings().weight.shape[0] != target.get_input_embeddings().weight.shape[0]:
         raise WorkbenchError(f"--draft {draft}: its vocabulary differs from the target's; a draft must share the "
                              "target's tokenizer")

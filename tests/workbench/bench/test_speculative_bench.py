@@ -48,6 +48,19 @@ def test_a_matformer_extraction_drafts_losslessly_and_cheaper(teacher_run, tmp_p
     assert not (teacher_run / "summary.json").read_text().count("speculative")  # an extraction is not a run
 
 
+def test_a_draft_that_reads_fewer_image_tokens_stays_lossless(teacher_run, tmp_path):
+    out = tmp_path / "s.json"
+    assert main(["bench", "speculative", str(teacher_run), "--draft", str(teacher_run), "--draft-reduce",
+                 "attention_prune:layer=0,keep=0.25", "--gamma", "3", "--prompts", "2", "--new-tokens", "6",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    row = result["rows"][0]
+    assert row["lossless"] is True and result["draft"].endswith("+ attention_prune:layer=0,keep=0.25")
+    assert row["alpha"] == row["alpha_analytic"] <= 1
+    assert main(["bench", "speculative", str(teacher_run), "--draft", str(teacher_run), "--draft-reduce",
+                 "attention_prune:keep=3"]) == 2
+
+
 def test_cost_ratio_and_predicted_speedup_closed_forms():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -48,7 +48,8 @@ def test_a_matformer_extraction_drafts_losslessly_and_cheaper(teacher_run, tmp_p
     assert not (teacher_run / "summary.json").read_text().count("speculative")  # an extraction is not a run
 
 
-def test_a_draft_that_reads_fewer_image_tokens_stays_lossless(teacher_run, tmp_path):
+def test_a_draft_that_reads_fewer_image_tokens_stays_lossless(run_copy, tmp_path):
+    teacher_run = run_copy  # the draft is a run: its summary.json is written
     out = tmp_path / "s.json"
     assert main(["bench", "speculative", str(teacher_run), "--draft", str(teacher_run), "--draft-reduce",
                  "attention_prune:layer=0,keep=0.25", "--gamma", "3", "--prompts", "2", "--new-tokens", "6",

@@ -486,13 +486,14 @@ def _validate_stages(cfg: RunConfig) -> None:
 def _validate_windtunnel(wt: WindTunnelConfig) -> None:
     if wt.grid not in (2, 3):
         raise WorkbenchError("config key 'data.windtunnel.grid' must be 2 or 3")
-    from workbench.data.windtunnel import QUESTION_TYPES
+    from workbench.data.windtunnel import EXTRA_QUESTION_TYPES, QUESTION_TYPES
 
     types = wt.question_types or list(QUESTION_TYPES)
-    unknown = sorted(set(types) - set(QUESTION_TYPES))
+    known = QUESTION_TYPES + EXTRA_QUESTION_TYPES
+    unknown = sorted(set(types) - set(known))
     if unknown or len(set(types)) != len(types):
         raise WorkbenchError(f"config key 'data.windtunnel.question_types': {unknown or types} - choose distinct "
-                             f"names from {', '.join(QUESTION_TYPES)}")
+                             f"names from {', '.join(known)}")
     if wt.patch_size is not None and (wt.patch_size < 1 or 16 % wt.patch_size):
         raise WorkbenchError(f"config key 'data.windtunnel.patch_size' must divide the 16-pixel cell (1, 2, 4, 8 or "
                              f"16), got {wt.patch_size}")

@@ -40,6 +40,11 @@ CELL = 16  # pixels per grid cell = the processor's patch size
 GRID_NAMES = {2: (("top", "bottom"), ("left", "right")), 3: (ROWS, COLS)}
 NUMBERS = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES = ("count", "color", "shape", "presence", "position", "cell")
+# asked only when named in `question_types`: "describe the picture ?" -> every object with its
+# place, in reading order ("red square top left and blue cross bottom right"), a long answer
+# that depends on the image throughout (for drafts in speculative decoding)
+EXTRA_QUESTION_TYPES = ("describe",)
+EXTRA_WORDS = ("describe", "picture", "and")  # appended to the vocabulary of worlds that ask "describe"
 
 # Chat format of the world's processor: LLaVA-1.5 style, images where the user turn puts them.
 CHAT_TEMPLATE = (
@@ -86,10 +91,12 @@ class WorldConfig:
         return CELL * self.grid
 
 
-def vocabulary() -> list[str]:
-    """Every word the world's conversations use, special tokens first (fixed ids)."""
+def vocabulary(extra: bool = False) -> list[str]:
+    """Every word the world's conversations use, special tokens first (fixed ids); `extra`
+    appends the words of the extra question types (after every other word, so ids stay)."""
     words = list(SPECIAL_TOKENS) + list(TEMPLATE_WORDS) + list(QUESTION_WORDS)
     words += list(COLOURS) + list(SHAPES) + list(ROWS) + list(COLS) + list(NUMBERS)
+    words += list(EXTRA_WORDS) if extra else []
     seen: dict[str, None] = {}
     for w in words:
         seen.setdefault(w, None)
@@ -179,6 +186,10 @@ def ask(objects: list[dict], qtype: str, rng: random.Random, grid: int = 3) -> t
     if qtype == "position":
         o = rng.choice(objects)
         return f"where is the {o['colour']} {o['shape']} ?", _position(o, grid)
+    if qtype == "describe":
+        ordered = sorted(objects, key=lambda o: (o["row"], o["col"]))
+        return "describe the picture ?", " and ".join(f"{o['colour']} {o['shape']} {_position(o, grid)}"
+                                                      for o in ordered)
     if qtype == "cell":  # looks up a cell by name: teaches the tower what each cell holds
         if rng.random() < 0.25:
             taken = {(o["row"], o["col"]) for o in objects}
@@ -283,7 +294,7 @@ def build_processor(world: WorldConfig, patch_size: int = CELL):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+    vocab = {w: i for i, w in enumerate(vocabulary(extra=bool(set(EXTRA_QUESTION_TYPES) & set(world.question_types))))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(

@@ -170,6 +170,29 @@ def test_half_empty_scenes_and_the_patches_that_show_objects(tmp_path):
         assert quarters.all(1).tolist() == flags[i].tolist() and not quarters[~flags[i]].any()
 
 
+def test_describe_questions_list_every_object_in_reading_order(tmp_path, processor):
+    """The extra question type "describe": a long answer that the pixels fix word for word;
+    only worlds that ask it extend the vocabulary (after every other word)."""
+    from transformers import AutoProcessor
+
+    from workbench.data.windtunnel import vocabulary
+
+    out = write_windtunnel(tmp_path / "d", n_train=16, n_val=1,
+                           world=WorldConfig(question_types=("describe", "count"), questions_per_image=2))
+    for rec in json.loads((out / "train.json").read_text()):
+        with Image.open(out / rec["image"]) as im:
+            cells = objects_in_cells(im.convert("RGB"))
+        answer = dict(zip(rec["qtypes"], (a for _, a in qa_pairs(rec))))["describe"]
+        parts = answer.split(" and ")
+        assert len(parts) == len(cells)
+        for part, (cell, colour) in zip(parts, sorted(cells.items())):
+            c, _, row, col = part.split()
+            assert (c, (ROWS.index(row), COLS.index(col))) == (colour, cell)
+    described = AutoProcessor.from_pretrained(out / "processor").tokenizer
+    assert len(described) == len(processor.tokenizer) + 3 == len(vocabulary(extra=True))
+    assert described.convert_tokens_to_ids("red") == processor.tokenizer.convert_tokens_to_ids("red")
+
+
 def test_world_shape_of_records(world_dir):
     recs = json.loads((world_dir / "train.json").read_text())
     assert len(recs) == 64 and len(json.loads((world_dir / "val.json").read_text())) == 16

@@ -250,6 +250,8 @@ OVERRIDE_CASES = [
     (["optim.lrr=1"], "'optim.lrr'"), (["trainer.max_step=1"], "'trainer.max_step'", "max_steps"),
     (["bogus=1"], "'bogus'"), (["seed=abc"], "'seed'"), (["optim=3"], "'optim'", "section"), (["data.windtunnel=2"], "'data.windtunnel'", "section"),
     (["data.type=windtunnel", "data.windtunnel.patch_size=5"], "'data.windtunnel.patch_size'", "divide"),
+    (["data.type=windtunnel", "data.windtunnel.question_types=[colour]"], "'data.windtunnel.question_types'",
+     "describe"),
     (["data.type=windtunnel", "data.windtunnel.frames=0"], "'data.windtunnel.frames'", ">= 1"),
     (["data.type=windtunnel", "data.windtunnel.frames=2", "data.windtunnel.min_frames=3"],
      "'data.windtunnel.min_frames'", "1..frames"),

@@ -156,8 +156,10 @@ class _Side:
         self.saved_length = self.length
 
     def prefill(self, ids: Tensor) -> None:
-        """Run the prompt but its last token, so that every round starts from a cache."""
-        if ids.shape[1] > 1:
+        """Run the prompt but its last token, so that every round starts from a cache (not when
+        that token is an image token: a VLM takes an image's tokens in one call)."""
+        image = getattr(getattr(self.model, "config", None), "image_token_id", None)
+        if ids.shape[1] > 1 and int(ids[0, -1]) != image:
             self.forward(ids[:, :-1])
 
     def rollback(self, ids: Tensor, keep: int) -> bool:

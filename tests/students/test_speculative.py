@@ -79,6 +79,16 @@ def test_a_vlm_pair_reads_the_image_and_decodes_the_targets_output(processor, wo
     assert same.alpha == 1.0  # the draft saw the image exactly as the target did
 
 
+def test_a_prompt_that_ends_in_image_tokens(processor, world_dir):
+    target = make_tiny_vlm(processor, seed=0).eval()
+    draft = make_tiny_vlm(processor, seed=1).eval()
+    inputs = vlm_inputs(processor, world_dir, n=1)
+    image = (inputs["input_ids"][0] == processor.image_token_id).nonzero()
+    ids = inputs["input_ids"][:, :int(image[-1]) + 1]  # cut right after the image
+    out = speculative_generate(target, draft, ids, max_new_tokens=6, gamma=2, pixel_values=inputs["pixel_values"])
+    assert torch.equal(out, _greedy(target, ids, 6, pixel_values=inputs["pixel_values"]))
+
+
 def test_one_sampling_step_reproduces_the_target_distribution_by_enumeration():
     generator = torch.Generator().manual_seed(0)
     for trial in range(20):

@@ -90,6 +90,7 @@ def _repo_root(monkeypatch):
     monkeypatch.chdir(str(REPO))
 
 
+@pytest.mark.slow  # 22 s; DDP stages are covered by the three-stage test in the default run
 def test_a_stage_continuing_a_student_folder_trains_under_ddp(tmp_path):
     """BitCPM4's order under DDP: fp, then ternary QAT from the fp export. The reloaded LLaVA's
     unread tower norm must be frozen again, or DDP finds a trainable parameter without a gradient."""

@@ -31,6 +31,7 @@ def test_worker_measures_a_tiny_case():
     assert data["loss"] == pytest.approx(relation_loss_naive(*args, **kwargs).item(), rel=1e-5)
 
 
+@pytest.mark.slow  # 15 s; the worker test above covers a measurement in the default run
 def test_quick_bench_writes_json(tmp_path, capsys):
     out = tmp_path / "bench" / "kernels.json"
     assert main(["bench", "kernels", "--quick", "--ops", "relation_loss", "--json", str(out)]) == 0

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from students.errors import ReducerError
 from students.hf_cache import CACHE_KWARG, either_cache
 from students.mod import _attention_mask, decoder_layers, gather, install, kept_count, scatter, slots
 
@@ -172,15 +173,19 @@ def framefusion_prune_ratio(sparsity: list[float], cost: float, n_layers: int) -
     image tokens left, the uniform prune ratio of the rest of the `n_layers` layers that spends
     `cost` (a fraction of the dense image-token compute) in all: 1 - R with
     R = (L c - C_k) / ((L - k) P_k), P_k = prod(1 - s_i), C_k = sum_i prod_{j <= i}(1 - s_j);
-    0 when R > 1. Raises ValueError when the merges alone spent more than the budget."""
+    0 when R > 1 or when no layer is left (merging can go on after the last layer's attention).
+    Raises ReducerError (a ValueError) when the merges alone spent more than the budget."""
+    if len(sparsity) >= n_layers:
+        return 0.0
     kept, spent = 1.0, 0.0
     for s in sparsity:
         kept *= 1 - s
         spent += kept
     left = n_layers * cost - spent
     if left < 0:
-        raise ValueError(f"FrameFusion cost {cost} is too small: the merges alone spent {spent:.3f} of "
-                         f"{n_layers} layers' image-token compute")
+        raise ReducerError(f"FrameFusion cost {cost} is too small: the layers it merged in already spent "
+                           f"{spent:.3f} of the {n_layers} layers' image-token compute ({n_layers * cost:.3f} "
+                           f"allowed); raise cost (at least 1/{n_layers} = {1 / n_layers:.3f})")
     rest = left / ((n_layers - len(sparsity)) * kept)
     return 0.0 if rest > 1 else 1 - rest
 

@@ -6,7 +6,7 @@ and keeps its traceback. The library packages do not import the workbench: they 
 own input errors (`INPUT_ERRORS`), which the CLI reports the same way, with exit code 2.
 """
 
-from students.errors import StudentLoadError
+from students.errors import ReducerError, StudentLoadError
 from teachers.errors import TeacherError
 
 
@@ -16,7 +16,7 @@ class WorkbenchError(Exception):
     exit_code = 2
 
 
-INPUT_ERRORS = (WorkbenchError, TeacherError, StudentLoadError)
+INPUT_ERRORS = (WorkbenchError, TeacherError, StudentLoadError, ReducerError)
 
 
 def exit_code(error: BaseException) -> int:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_vlm
+from students.errors import ReducerError
 from students.hf_cache import output_cache
 from students.mod import count_tokens, decoder_layers
 from students.reduce import FrameFusion, apply_reducer, framefusion, framefusion_prune_ratio, image_token_scores
@@ -37,7 +38,8 @@ def test_the_budget_arithmetic_of_the_methods_notes():
     assert framefusion_prune_ratio([0.4, 0.2], 0.3, 28) == pytest.approx(1 - 7.32 / 12.48, abs=1e-12)
     assert framefusion_prune_ratio([], 0.3, 28) == pytest.approx(0.7)  # nothing merged: prune to the cost
     assert framefusion_prune_ratio([0.9], 0.5, 4) == 0.0  # the merge saved more than the budget asks
-    with pytest.raises(ValueError, match="too small"):
+    assert framefusion_prune_ratio([0.2] * 4, 0.9, 4) == 0.0  # merged after every layer: none left to prune
+    with pytest.raises(ReducerError, match="too small.*at least 1/10"):
         framefusion_prune_ratio([0.0, 0.0], 0.1, 10)  # two full layers spent out of one allowed
 
 

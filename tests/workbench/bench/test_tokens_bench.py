@@ -53,4 +53,7 @@ def test_a_trained_run_scores_each_reducer_as_eval_does(teacher_run, tmp_path):
     assert rows[0]["flops_ratio"] == 1.0 and rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0
     assert "object_recall" not in rows[0] and 0 <= rows[1]["object_recall"] <= 1  # a wind tunnel: objects known
     assert main(["bench", "tokens", str(run), "--reduce", "fastv"]) == 2
+    # a FrameFusion budget that its first layer already overspends: found in the forward, exit 2, nothing written
+    assert main(["eval", str(run), "--teacher", "none", "--reduce", "framefusion:cost=0.05",
+                 "--out", str(tmp_path / "ff.json")]) == 2 and not (tmp_path / "ff.json").exists()
     assert main(["bench", "tokens", "--mod", str(run)]) == 2

@@ -30,11 +30,14 @@ class WeightedLoss(nn.Module):
             raise ValueError(f"WeightedLoss needs a term with non-zero weight, got {sorted(terms)}")
         self.weights = {name: float(weight) for name, (weight, _) in active.items()}
         self.terms = nn.ModuleDict({name: term for name, (_, term) in active.items()})
+        # teacher taps the *student* reads as inputs (a draft head reads its target's features):
+        # the teacher then runs whatever the terms need, and captures these too
+        self.student_reads: list[str] = []
 
     @property
     def needs_teacher(self) -> bool:
         """Whether any active term reads teacher logits (so the trainer must run the teacher)."""
-        return any(term.needs_teacher for term in self.terms.values())
+        return bool(self.student_reads) or any(term.needs_teacher for term in self.terms.values())
 
     @property
     def needs_hidden_states(self) -> bool:
@@ -62,7 +65,8 @@ class WeightedLoss(nn.Module):
 
     def dense_teacher_terms(self) -> list[str]:
         """Active terms that need the teacher itself, not a top-k logit cache."""
-        return [name for name, term in self.terms.items() if term.needs_dense_teacher]
+        names = [name for name, term in self.terms.items() if term.needs_dense_teacher]
+        return names + ["the student's inputs"] if self.student_reads else names
 
     def tapped_terms(self) -> dict[str, TappedTerm]:
         """The active terms that read feature taps."""
@@ -75,7 +79,7 @@ class WeightedLoss(nn.Module):
             for s, t in term.pairs:
                 student += term.expand(s)
                 (student if term.target_on_student else teacher).extend(term.expand(t))
-        return list(dict.fromkeys(student)), list(dict.fromkeys(teacher))
+        return list(dict.fromkeys(student)), list(dict.fromkeys(teacher + self.student_reads))
 
     def forward(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         """Compute every active term once.

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from losses.inputs import FEATURE_MASKS, LossInputs, check_choice
 from losses.term import TappedTerm
 
-FEATURE_KINDS = ("mse", "cosine")
+FEATURE_KINDS = ("mse", "cosine", "smooth_l1")
 
 
 def _rows(student: Tensor, teacher: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -49,6 +49,23 @@ def feature_mse(student: Tensor, teacher: Tensor, mask: Tensor | None = None) ->
     return F.mse_loss(s.float(), t.detach().float())
 
 
+def feature_smooth_l1(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Smooth L1 (Huber, beta 1) over kept rows and channels: EAGLE's feature regression of a
+    draft head onto its target's final hidden states.
+
+    Args:
+        student: (..., D) student features (already projected to the teacher's width).
+        teacher: (..., D) teacher features (detached here).
+        mask: (...) bool, True = row counts; None = every row.
+    Returns:
+        Scalar mean over kept rows x D; 0 (attached) when no row is kept.
+    """
+    s, t = _rows(student, teacher, mask)
+    if s.shape[0] == 0:
+        return s.sum()
+    return F.smooth_l1_loss(s.float(), t.detach().float())
+
+
 def feature_cosine(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
     """1 - cosine similarity per row, averaged over kept rows; invariant to each row's scale.
 
@@ -69,7 +86,7 @@ class FeatureTerm(TappedTerm):
     """Match student features to the teacher's at tapped modules, pair by pair.
 
     Args:
-        kind: "mse" or "cosine" (1 - cos per row).
+        kind: "mse", "cosine" (1 - cos per row) or "smooth_l1" (EAGLE's draft-head loss).
         student, teacher, layers, projector: see `TappedTerm`.
         mask: which rows count when the tapped tensor is (B, L, D) over the token sequence:
             answer | image | all | answer+image (see `LossInputs.position_mask`), or "none"
@@ -93,7 +110,7 @@ class FeatureTerm(TappedTerm):
             if student.shape[:2] != mask.shape:
                 raise ValueError(f"feature tap {self.pairs[index][0]} gives {tuple(student.shape)}, which is not "
                                  f"over the {tuple(mask.shape)} token sequence; use mask: none")
-        fn = feature_mse if self.kind == "mse" else feature_cosine
+        fn = {"mse": feature_mse, "cosine": feature_cosine, "smooth_l1": feature_smooth_l1}[self.kind]
         return fn(self.project(index, student), teacher, mask)
 
     def extra_repr(self) -> str:

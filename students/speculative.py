@@ -129,25 +129,38 @@ def verify(p: Tensor, q: Tensor, drafted: list[int], greedy: bool, generator: to
 
 
 class _Side:
-    """One model with its cache and the number of tokens of the sequence the cache holds."""
+    """One model with its cache and the number of tokens of the sequence the cache holds; with
+    `keep_hidden` (the target of a draft head) also its final hidden state and input embedding
+    at each of those tokens."""
 
-    def __init__(self, model: torch.nn.Module, extra: dict[str, Any]):
+    def __init__(self, model: torch.nn.Module, extra: dict[str, Any], keep_hidden: bool = False):
         from transformers import DynamicCache
 
         self.model, self.extra = model.eval(), dict(extra)  # pixel_values & co., for the prefill only
         self.cache = DynamicCache()
         self.length = 0
         self.saved: list[tuple[int, Any]] = []
+        self.keep_hidden = keep_hidden
+        self.features: Tensor | None = None  # (length, d) final hidden states
+        self.embeds: Tensor | None = None  # (length, d) input embeddings (visual ones at image tokens)
 
     def forward(self, ids: Tensor) -> Tensor:
         """Logits (n_new, V) for the uncached tail of `ids` (1, n)."""
         new = ids[:, self.length:]
         mask = torch.ones(1, ids.shape[1], dtype=torch.long, device=ids.device)
         out = self.model(input_ids=new, attention_mask=mask, use_cache=True, **{CACHE_KWARG: self.cache},
-                         **(self.extra if self.length == 0 else {}))
+                         **(self.extra if self.length == 0 else {}),
+                         **({"output_hidden_states": True} if self.keep_hidden else {}))
         self.cache = output_cache(out) or self.cache
+        if self.keep_hidden:
+            old = self.length
+            self.features = _extend(self.features, old, out.hidden_states[-1][0])
+            self.embeds = _extend(self.embeds, old, out.hidden_states[0][0])
         self.length = ids.shape[1]
         return out.logits[0]
+
+    def next_logits(self, seq: Tensor) -> Tensor:
+        return self.forward(seq)[-1]
 
     def save(self) -> None:
         """Copy the recurrent states (small) before a round that may be rolled back."""
@@ -170,6 +183,8 @@ class _Side:
         if not recurrent:
             self.cache.crop(keep - self.length)  # negative: how many tokens to drop
             self.length = keep
+            self.features = None if self.features is None else self.features[:keep]
+            self.embeds = None if self.embeds is None else self.embeds[:keep]
             return False
         if self.saved_length == 0:  # the states were made in this round: start again from nothing
             from transformers import DynamicCache
@@ -186,6 +201,67 @@ class _Side:
         if keep > self.length:
             self.forward(ids[:, :keep])
             return True
+        return False
+
+
+def _extend(kept: Tensor | None, length: int, new: Tensor) -> Tensor:
+    return new if kept is None or length == 0 else torch.cat([kept[:length], new])
+
+
+class _HeadSide:
+    """An EAGLE-style draft head (`students.eagle.EagleDraft`) beside its target's `_Side`.
+
+    Head position p reads token p and the target's feature at p - 1 where the target has run
+    p - 1, else the head's own prediction of it (drafting). Only positions that read true
+    features stay in the head's cache between rounds (`true_length` of them)."""
+
+    def __init__(self, head: torch.nn.Module, target: _Side):
+        from transformers import DynamicCache
+
+        self.model, self.target = head.eval(), target
+        self.cache = DynamicCache()
+        self.length = 0  # positions in the cache
+        self.true_length = 0  # of those, the leading ones computed from the target's features
+        self.predicted: dict[int, Tensor] = {}  # position -> the head's feature there
+
+    def ready(self, seq: Tensor) -> bool:
+        """Whether the target has run everything but the last token (the head needs its features)."""
+        return self.target.length >= seq.shape[1] - 1
+
+    def next_logits(self, seq: Tensor) -> Tensor:
+        start, end = self.length, seq.shape[1]
+        known = self.target.length
+        d = self.target.features.shape[-1]
+        zero = self.target.features.new_zeros(d)
+        prev = torch.stack([self.target.features[p - 1] if 0 < p <= known else
+                            (zero if p == 0 else self.predicted[p - 1]) for p in range(start, end)])
+        embeds = torch.stack([self.target.embeds[p] if p < known else zero for p in range(start, end)])
+        mask = torch.ones(1, end, dtype=torch.long, device=seq.device)
+        out = self.model(input_ids=seq[:, start:], attention_mask=mask, prev_features=prev[None],
+                         target_embeds=embeds[None], use_cache=True, **{CACHE_KWARG: self.cache})
+        self.cache = output_cache(out) or self.cache
+        features = out.hidden_states[-1][0]
+        for i, p in enumerate(range(start, end)):
+            self.predicted[p] = features[i]
+        if self.true_length == start and end - 1 <= known:
+            self.true_length = end
+        self.length = end
+        return out.logits[0, -1]
+
+    def prefill(self, ids: Tensor) -> None:
+        pass  # the first round catches up
+
+    def save(self) -> None:
+        pass
+
+    def rollback(self, ids: Tensor, keep: int) -> bool:
+        """Keep the positions computed from true features (the others read drafted ones)."""
+        del ids
+        self.true_length = min(self.true_length, keep, self.target.length + 1)
+        if self.length > self.true_length:
+            self.cache.crop(self.true_length - self.length)
+            self.length = self.true_length
+        self.predicted = {p: f for p, f in self.predicted.items() if p < self.length}
         return False
 
 
@@ -212,16 +288,20 @@ def speculative_generate(target: torch.nn.Module, draft: torch.nn.Module, input_
         raise ValueError(f"gamma must be at least 1, got {gamma}")
     stats = stats if stats is not None else SpecStats()
     greedy = temperature <= 0
-    big, small = _Side(target, model_inputs), _Side(draft, model_inputs)
+    head = getattr(draft, "is_draft_head", False)
+    big = _Side(target, model_inputs, keep_hidden=head)
+    small = _HeadSide(draft, big) if head else _Side(draft, model_inputs)
     ids, start = input_ids, input_ids.shape[1]
     big.prefill(ids), small.prefill(ids)
     while ids.shape[1] - start < max_new_tokens:
         budget = max_new_tokens - (ids.shape[1] - start)
         n = min(gamma, budget - 1) if budget > 1 else 0  # a round emits at most n + 1 tokens
+        if head and not small.ready(ids):  # a prompt that ends in image tokens: the target runs it first
+            n = 0
         big.save(), small.save()
         drafted, qs, seq = [], [], ids
         for _ in range(n):
-            q = distribution(small.forward(seq)[-1], temperature, top_k)
+            q = distribution(small.next_logits(seq), temperature, top_k)
             stats.draft_passes += 1
             token = int(q.argmax()) if greedy else _draw(q, generator)
             drafted.append(token)

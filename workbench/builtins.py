@@ -8,6 +8,7 @@ from losses.divergence import CrossEntropyTerm, LogitDivergenceTerm, MDistTerm
 from losses.feature import FeatureTerm, LayerReplayTerm
 from losses.relation import HiddenRelationTerm, RKDTerm, rdist_term
 from losses.vision_align import BREENQueryTerm, EVEAlignmentTerm
+from students.eagle import eagle_head
 from students.encoder_free import breen_student, eve_student
 from students.hybrid import hybrid_transform
 from students.matformer import matformer_transform
@@ -31,6 +32,7 @@ STUDENTS.register("llava_from_parts", llava_from_parts)
 STUDENTS.register("tiny_mmfree_llava", tiny_mmfree_llava)  # the MatMul-free LM behind a CLIP tower
 STUDENTS.register("eve", eve_student)
 STUDENTS.register("breen", breen_student)
+STUDENTS.register("eagle_head", eagle_head, from_teacher=True)  # a draft head on the teacher's features
 
 TEACHERS.register("hf_vlm", HFVLMTeacher)
 TEACHERS.register("timm", TimmTeacher)
@@ -43,6 +45,7 @@ LOSSES.register("mdist", MDistTerm)
 LOSSES.register("rdist", rdist_term)
 LOSSES.register("feature_mse", FeatureTerm, preset={"kind": "mse"})
 LOSSES.register("feature_cosine", FeatureTerm, preset={"kind": "cosine"})
+LOSSES.register("feature_smooth_l1", FeatureTerm, preset={"kind": "smooth_l1"})  # EAGLE draft heads
 LOSSES.register("hidden_relation", HiddenRelationTerm)
 LOSSES.register("rkd_distance", RKDTerm, preset={"kind": "distance"})
 LOSSES.register("rkd_angle", RKDTerm, preset={"kind": "angle"})

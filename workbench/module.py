@@ -87,7 +87,10 @@ class DistillModule(pl.LightningModule):
         """
         inputs = LossInputs.before_student(batch["labels"], batch.get("attention_mask"), batch.get("image_mask"))
         self.target.fill(batch, inputs, self.loss, fused)
-        return replace(inputs, **self._student_pass(batch, model_inputs(batch), fused))
+        given = model_inputs(batch)
+        for name, tap in getattr(self.student, "teacher_reads", {}).items():  # a draft head reads its target
+            given[name] = inputs.teacher_features[tap]
+        return replace(inputs, **self._student_pass(batch, given, fused))
 
     def _student_pass(self, batch: dict[str, Any], inputs: dict[str, Any], fused: bool) -> dict[str, Any]:
         """The student's forward with its taps: the student fields of `LossInputs`."""

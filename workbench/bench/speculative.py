@@ -30,7 +30,8 @@ from workbench.errors import WorkbenchError
 
 def decode_params(model: torch.nn.Module) -> int:
     """Linear weights a decode step runs through: the language model's layers and its head."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    head_only = getattr(model, "is_draft_head", False)  # its layers; the LM head is the target's
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") and not head_only else model
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     total = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
     return total + (head.weight.numel() if head is not None else 0)
@@ -45,11 +46,16 @@ def predicted_speedup(alpha: float, gamma: int, cost: float) -> float:
     return expected_tokens_per_round(alpha, gamma) / (gamma * cost + 1)
 
 
-def load_draft(spec: str, target_dir: Path, reduce: str | None = None) -> tuple[torch.nn.Module, str, Path | None]:
-    """(draft model, its name, its folder) from a run / model folder or `extract:SPEC` of the
-    target; with `reduce`, the draft reads fewer image tokens (the target still reads them all)."""
-    draft, name, folder = _draft(spec, target_dir)
+def load_draft(spec: str, target_dir: Path, reduce: str | None = None, target: torch.nn.Module | None = None
+               ) -> tuple[torch.nn.Module, str, Path | None]:
+    """(draft model, its name, its folder) from a run / model folder (a model, or a draft head,
+    which is attached to `target`) or `extract:SPEC` of the target; with `reduce`, the draft
+    reads fewer image tokens (the target still reads them all)."""
+    draft, name, folder = _draft(spec, target_dir, target)
     if reduce is not None:
+        if getattr(draft, "is_draft_head", False):
+            raise WorkbenchError(f"--draft-reduce {reduce}: a draft head reads the target's features, not image "
+                                 "tokens of its own")
         from students.reduce import apply_reducer
 
         try:
@@ -60,7 +66,7 @@ def load_draft(spec: str, target_dir: Path, reduce: str | None = None) -> tuple[
     return draft, name, folder
 
 
-def _draft(spec: str, target_dir: Path) -> tuple[torch.nn.Module, str, Path | None]:
+def _draft(spec: str, target_dir: Path, target: torch.nn.Module | None) -> tuple[torch.nn.Module, str, Path | None]:
     from workbench.elastic import load_universal, resolve_model_dir, spec_for
     from workbench.evaluation import load_model
 
@@ -73,6 +79,14 @@ def _draft(spec: str, target_dir: Path) -> tuple[torch.nn.Module, str, Path | No
         except ValueError as e:
             raise WorkbenchError(f"--draft {spec}: {e}") from None
     folder = resolve_model_dir(spec)
+    from students.eagle import is_draft_head_folder, load_draft_head
+
+    if is_draft_head_folder(folder):
+        try:
+            return load_draft_head(folder, target if target is not None else load_model(target_dir)), \
+                f"{folder} (draft head)", folder
+        except (OSError, ValueError) as e:
+            raise WorkbenchError(f"--draft {spec}: cannot load the draft head: {e}".splitlines()[0]) from None
     return load_model(folder), str(folder), folder
 
 
@@ -146,7 +160,7 @@ def bench_speculative_command(source: str, draft: str, config: str | None = None
     if held_out.classification:
         raise WorkbenchError(f"{target_dir} is an image classifier: nothing to decode")
     target = load_model(target_dir)
-    draft_model, draft_name, draft_dir = load_draft(draft, target_dir, draft_reduce)
+    draft_model, draft_name, draft_dir = load_draft(draft, target_dir, draft_reduce, target)
     if draft_model.get_input_embeddings().weight.shape[0] != target.get_input_embeddings().weight.shape[0]:
         raise WorkbenchError(f"--draft {draft}: its vocabulary differs from the target's; a draft must share the "
                              "target's tokenizer")

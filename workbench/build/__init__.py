@@ -66,6 +66,7 @@ def build(cfg: RunConfig) -> Built:
     loss = build_loss(cfg, cfg.teacher is not None or cfg.target not in ("auto", "none"))
     ctx = TargetContext(cfg, None, None, loss, data.splits.train, None, None, data.num_classes)
     student, notes = build_student(cfg, data, lambda: ctx.teacher)
+    loss.student_reads = list(getattr(student, "teacher_reads", {}).values())  # a draft head's target features
     processor = None if data.classification else student_processor(student, data.processor)
     if processor is not None:
         check_vocabularies(student, processor)

@@ -21,9 +21,10 @@ INIT_FROM_ORDER = 50  # transforms ordered below this run before `init_from`, th
 TYPED_TRANSFORMS = ("hybrid", "matformer")  # transforms with a typed top-level config block
 
 
-def create_student(cfg: RunConfig, data: Data) -> nn.Module:
+def create_student(cfg: RunConfig, data: Data, teacher: Any = None) -> nn.Module:
     """`student.path` (an exported folder) or `student.type` with `student.kwargs`: a registered
-    VLM builder given the processor's fields, or a timm classifier sized for the data."""
+    VLM builder given the processor's fields (and, for a builder registered `from_teacher`, the
+    teacher's model as `target`), or a timm classifier sized for the data."""
     import students
 
     s = cfg.student
@@ -39,10 +40,19 @@ def create_student(cfg: RunConfig, data: Data) -> nn.Module:
     try:
         if data.classification:
             return _timm_student(s.type, s.kwargs, data)
-        return STUDENTS.build(s.type, "student.kwargs", fixed=_processor_fields(s.type, data.processor), **s.kwargs)
+        fixed = _processor_fields(s.type, data.processor)
+        if STUDENTS.info.get(s.type, {}).get("from_teacher"):
+            fixed["target"] = _teacher_model(cfg, s.type, teacher)
+        return STUDENTS.build(s.type, "student.kwargs", fixed=fixed, **s.kwargs)
     except (TypeError, ValueError, OSError, RuntimeError, AssertionError, StrictDataclassError) as e:
         # a negative width, heads not dividing it
         raise WorkbenchError(f"config key 'student.kwargs': cannot build {s.type}: {e}".splitlines()[0]) from None
+
+
+def _teacher_model(cfg: RunConfig, student_type: str, teacher: Any) -> nn.Module:
+    if cfg.teacher is None or teacher is None:
+        raise WorkbenchError(f"config key 'student.type': {student_type} is built on the teacher, but 'teacher' is null")
+    return getattr(teacher(), "model", teacher())
 
 
 def _timm_student(name: str, kwargs: dict[str, Any], data: Data) -> nn.Module:
@@ -196,7 +206,7 @@ def build_student(cfg: RunConfig, data: Data, teacher: Any) -> tuple[nn.Module, 
     """The student as the config describes it, and notes for the summary. `teacher()` builds
     (once) the configured teacher, for `init_from: teacher` of an image student."""
     notes: dict[str, Any] = {}
-    student = create_student(cfg, data)
+    student = create_student(cfg, data, teacher)
     wanted = requested_transforms(cfg)
     apply_transforms(student, wanted, True, notes)
     init = init_from(cfg, student, data, teacher)

@@ -204,6 +204,17 @@ class _Side:
         return False
 
 
+def _tally(stats: SpecStats, p: Tensor, q: Tensor, n: int, k: int) -> None:
+    """Count one round: n drafted, k accepted (the tested ones run up to the first rejection)."""
+    stats.rounds += 1
+    tested = min(k + 1, n)
+    stats.proposed += n
+    stats.tested += tested
+    stats.accepted += k
+    stats.overlap += float(torch.minimum(p[:tested], q[:tested]).sum()) if tested else 0.0
+    stats.accepted_per_round.append(k)
+
+
 def _extend(kept: Tensor | None, length: int, new: Tensor) -> Tensor:
     return new if kept is None or length == 0 else torch.cat([kept[:length], new])
 
@@ -312,13 +323,7 @@ def speculative_generate(target: torch.nn.Module, draft: torch.nn.Module, input_
         p = distribution(logits, temperature, top_k)
         q = torch.stack(qs) if qs else p[:0]
         k, nxt = verify(p, q, drafted, greedy, generator)
-        stats.rounds += 1
-        tested = min(k + 1, n)
-        stats.proposed += n
-        stats.tested += tested
-        stats.accepted += k
-        stats.overlap += float(torch.minimum(p[:tested], q[:tested]).sum()) if tested else 0.0
-        stats.accepted_per_round.append(k)
+        _tally(stats, p, q, n, k)
         kept = drafted[:k] + [nxt]
         if eos_token_id is not None and eos_token_id in kept:
             kept = kept[:kept.index(eos_token_id) + 1]

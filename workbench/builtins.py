@@ -24,6 +24,7 @@ from workbench.data.vision import digits_splits, image_folder_splits, windtunnel
 from workbench.registry import DATASETS, LOSSES, STUDENTS, TARGETS, TEACHERS, TRANSFORMS
 from workbench.targets.cached import CachedTeacher
 from workbench.targets.none import NoTeacher
+from workbench.targets.on_policy import OnPolicyTeacher
 from workbench.targets.online import OnlineTeacher
 from workbench.targets.vision import VisionFeatures
 
@@ -58,6 +59,7 @@ LOSSES.register("mod_router", RouterAuxTerm)  # gamma-MoD: the router learns its
 
 TARGETS.register("none", NoTeacher)
 TARGETS.register("online_teacher", OnlineTeacher)
+TARGETS.register("on_policy", OnPolicyTeacher)  # the student answers, the teacher scores its tokens
 TARGETS.register("cached_teacher", CachedTeacher)
 TARGETS.register("vision_features", VisionFeatures)
 

@@ -152,6 +152,19 @@ class MatFormerConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy distillation (workbench/targets/on_policy.py, DistillSpec / GKD): the student
+    answers a turn of each training record itself and learns the teacher's distribution on
+    its own tokens."""
+
+    fraction: float = 1.0  # share of training batches answered by the student (the rest: the records' answers)
+    temperature: float = 1.0  # the student's sampling temperature (0: greedy)
+    top_k: int | None = None
+    max_new_tokens: int | None = None  # null: the longest answer of the batch's chosen turns
+    turn: str = "random"  # which assistant turn of a record the student answers: random | first
+
+
+@dataclass
 class HybridConfig:
     """Attention -> Mamba-2 conversion of the student's language model (students/hybrid.py,
     docs/methods.md §4-§5), applied after the student is built and before `init_from` loads."""
@@ -187,7 +200,8 @@ class RunConfig:
     matformer: MatFormerConfig | None = None  # nest the student's FFNs and train every granularity each step
     hybrid: HybridConfig | None = None  # replace attention layers of the student's language model with Mamba-2
     transforms: dict[str, Any] = field(default_factory=dict)  # other registered student transforms: name -> options
-    target: str = "auto"  # what the student learns from: auto | none | online_teacher | cached_teacher | vision_features
+    target: str = "auto"  # what the student learns from: auto | none | online_teacher | cached_teacher | vision_features | on_policy
+    on_policy: OnPolicyConfig | None = None  # the student answers, the teacher scores its tokens (target on_policy)
 
 
 CHOICES = {

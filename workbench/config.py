@@ -363,7 +363,8 @@ def stage_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
     """The resolved config of every stage, in order: the experiment with the stage's overlay.
 
     A stage's `loss`, `teacher`, `trainable` and `init_from` replace the experiment's instead
-    of merging into them, so each stage states its own objective. A stage set to null
+    of merging into them, so each stage states its own objective; a stage that names another
+    `student.type` starts from no `student.kwargs`. A stage set to null
     (`stages.teacher=null` on the command line) is skipped, e.g. to reuse a teacher trained
     by an earlier run.
     """
@@ -382,6 +383,9 @@ def stage_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
         for key in REPLACED_BY_STAGE:
             if key in overlay:
                 layer[key] = {} if key == "loss" else None
+        student = overlay.get("student") or {}
+        if isinstance(student, dict) and student.get("type") not in (None, base["student"]["type"]):
+            layer["student"] = {**base["student"], "kwargs": {}}  # another builder: its own arguments only
         try:
             stage = merge_config(layer, overlay)
         except WorkbenchError as e:

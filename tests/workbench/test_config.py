@@ -404,3 +404,13 @@ def test_a_mapping_override_replaces_and_null_clears():
     only = load_config(path, ["loss={ce: {type: ce}}"]).loss
     assert list(only) == ["ce"]
     assert load_config("experiments/windtunnel/quickstart.yaml", ["stages=null", "loss.ce.type=ce"]).stages == {}
+
+
+def test_a_stage_with_another_student_type_starts_from_its_own_kwargs():
+    cfg = load_config(Path(__file__).parents[2] / "experiments" / "windtunnel" / "drafts.yaml",
+                      ["stages.teacher=null", "vars.target=/some/folder"])
+    stages = dict(stage_configs(cfg))
+    assert stages["head"].student.type == "eagle_head"
+    assert stages["head"].student.kwargs == {"init_layer": -1, "feature_noise": 0.0}
+    assert stages["ce"].student.kwargs["text_layers"] == 2  # same type: the experiment's kwargs merge
+    assert stages["kd"].teacher.path == "/some/folder" and stages["onpolicy"].on_policy.temperature == 1.0

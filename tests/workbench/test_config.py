@@ -414,3 +414,12 @@ def test_a_stage_with_another_student_type_starts_from_its_own_kwargs():
     assert stages["head"].student.kwargs == {"init_layer": -1, "feature_noise": 0.0}
     assert stages["ce"].student.kwargs["text_layers"] == 2  # same type: the experiment's kwargs merge
     assert stages["kd"].teacher.path == "/some/folder" and stages["onpolicy"].on_policy.temperature == 1.0
+
+
+def test_the_matformer_vlm_recipe_trains_its_independent_draft_baseline_before_the_universal_model():
+    cfg = load_config(Path(__file__).parents[2] / "experiments" / "windtunnel" / "matformer_vlm.yaml")
+    stages = stage_configs(cfg)
+    assert [name for name, _ in stages] == ["teacher", "independent_quarter", "matformer"]  # `latest` = universal
+    quarter = dict(stages)["independent_quarter"]
+    assert quarter.student.kwargs["text_intermediate"] == 128 == quarter.student.kwargs["text_hidden"]
+    assert quarter.matformer is None and dict(stages)["matformer"].matformer.granularities[2] == 0.25

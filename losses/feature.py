@@ -33,6 +33,13 @@ def _rows(student: Tensor, teacher: Tensor, mask: Tensor | None) -> tuple[Tensor
     return student[mask], teacher[mask]
 
 
+def _elementwise(loss, student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
+    s, t = _rows(student, teacher, mask)
+    if s.shape[0] == 0:
+        return s.sum()
+    return loss(s.float(), t.detach().float())
+
+
 def feature_mse(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean squared error over kept rows and channels (`F.mse_loss` on the kept rows).
 
@@ -43,27 +50,13 @@ def feature_mse(student: Tensor, teacher: Tensor, mask: Tensor | None = None) ->
     Returns:
         Scalar mean over kept rows x D; 0 (attached) when no row is kept.
     """
-    s, t = _rows(student, teacher, mask)
-    if s.shape[0] == 0:
-        return s.sum()
-    return F.mse_loss(s.float(), t.detach().float())
+    return _elementwise(F.mse_loss, student, teacher, mask)
 
 
 def feature_smooth_l1(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Smooth L1 (Huber, beta 1) over kept rows and channels: EAGLE's feature regression of a
-    draft head onto its target's final hidden states.
-
-    Args:
-        student: (..., D) student features (already projected to the teacher's width).
-        teacher: (..., D) teacher features (detached here).
-        mask: (...) bool, True = row counts; None = every row.
-    Returns:
-        Scalar mean over kept rows x D; 0 (attached) when no row is kept.
-    """
-    s, t = _rows(student, teacher, mask)
-    if s.shape[0] == 0:
-        return s.sum()
-    return F.smooth_l1_loss(s.float(), t.detach().float())
+    """Smooth L1 (Huber, beta 1) over kept rows and channels, as `feature_mse` takes them:
+    EAGLE's regression of a draft head onto its target's final hidden states."""
+    return _elementwise(F.smooth_l1_loss, student, teacher, mask)
 
 
 def feature_cosine(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:

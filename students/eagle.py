@@ -93,7 +93,7 @@ class EagleDraft(PreTrainedModel):
         config = EagleConfig(one_layer_config(text), feature_noise=feature_noise,
                              visual_decoupling=visual_decoupling,
                              image_token_id=getattr(target.config, "image_token_id", None))
-        head = cls(config).to(next(target.parameters()).dtype)
+        head = cls(config).to(_dtype(target))
         decoder = target.get_decoder()
         if init_layer is not None:
             if not -len(decoder.layers) <= init_layer < len(decoder.layers):
@@ -206,7 +206,12 @@ eagle_head.processor_fields = ()  # vocabulary and image tokens are the target's
 
 def load_draft_head(path: Any, target: nn.Module) -> EagleDraft:
     """A saved head (`save_pretrained` folder) attached to `target`."""
-    return EagleDraft.from_pretrained(path).to(next(target.parameters()).dtype).attach(target).eval()
+    return EagleDraft.from_pretrained(path).to(_dtype(target)).attach(target).eval()
+
+
+def _dtype(target: nn.Module) -> torch.dtype:
+    """The target's floating dtype (its first parameters may be quantized integers)."""
+    return next(p.dtype for p in target.parameters() if p.is_floating_point())
 
 
 def is_draft_head_folder(path: Any) -> bool:

@@ -57,6 +57,12 @@ def load(path: str | Path, quantization_config: Any = None) -> nn.Module:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise StudentLoadError(f"student folder {path} has no config.json (not an exported model)")
+    from students.eagle import is_draft_head_folder
+
+    if is_draft_head_folder(path):
+        raise StudentLoadError(f"{path} holds a draft head, which runs on its target's features: attach it with "
+                               "students.eagle.load_draft_head(path, target), or measure it with "
+                               f"`workbench bench speculative TARGET --draft {path}`")
     try:
         if is_timm_folder(path):
             import students.minivit  # noqa: F401 - registers the MiniViT models with timm

@@ -69,3 +69,8 @@ def test_bad_head_configs_exit_2(tmp_path, teacher_run, capsys, extra, words):
     assert main(["run", str(RECIPE), *tiny(tmp_path, teacher_run, *extra)]) == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("summary.json"))
+
+
+def test_eval_of_a_head_alone_exits_2_pointing_at_the_bench(head_run, capsys):
+    assert main(["eval", str(head_run)]) == 2
+    assert "holds a draft head" in capsys.readouterr().err

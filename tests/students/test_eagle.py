@@ -34,8 +34,8 @@ def inputs(name):
 
 
 def greedy(model, ids, extra, n=16):
-    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, **extra)
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                          eos_token_id=None, pad_token_id=0, **extra)
 
 
 def exact_head(t):
@@ -134,3 +134,23 @@ def test_feature_smooth_l1_is_huber_with_beta_one():
     # |d| < 1: d^2 / 2, else |d| - 1/2, averaged over kept rows x channels
     assert float(feature_smooth_l1(s, t)) == pytest.approx((0.02 + 1.5 + 2.5 + 0.125) / 4)
     assert float(feature_smooth_l1(s, t, torch.tensor([False, True]))) == pytest.approx((2.5 + 0.125) / 2)
+
+
+def test_a_head_drafts_for_a_text_model_and_for_a_hybrid_whose_states_are_replayed():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from students.hybrid import convert
+
+    torch.manual_seed(2)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=40, max_position_embeddings=256, pad_token_id=0)
+    text = LlamaForCausalLM(cfg).eval()
+    hybrid = LlamaForCausalLM(cfg).eval()
+    convert(hybrid, "every:2", chunk_size=8)  # a Mamba-2 layer: its state is restored and replayed
+    prompt = torch.randint(3, 40, (1, 7), generator=torch.Generator().manual_seed(5))
+    for t in (text, hybrid):
+        head = EagleDraft.from_target(t, init_layer=-1)
+        stats = SpecStats()
+        out = speculative_generate(t, head, prompt, max_new_tokens=14, gamma=3, stats=stats)
+        assert torch.equal(out, greedy(t, prompt, {}, n=14))
+        assert (stats.replay_passes > 0) == (t is hybrid)

@@ -137,14 +137,16 @@ class EagleDraft(PreTrainedModel):
 
     @torch.no_grad()
     def target_features(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                        **target_inputs: Any) -> tuple[Tensor, Tensor, Tensor]:
-        """(final hidden states, input embeddings, logits) of the target, on this head's device."""
+                        **target_inputs: Any) -> tuple[Tensor, Tensor]:
+        """(final hidden states, input embeddings) of the target, on this head's device (its base
+        model runs: no LM head)."""
         where = next(self.target.parameters()).device
         given = {k: v.to(where) if torch.is_tensor(v) else v for k, v in target_inputs.items()}
         mask = attention_mask.to(where) if attention_mask is not None else None
-        out = self.target(input_ids=input_ids.to(where), attention_mask=mask, output_hidden_states=True, **given)
+        out = self.target.base_model(input_ids=input_ids.to(where), attention_mask=mask, output_hidden_states=True,
+                                     **given)
         device = input_ids.device
-        return out.hidden_states[-1].to(device), out.hidden_states[0].to(device), out.logits.to(device)
+        return out.hidden_states[-1].to(device), out.hidden_states[0].to(device)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, target_hidden: Tensor | None = None,
                 target_embeds: Tensor | None = None, prev_features: Tensor | None = None,
@@ -160,18 +162,18 @@ class EagleDraft(PreTrainedModel):
             target_embeds: (B, L, d) the target's input embeddings (read at image positions).
             prev_features: (B, L, d) the feature each position reads, already aligned (decoding).
             past_key_values / cache, use_cache: the head's own KV cache (either name).
-            logits_to_keep: accepted and ignored (full logits are returned).
+            logits_to_keep: which positions get logits, as `transformers` models take it: an int
+                (the last n; 0 = all), a (B, L) bool mask (returns (N, V) rows) or indices.
             target_inputs: pixel_values & co., when the target runs here.
         """
-        del logits_to_keep
         past_key_values = either_cache(cache, past_key_values)
         if prev_features is None:
             if target_hidden is None:
-                target_hidden, target_embeds, _ = self.target_features(input_ids, attention_mask, **target_inputs)
+                target_hidden, target_embeds = self.target_features(input_ids, attention_mask, **target_inputs)
             prev_features = torch.cat([torch.zeros_like(target_hidden[:, :1]), target_hidden[:, :-1]], 1)
         hidden = self.draft_features(input_ids, prev_features, target_embeds, attention_mask, past_key_values,
                                      use_cache)
-        logits = self.get_output_embeddings()(hidden.last_hidden_state)
+        logits = self.get_output_embeddings()(_kept(hidden.last_hidden_state, logits_to_keep))
         return CausalLMOutputWithPast(logits=logits, hidden_states=(hidden.last_hidden_state,),
                                       **{CACHE_KWARG: output_cache(hidden)})
 
@@ -211,6 +213,16 @@ class EagleDraft(PreTrainedModel):
                            use_cache=True, **{CACHE_KWARG: cache})
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         return BaseModelOutputWithPast(last_hidden_state=self.model.norm(hidden), **{CACHE_KWARG: cache})
+
+
+def _kept(hidden: Tensor, keep: Any) -> Tensor:
+    if keep is None or (isinstance(keep, int) and keep == 0):
+        return hidden
+    if isinstance(keep, int):
+        return hidden[:, -keep:]
+    if keep.dtype == torch.bool and keep.shape == hidden.shape[:2]:
+        return hidden[keep]
+    return hidden[:, keep]
 
 
 def eagle_head(target: nn.Module, feature_noise: float = 0.0, visual_decoupling: bool = True,

@@ -1,7 +1,8 @@
 """The contract every registered student keeps: built tiny from its registry entry with the
 processor's fields, it runs forward on a collated wind-tunnel batch, back-propagates a finite
 loss into its weights, saves with `save_pretrained`, and `students.load` gives back a model
-with the same outputs. A newly registered student must add its tiny arguments here."""
+with the same outputs (a draft head, built on its target, reloads onto it with
+`load_draft_head`). A newly registered student must add its tiny arguments here."""
 
 from __future__ import annotations
 
@@ -41,7 +42,23 @@ TINY_ARGS = {
     "breen": lambda tmp_path, fields: dict(ENCODER_FREE, query_grids=[[2, 2], [1, 1]]),
     "tiny_mmfree_llava": lambda tmp_path, fields: dict(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32,
                                                        text_layers=2),
+    # built on its target (the run's teacher); reloads onto it with `load_draft_head`
+    "eagle_head": lambda tmp_path, fields: dict(target=_target(fields), init_layer=-1),
 }
+
+
+def _target(fields):
+    from students.vlm import tiny_llava
+
+    return tiny_llava(**fields, **TINY_STUDENT).eval()
+
+
+def _reload(model, folder):
+    if getattr(model, "is_draft_head", False):
+        from students.eagle import load_draft_head
+
+        return load_draft_head(folder, model.target)
+    return students.load(folder)
 
 
 def test_every_registered_student_has_a_contract_entry():
@@ -82,7 +99,7 @@ def test_registered_student_builds_trains_saves_and_reloads(name, tmp_path, proc
         before = model(**inputs).logits
     model.save_pretrained(tmp_path / "saved")
     proc.save_pretrained(tmp_path / "saved")
-    reloaded = students.load(tmp_path / "saved").eval()
+    reloaded = _reload(model, tmp_path / "saved").eval()
     with torch.no_grad():
         after = reloaded(**inputs).logits
     torch.testing.assert_close(after, before)

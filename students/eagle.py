@@ -93,8 +93,11 @@ class EagleDraft(PreTrainedModel):
         config = EagleConfig(one_layer_config(text), feature_noise=feature_noise,
                              visual_decoupling=visual_decoupling,
                              image_token_id=getattr(target.config, "image_token_id", None))
-        head = cls(config).to(_dtype(target))
         decoder = target.get_decoder()
+        if not (hasattr(decoder, "layers") and hasattr(decoder, "norm")):
+            raise ValueError(f"a draft head needs a decoder with `layers` and a final `norm`; "
+                             f"{type(decoder).__name__} has not both")
+        head = cls(config).to(_dtype(target))
         if init_layer is not None:
             if not -len(decoder.layers) <= init_layer < len(decoder.layers):
                 raise ValueError(f"init_layer {init_layer} is not a layer of the target ({len(decoder.layers)} layers)")

@@ -64,6 +64,9 @@ def test_bench_speculative_loads_the_head_onto_the_target(head_run, teacher_run,
     (["teacher=null", "loss.feature.weight=0", "loss.kd.weight=0", "loss.ce={type: ce}"],
      "eagle_head is built on the teacher, but 'teacher' is null"),
     (["student.kwargs.init_layer=9"], "init_layer 9 is not a layer of the target"),
+    (["target=none"], "reads the teacher's features as its input, but target 'none' runs no teacher"),
+    (["data.labeled_fraction=0.5"], "need the teacher loaded"),  # pseudo-labels would pick the cache
+    (["on_policy={}"], "a draft head does not generate on its own"),
 ])
 def test_bad_head_configs_exit_2(tmp_path, teacher_run, capsys, extra, words):
     assert main(["run", str(RECIPE), *tiny(tmp_path, teacher_run, *extra)]) == 2

@@ -76,6 +76,9 @@ def build(cfg: RunConfig) -> Built:
         notes["data"] = split.notes()
     ctx.student, ctx.processor, ctx.split, ctx.collator = student, processor, split, collator
     target = choose_target(ctx)
+    if loss.student_reads and target.teacher is None:
+        raise WorkbenchError(f"student.type {cfg.student.type} reads the teacher's features as its input, but "
+                             f"target '{target.name}' runs no teacher; use target: auto or online_teacher")
     sample = collator([data.splits.train[0]]) if loss.tapped_terms() else None
     taps = attach_terms(loss, student, target.teacher, sample)
     if taps:

@@ -60,6 +60,12 @@ class OnPolicyTeacher(OnlineTeacher):
             raise WorkbenchError("config key 'target': on_policy needs an 'on_policy:' block (its options)")
         if ctx.classification or ctx.cfg.teacher is None:
             raise WorkbenchError("config key 'on_policy': on-policy distillation needs a VLM teacher and student")
+        if ctx.cfg.teacher.cache is not None:
+            raise WorkbenchError("config key 'teacher.cache': a cache holds the teacher on the records' answers, but "
+                                 "on-policy answers are the student's own; unset teacher.cache")
+        if getattr(ctx.student, "is_draft_head", False):
+            raise WorkbenchError("config key 'on_policy': a draft head does not generate on its own; train it with "
+                                 "its EAGLE loss (experiments/windtunnel/eagle.yaml)")
         if ctx.cfg.trainer.strategy == "fsdp":
             raise WorkbenchError("config key 'on_policy': the student samples whole answers, which a sharded "
                                  "(FSDP) student does not do here; use trainer.strategy=ddp")
@@ -112,11 +118,10 @@ class OnPolicyTeacher(OnlineTeacher):
         answers = self.sample(ids, mask, batch, cuts, chosen)
         rows = []
         for b in range(ids.shape[0]):
-            real = ids[b][mask[b].bool()]
             if cuts[b] is None:
-                rows.append((real, labels[b][mask[b].bool()]))
+                rows.append((ids[b][mask[b].bool()], labels[b][mask[b].bool()]))
                 continue
-            prompt, answer = real[:cuts[b]], answers[chosen.index(b)]
+            prompt, answer = _prompt(ids[b], mask[b], cuts[b]), answers[chosen.index(b)]
             rows.append((torch.cat([prompt, answer]),
                          torch.cat([torch.full_like(prompt, IGNORE_INDEX), answer])))
         self.rewritten += len(chosen)
@@ -134,7 +139,7 @@ class OnPolicyTeacher(OnlineTeacher):
         o = self.options
         lengths = [int(((batch["labels"][b][cuts[b]:] != IGNORE_INDEX).cumprod(0)).sum()) for b in chosen]
         budget = o.max_new_tokens or max(lengths)
-        prompts = [ids[b][: cuts[b]] for b in chosen]  # right padding: the prompt is the row's start
+        prompts = [_prompt(ids[b], mask[b], cuts[b]) for b in chosen]
         width = max(len(p) for p in prompts)
         left = torch.stack([_pad(p, width, self.special["pad"], left=True) for p in prompts])
         attention = torch.stack([_pad(torch.ones_like(p), width, 0, left=True) for p in prompts])
@@ -156,6 +161,11 @@ class OnPolicyTeacher(OnlineTeacher):
             eos = (row == self.special["eos"]).nonzero().flatten()
             answers.append(row[: int(eos[0]) + 1] if len(eos) else row)
         return answers
+
+
+def _prompt(ids: torch.Tensor, mask: torch.Tensor, cut: int) -> torch.Tensor:
+    """The real tokens before position `cut` of a padded row (either padding side)."""
+    return ids[:cut][mask[:cut].bool()]
 
 
 def _pad(row: torch.Tensor, width: int, value: int, left: bool = False) -> torch.Tensor:

@@ -63,6 +63,21 @@ def test_a_greedy_rollout_is_each_record_decoded_alone(processor, world_dir):
     assert torch.equal(batch["pixel_values"], original["pixel_values"])  # every record kept its image
 
 
+def test_left_padded_batches_roll_out_as_right_padded_ones(processor, world_dir):
+    student = make_tiny_vlm(processor, seed=3)
+    right = batch_of(processor, world_dir)
+    left = {k: v.clone() if torch.is_tensor(v) else v for k, v in right.items()}
+    for key, fill in (("input_ids", processor.tokenizer.pad_token_id), ("labels", IGNORE_INDEX), ("attention_mask", 0)):
+        for b in range(3):
+            n = int(right["attention_mask"][b].sum())
+            row = right[key][b]
+            left[key][b] = torch.cat([row.new_full((len(row) - n,), fill), row[:n]])
+    for batch in (right, left):
+        target_for(processor, student, max_new_tokens=4).rollout(batch)
+    for key in ("input_ids", "labels", "attention_mask", "image_mask"):
+        assert torch.equal(left[key], right[key])  # rewritten rows are right-padded either way
+
+
 def test_the_default_budget_is_the_longest_chosen_answer_and_turns_are_answer_starts(processor, world_dir):
     student = make_tiny_vlm(processor, seed=4)
     batch = batch_of(processor, world_dir)

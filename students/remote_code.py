@@ -12,7 +12,9 @@ next to the weights, with imports made relative to the folder, and an `auto_map`
   per-layer MatFormer widths, ternary BitLinear layers - trained or packed, mixture-of-depths routers): a generated `modeling_workbench.py` whose class builds the stock
   model, rebuilds the recorded structure, and then loads the weights, plus the files that
   structure needs (the Mamba-2 mixer and its torch SSD scan, the nested MLP, the ternary layers and
-  their integer path in torch).
+  their integer path in torch);
+- EAGLE draft heads: `eagle.py`, mapped for `AutoConfig` and `AutoModel`; the loaded head drafts
+  once `head.attach(target)` gives it the target's embeddings and LM head.
 
 Every copied file may import only torch, transformers, the standard library and its siblings.
 """
@@ -44,6 +46,7 @@ _FILES = {
     "mmfree.py": _PACKAGE / "mmfree.py",
     "hgrn_ref.py": _KERNELS / "hgrn" / "ref.py",
     "mod.py": _PACKAGE / "mod.py",
+    "eagle.py": _PACKAGE / "eagle.py",
 }
 _IMPORTS = [
     (re.compile(r"^(\s*)from students\.encoder_free\.(\w+) import", re.M), r"\1from .\2 import"),
@@ -65,6 +68,7 @@ _NEEDS = {
     "ternary": ["bitlinear.py", "ternary_ref.py"],
     "mod": ["mod.py", "hf_cache.py"],
     "mmfree": ["mmfree.py", "hgrn_ref.py", "bitlinear.py", "ternary_ref.py", "hf_cache.py"],
+    "eagle": ["eagle.py", "hf_cache.py"],
 }
 MODELING = "modeling_workbench.py"
 
@@ -94,7 +98,10 @@ def write_remote_code(model: nn.Module, folder: str | Path) -> list[str]:
     if config.model_type == "encoder_free_vlm":
         return _encoder_free(folder)
     if config.model_type == "mmfree":  # the MatMul-free LM on its own: its own classes
-        return _mmfree_causal_lm(folder)
+        return _own_classes(folder, "mmfree", {"AutoConfig": "mmfree.MMFreeConfig",
+                                               "AutoModelForCausalLM": "mmfree.MMFreeForCausalLM"})
+    if config.model_type == "workbench_eagle":  # a draft head: attach(target) after loading
+        return _own_classes(folder, "eagle", {"AutoConfig": "eagle.EagleConfig", "AutoModel": "eagle.EagleDraft"})
     text = config.get_text_config()
     kinds = [k for k, present in (("hybrid", getattr(text, "hybrid", None)),
                                   ("widths", getattr(text, "matformer_widths", None)),
@@ -116,12 +123,12 @@ def write_remote_code(model: nn.Module, folder: str | Path) -> list[str]:
     return [*files, MODELING]
 
 
-def _mmfree_causal_lm(folder: Path) -> list[str]:
-    files = _NEEDS["mmfree"]
+def _own_classes(folder: Path, kind: str, auto_map: dict[str, str]) -> list[str]:
+    """A model whose classes are ours alone (not a restructured stock architecture)."""
+    files = _NEEDS[kind]
     for name in files:
         _copy(name, folder)
-    _update_json(folder / "config.json", auto_map={"AutoConfig": "mmfree.MMFreeConfig",
-                                                   "AutoModelForCausalLM": "mmfree.MMFreeForCausalLM"})
+    _update_json(folder / "config.json", auto_map=auto_map)
     return list(files)
 
 

@@ -182,3 +182,42 @@ def test_a_mixture_of_depths_student_loads_with_its_remote_code(processor, world
     assert {"modeling_workbench.py", "mod.py", "hf_cache.py"} <= set(written)
     child = _check_in_child(model, folder, _batch(proc, world_dir), tmp_path, "AutoModelForImageTextToText", True)
     assert child["class"] == "LlavaForConditionalGeneration"
+
+
+# A draft head: the stock target from its folder, the head with its remote code, attached.
+HEAD_CHILD = CHILD.split("import torch, transformers")[0] + r'''
+import torch, transformers
+target_dir, head_dir = sys.argv[1], sys.argv[2]
+inputs = torch.load(f"{head_dir}/../inputs.pt", weights_only=True)
+target = transformers.AutoModelForImageTextToText.from_pretrained(target_dir).eval()
+head = transformers.AutoModel.from_pretrained(head_dir, trust_remote_code=True).eval().attach(target)
+with torch.no_grad():
+    logits = head(**inputs).logits
+torch.save({"logits": logits, "class": type(head).__name__, "module": type(head).__module__},
+           f"{head_dir}/../child.pt")
+'''
+
+
+def test_a_draft_head_loads_with_its_remote_code_and_drafts_for_the_stock_target(processor, world_dir, tmp_path):
+    from students.eagle import EagleDraft
+
+    target = _tiny("tiny_llava", processor, tmp_path, **TINY_STUDENT).eval()
+    target_dir, proc, _ = _export(target, processor, tmp_path)
+    torch.manual_seed(1)
+    head = EagleDraft.from_target(target).eval()
+    head_dir = tmp_path / "head"
+    head.save_pretrained(head_dir)
+    assert sorted(students.write_remote_code(head, head_dir)) == ["eagle.py", "hf_cache.py"]
+    assert json.loads((head_dir / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "eagle.EagleConfig", "AutoModel": "eagle.EagleDraft"}
+    inputs = _batch(proc, world_dir)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        logits = head(**inputs).logits
+    run = subprocess.run([sys.executable, "-c", HEAD_CHILD, str(target_dir), str(head_dir), "-", str(REPO)],
+                         cwd=tmp_path, env={**subprocess_env(), "HF_MODULES_CACHE": str(tmp_path / "modules"),
+                                            "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    child = torch.load(tmp_path / "child.pt", weights_only=True)
+    assert child["class"] == "EagleDraft" and not child["module"].startswith("students")
+    torch.testing.assert_close(child["logits"], logits, atol=1e-5, rtol=1e-5)

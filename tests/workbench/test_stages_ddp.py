@@ -97,7 +97,7 @@ def test_a_stage_continuing_a_student_folder_trains_under_ddp(tmp_path):
     args = [f"out_root={tmp_path}/runs", f"data.root={tmp_path}/data", "data.windtunnel.n_train=64",
             "data.windtunnel.n_val=16", "data.batch_size=8", "trainer.progress_bar=false", "trainer.strategy=ddp",
             "trainer.devices=2", "trainer.accelerator=cpu", "run_id=chain", *(f"stages.{s}=null" for s in (
-                "teacher", "fp_more", "scratch", "kd", "joint")),
+                "teacher", "fp_more", "scratch", "kd", "kd_teacher", "joint")),
             *(f"stages.{s}.trainer.{k}=2" for s in ("fp", "qat") for k in ("max_steps", "val_every_n_steps")),
             "stages.qat.transforms.ternary.act_bits=8"]
     out = _workbench("run", str(REPO / "experiments/windtunnel/bitcpm4.yaml"), *args)

@@ -423,3 +423,22 @@ def test_the_matformer_vlm_recipe_trains_its_independent_draft_baseline_before_t
     quarter = dict(stages)["independent_quarter"]
     assert quarter.student.kwargs["text_intermediate"] == 128 == quarter.student.kwargs["text_hidden"]
     assert quarter.matformer is None and dict(stages)["matformer"].matformer.granularities[2] == 0.25
+
+
+def test_the_bitcpm4_recipe_compares_its_ternary_students_at_equal_steps_from_scratch():
+    """The study's design: every stage that is compared (the fp control, ternary from scratch,
+    QAT -> KD from either teacher, joint) has trained the same number of steps since its start
+    from scratch, and the KD stage distils from the fp student QAT started from."""
+    cfg = load_config(Path(__file__).parents[2] / "experiments" / "windtunnel" / "bitcpm4.yaml")
+    stages = dict(stage_configs(cfg))
+
+    def since_scratch(name):
+        path = stages[name].student.path or ""
+        parent = path.removeprefix("stage:") if path.startswith("stage:") else None
+        return stages[name].trainer.max_steps + (since_scratch(parent) if parent else 0)
+
+    compared = ["fp_more", "scratch", "kd", "kd_teacher", "joint"]
+    assert {since_scratch(name) for name in compared} == {3600}
+    assert stages["qat"].student.path == "stage:fp" == stages["kd"].teacher.path == stages["joint"].teacher.path
+    assert stages["kd_teacher"].teacher.path == "stage:teacher"
+    assert all(stages[n].transforms["ternary"]["weight_scale"] == "tensor" for n in ("qat", "scratch", "joint"))

@@ -51,8 +51,12 @@ def ternary_transform(student: nn.Module, scopes: list[str] | None = None, skip:
     already = [n for n, m in student.named_modules() if isinstance(m, (BitLinear, PackedBitLinear))]
     if already:  # a ternary student loaded from its folder keeps its layers
         return {"ternary_layers": len(already), "kept_layers": len(names) - len(already), "already_ternary": True}
-    picked = [n for n, s in names.items() if s in chosen and not any(matches(p, n) for p in skip or [])
-              and (group is None or modules[n].in_features % group == 0)]
+    scoped = [n for n, s in names.items() if s in chosen and not any(matches(p, n) for p in skip or [])]
+    picked = [n for n in scoped if group is None or modules[n].in_features % group == 0]
+    if scoped and not picked:
+        widths = sorted({modules[n].in_features for n in scoped})
+        raise ValueError(f"weight_scale {weight_scale}: the group divides the inputs of none of the {len(scoped)} "
+                         f"Linear layers in scopes {chosen} (their input widths: {', '.join(map(str, widths))})")
     if not picked:
         raise ValueError(f"no Linear layer to make ternary (scopes {chosen}, weight_scale {weight_scale})")
     for name in picked:

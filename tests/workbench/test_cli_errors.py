@@ -285,6 +285,7 @@ OVERRIDE_CASES = [
     ([*TINY, "transforms.ternary.scopes=[eyes]"], "'transforms.ternary'", "eyes"),
     ([*TINY, "transforms.ternary.act_bits=1"], "'transforms.ternary'", "act_bits"),
     ([*TINY, "transforms.ternary.skip=[nowhere]"], "'transforms.ternary'", "nowhere"),
+    ([*TINY, "transforms.ternary.weight_scale=group:7"], "'transforms.ternary'", "group:7", "input widths: 16, 64"),
     # the MatMul-free student
     (["student.type=tiny_mmfree_llava", "student.kwargs.weight_scale=row"], "'student.kwargs'", "group:"),
     (["student.type=tiny_mmfree_llava", "student.kwargs.text_heads=2"], "'student.kwargs.text_heads'",
@@ -468,7 +469,7 @@ COMPRESS_CASES = [
     (["--method", "int4", "--group-size", "48"], "group_size 48"),
     (["--method", "int4", "--group-size", "0"], "group_size"),
     (["--method", "ternary", "--scope", "brain"], "brain"),
-    (["--method", "ternary", "--group-size", "48"], "no Linear layer", "group:48"),
+    (["--method", "ternary", "--group-size", "48"], "group:48", "none of the", "input widths"),
     (["--method", "ternary", "--skip", "nowhere"], "nowhere"),
 ]
 

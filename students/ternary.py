@@ -14,6 +14,19 @@ from torch import nn
 from students.bitlinear import CONFIG_KEY, PLACEMENTS, SUBLN, BitLinear, PackedBitLinear, parse_weight_scale
 
 
+def _divisible(scoped: list[str], modules: dict[str, nn.Module], group: int | None, weight_scale: str,
+               chosen: list[str]) -> list[str]:
+    """The layers of `scoped` whose inputs split into whole groups (all of them per tensor)."""
+    picked = [n for n in scoped if group is None or modules[n].in_features % group == 0]
+    if scoped and not picked:
+        widths = sorted({modules[n].in_features for n in scoped})
+        raise ValueError(f"weight_scale {weight_scale}: the group divides the inputs of none of the {len(scoped)} "
+                         f"Linear layers in scopes {chosen} (their input widths: {', '.join(map(str, widths))})")
+    if not picked:
+        raise ValueError(f"no Linear layer to make ternary (scopes {chosen}, weight_scale {weight_scale})")
+    return picked
+
+
 def ternary_transform(student: nn.Module, scopes: list[str] | None = None, skip: list[str] | None = None,
                       placement: str = "mmfree", weight_scale: str = "tensor", act_bits: int | None = 8,
                       quantize_lm_head: bool = False) -> dict[str, Any]:
@@ -52,13 +65,7 @@ def ternary_transform(student: nn.Module, scopes: list[str] | None = None, skip:
     if already:  # a ternary student loaded from its folder keeps its layers
         return {"ternary_layers": len(already), "kept_layers": len(names) - len(already), "already_ternary": True}
     scoped = [n for n, s in names.items() if s in chosen and not any(matches(p, n) for p in skip or [])]
-    picked = [n for n in scoped if group is None or modules[n].in_features % group == 0]
-    if scoped and not picked:
-        widths = sorted({modules[n].in_features for n in scoped})
-        raise ValueError(f"weight_scale {weight_scale}: the group divides the inputs of none of the {len(scoped)} "
-                         f"Linear layers in scopes {chosen} (their input widths: {', '.join(map(str, widths))})")
-    if not picked:
-        raise ValueError(f"no Linear layer to make ternary (scopes {chosen}, weight_scale {weight_scale})")
+    picked = _divisible(scoped, modules, group, weight_scale, chosen)
     for name in picked:
         parent, _, child = name.rpartition(".")
         inside = placement != "bitnet_2b4t" or child in SUBLN

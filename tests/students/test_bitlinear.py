@@ -102,7 +102,7 @@ def test_ternary_transform_converts_the_language_model_only(processor):
     model(input_ids=torch.tensor([[1, 5, 6]])).logits.sum().backward()
     assert model.model.language_model.layers[0].mlp.down_proj.weight.grad is not None
     for bad, words in [(dict(scopes=["brain"]), "brain"), (dict(weight_scale="row"), "group:"),
-                       (dict(skip=["nothing"]), "nothing"), (dict(weight_scale="group:1000"), "no Linear"),
+                       (dict(skip=["nothing"]), "nothing"), (dict(weight_scale="group:1000"), "group:1000: the group divides .* none of the 14"),
                        (dict(placement="inside"), "placement")]:
         with pytest.raises(ValueError, match=words):
             ternary_transform(make_tiny_vlm(processor, text_hidden=64, vision_hidden=64), **bad)

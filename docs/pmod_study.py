@@ -21,15 +21,24 @@ import sys
 from pathlib import Path
 
 
+def fail(message: str) -> None:
+    """A short error and exit code 2, as the workbench CLI does for bad input."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def load(paths: list[Path]) -> dict[str, list[dict]]:
     """variant -> its row from each file, in file order; every file must list the same variants."""
     by_variant: dict[str, list[dict]] = {}
     names = None
     for path in paths:
-        rows = json.loads(path.read_text())["rows"]
+        try:
+            rows = json.loads(path.read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            fail(f"{path}: not a `workbench bench tokens --json` file ({type(e).__name__}: {e})")
         these = [r["variant"] for r in rows]
         if names is not None and these != names:
-            raise SystemExit(f"{path} lists variants {these}, the first file {names}")
+            fail(f"{path} lists variants {these}, the first file {names}")
         names = these
         for r in rows:
             by_variant.setdefault(r["variant"], []).append(r)

@@ -6,8 +6,9 @@ proposed positions of sum_v min(p, q)), mean accepted length tau (tokens per tar
 target passes per generated token, the draft's cost ratio c (the decode FLOPs proxy: Linear
 weights of the language model and its head, draft / target), the speed-up Leviathan et al.'s
 formula predicts from alpha and c, and wall-clock decode tokens/s on this machine against the
-target's own greedy `generate` (reported, not asserted). Every greedy run is checked token for
-token against the target's greedy output (`lossless`).
+target's own greedy `generate` (reported, not asserted), both timed after one untimed pass of
+each on the first prompt. Every greedy run is checked token for token against the target's
+greedy output (`lossless`).
 
 Prompts are the first held-out samples up to their first answer token, and the models decode
 `--new-tokens` tokens past the end-of-turn token (a fixed length, so every draft is timed on
@@ -139,6 +140,16 @@ def _row(target, draft, items: list[dict], references: list[torch.Tensor], gamma
             "tok_s": stats.emitted / seconds, "lossless": lossless if temperature <= 0 else None}
 
 
+def _warm_up(target, draft, prompt: dict, gammas: list[int], new_tokens: int, temperature: float,
+             top_k: int | None, seed: int) -> None:
+    """One untimed pass of each timed path on the first prompt: the first calls pay one-time costs
+    (allocator growth, lazy initialisation) that would otherwise land on the target's greedy
+    baseline, which is timed first, and inflate every speed-up."""
+    reference, _ = _target_greedy(target, prompt, new_tokens)
+    for gamma in gammas:
+        _row(target, draft, [prompt], [reference], gamma, new_tokens, temperature, top_k, seed)
+
+
 def bench_speculative_command(source: str, draft: str, config: str | None = None, overrides: list[str] = (),
                               data: str | None = None, gammas: str = "2,4", count: int = 8, new_tokens: int = 32,
                               temperature: float = 0.0, top_k: int | None = None, seed: int = 0, threads: int = 2,
@@ -166,6 +177,7 @@ def bench_speculative_command(source: str, draft: str, config: str | None = None
                              "target's tokenizer")
     items = prompts(held_out, count)
     print(f"[workbench] target {target_dir}, draft {draft_name}: {len(items)} prompts, {new_tokens} new tokens")
+    _warm_up(target, draft_model, items[0], gamma_list, new_tokens, temperature, top_k, seed)
     references, seconds = [], 0.0
     for prompt in items:
         out, took = _target_greedy(target, prompt, new_tokens)

@@ -38,6 +38,28 @@ def test_the_target_as_its_own_draft_and_compare_reads_the_result(run_copy, tmp_
     assert "speculative.gamma3.alpha" in capsys.readouterr().out
 
 
+def test_the_first_calls_are_a_warm_up_and_not_timed(teacher_run, tmp_path, monkeypatch):
+    """One-time costs of a first call (allocator growth, lazy init) would land on the greedy
+    baseline, timed first, and inflate every speed-up: each path runs once untimed on the first
+    prompt. Here the first call claims 1000 s; the baseline must not see it."""
+    import workbench.bench.speculative as spec
+
+    calls, greedy = [], spec._target_greedy
+
+    def slow_first(target, prompt, new_tokens):
+        out, took = greedy(target, prompt, new_tokens)
+        calls.append(prompt["input_ids"])
+        return out, (1000.0 if len(calls) == 1 else took)
+
+    monkeypatch.setattr(spec, "_target_greedy", slow_first)
+    out = tmp_path / "s.json"
+    assert main(["bench", "speculative", str(teacher_run), "--draft", "extract:uniform:0.25", "--gamma", "2",
+                 "--prompts", "2", "--new-tokens", "5", "--json", str(out)]) == 0
+    assert len(calls) == 3 and calls[0] is calls[1]  # the first prompt once more, first
+    result = json.loads(out.read_text())
+    assert result["target_tok_s"] > 2 * 5 / 1000.0 * 100
+
+
 def test_a_matformer_extraction_drafts_losslessly_and_cheaper(teacher_run, tmp_path):
     out = tmp_path / "s.json"
     assert main(["bench", "speculative", str(teacher_run), "--draft", "extract:uniform:0.25", "--gamma", "3",

@@ -167,6 +167,8 @@ def bench_speculative_command(source: str, draft: str, config: str | None = None
         raise WorkbenchError("--gamma values, --prompts, --new-tokens and --threads must be at least 1")
     torch.set_num_threads(threads)
     target_dir = resolve_model_dir(source)
+    if not draft.startswith("extract:"):
+        resolve_model_dir(draft)  # a wrong --draft path fails before the held-out data are built
     held_out, _ = held_out_for(target_dir, config, overrides, data)
     if held_out.classification:
         raise WorkbenchError(f"{target_dir} is an image classifier: nothing to decode")

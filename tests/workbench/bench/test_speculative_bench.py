@@ -60,6 +60,17 @@ def test_the_first_calls_are_a_warm_up_and_not_timed(teacher_run, tmp_path, monk
     assert result["target_tok_s"] > 2 * 5 / 1000.0 * 100
 
 
+def test_a_wrong_draft_path_fails_before_the_data_are_built(teacher_run, monkeypatch, capsys):
+    import workbench.evaluation
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("held-out data built before the draft path was checked")
+
+    monkeypatch.setattr(workbench.evaluation, "held_out_for", no_data)
+    assert main(["bench", "speculative", str(teacher_run), "--draft", "/nonexistent/run"]) == 2
+    assert "/nonexistent/run" in capsys.readouterr().err
+
+
 def test_a_matformer_extraction_drafts_losslessly_and_cheaper(teacher_run, tmp_path):
     out = tmp_path / "s.json"
     assert main(["bench", "speculative", str(teacher_run), "--draft", "extract:uniform:0.25", "--gamma", "3",

@@ -500,6 +500,25 @@ def check_mod_options(schedule: Any = "prd", max_ratio: float = 0.85, min_ratio:
     schedule_ratios(schedule, n, max_ratio, min_ratio)
 
 
+def check_mod_fits(model: nn.Module, schedule: Any = "prd", max_ratio: float = 0.85, min_ratio: float = 0.15,
+                   targets: str = "vision", **_: Any) -> list[float | None] | None:
+    """The `mod` options against a model's decoder, changing nothing: the schedule's per-layer
+    ratios if it fits (the list's length, at least one MoD layer, pre-norm blocks, image tokens to
+    route); None for a MoD student, which keeps its own layers. A multi-stage run checks its later
+    stages' options with this before the first trains. Raises ValueError."""
+    if mod_state(model) is not None and getattr(model.config, CONFIG_KEY, None) is not None:
+        return None
+    if targets == "vision" and getattr(getattr(model, "config", None), "image_token_id", None) is None:
+        raise ValueError(f"{type(model).__name__} has no image_token_id: route targets='all' for a language model")
+    n_layers = len(decoder_layers(model))
+    ratios = schedule_ratios(schedule, n_layers, max_ratio, min_ratio)
+    chosen = [i for i, r in enumerate(ratios) if r is not None]
+    if not chosen:
+        raise ValueError(f"schedule {schedule!r} makes no layer of {n_layers} a MoD layer")
+    check_routable(model, chosen)
+    return ratios
+
+
 def mod_transform(student: nn.Module, schedule: Any = "prd", max_ratio: float = 0.85, min_ratio: float = 0.15,
                   targets: str = "vision", router: str = "tanhnorm", router_scale: float = 0.2,
                   router_bias: float = 1.0, string_scope: str = "mlp", threshold: float | None = None
@@ -529,13 +548,8 @@ def mod_transform(student: nn.Module, schedule: Any = "prd", max_ratio: float = 
         if record is None:
             raise ValueError("the model has a token reducer installed; apply `mod` to the model itself")
         return {"mod_layers": sorted(int(i) for i in record["layers"]), "already_mod": True}
-    if targets == "vision" and getattr(config, "image_token_id", None) is None:
-        raise ValueError(f"{type(student).__name__} has no image_token_id: route targets='all' for a language model")
-    n_layers = len(decoder_layers(student))
-    ratios = schedule_ratios(schedule, n_layers, max_ratio, min_ratio)
+    ratios = check_mod_fits(student, schedule, max_ratio, min_ratio, targets)
     chosen = {str(i): r for i, r in enumerate(ratios) if r is not None}
-    if not chosen:
-        raise ValueError(f"schedule {schedule!r} makes no layer of {n_layers} a MoD layer")
     record = {"layers": chosen, "schedule": schedule if isinstance(schedule, str) else list(ratios),
               "targets": targets, "router": router, "router_scale": router_scale, "router_bias": router_bias,
               "string_scope": string_scope, "threshold": threshold}

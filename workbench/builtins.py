@@ -12,7 +12,7 @@ from students.eagle import eagle_head
 from students.encoder_free import breen_student, eve_student
 from students.hybrid import hybrid_transform
 from students.matformer import matformer_transform
-from students.mod import check_mod_options, mod_transform
+from students.mod import check_mod_fits, check_mod_options, mod_transform
 from students.quantize import quantize_transform
 from students.ternary import ternary_transform
 from students.vlm import llava_from_parts, tiny_llava, tiny_mmfree_llava
@@ -64,9 +64,11 @@ TARGETS.register("cached_teacher", CachedTeacher)
 TARGETS.register("vision_features", VisionFeatures)
 
 # order: hybrid conversion before `init_from` (a converted stage's weights load by name), nesting and
-# quantization-aware training after
+# quantization-aware training after. check: the options that need no model, when a config loads;
+# fits: the options against the first stage's model, for the later stages that start from it
 TRANSFORMS.register("hybrid", hybrid_transform, order=10)
-TRANSFORMS.register("mod", mod_transform, order=20, check=check_mod_options)  # p-MoD: routers over image tokens; weights keep their names
+TRANSFORMS.register("mod", mod_transform, order=20, check=check_mod_options,  # p-MoD: routers over image tokens
+                    fits=check_mod_fits)  # weights keep their names
 TRANSFORMS.register("matformer", matformer_transform, order=60)
 TRANSFORMS.register("quantize", quantize_transform, order=70)  # fake quantization of the final structure
 TRANSFORMS.register("ternary", ternary_transform, order=70)  # BitNet b1.58 BitLinear layers

@@ -18,13 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from workbench.build import Built, build
+from workbench.build.student import requested_transforms
 from workbench.config import STAGE_REF, RunConfig, stage_configs, to_yaml
 from workbench.device import environment
 from workbench.errors import WorkbenchError
 from workbench.fit import train
 from workbench.interrupt import ending
+from workbench.registry import TRANSFORMS
 from workbench import console
 from workbench.rundir import ENV, RunDir, create, is_worker_process, launcher_job_id, launcher_rank, write_json
 
@@ -58,6 +61,7 @@ def run_stages(cfg: RunConfig, resume_dir: RunDir | None, new_dir: Path | None =
     first, run_dir = None, resume_dir
     if resume_dir is None:
         first = build(stage_refs(stages[0][1], RunDir(Path("/nonexistent"))))  # fail on bad input before writing
+        check_later_stages(stages, first.student)
         run_dir = create(cfg.out_root, cfg.name, to_yaml(cfg), cfg.run_id, new_dir)
         if is_main:
             run_dir.config.write_text(to_yaml(cfg))
@@ -81,6 +85,28 @@ def run_stages(cfg: RunConfig, resume_dir: RunDir | None, new_dir: Path | None =
     run_dir.results.write_text(results_markdown(cfg.name, summary["results"]))
     run_dir.mark_latest()
     return run_dir
+
+
+def check_later_stages(stages: list[tuple[str, RunConfig]], first: nn.Module) -> None:
+    """Before anything trains: the transforms of each later stage that starts from the first
+    stage's model (`student.path: stage:<name>`, directly or through other such stages) are
+    checked against that model by their registered `fits` (e.g. a MoD schedule list's length
+    against its decoder), so a bad option fails now, not after hours of earlier stages. Stages
+    that start from a folder are checked when they start."""
+    chain = {stages[0][0]}
+    for name, stage_cfg in stages[1:]:
+        path = stage_cfg.student.path
+        if not (isinstance(path, str) and path.startswith(STAGE_REF) and path[len(STAGE_REF):] in chain):
+            continue
+        chain.add(name)
+        for transform, options in requested_transforms(stage_cfg).items():
+            fits = TRANSFORMS.info.get(transform, {}).get("fits")
+            if fits is None:
+                continue
+            try:
+                fits(first, **options)
+            except ValueError as e:
+                raise WorkbenchError(f"config key 'stages.{name}.transforms.{transform}': {e}") from None
 
 
 def _fit_stages(stages: list[tuple[str, RunConfig]], run_dir: RunDir, summary: dict[str, Any], first: Built | None,

@@ -1,5 +1,5 @@
 """The wind-tunnel p-MoD recipe through the CLI at tiny size: the dense teacher (trained on in a
-second stage), then p-MoD with cross-entropy and p-MoD distilled from the teacher, both started
+second and a third stage), then p-MoD with cross-entropy and p-MoD distilled from the teacher, both started
 from the teacher's weights.
 The stage summaries carry the FLOPs and KV proxies, which read back from the exported students."""
 
@@ -19,7 +19,7 @@ TINY = ["data.windtunnel.n_train=48", "data.windtunnel.n_val=16", "data.batch_si
         "stages.teacher.student.kwargs={vision_hidden: 32, vision_layers: 1, vision_heads: 2, text_hidden: 32, "
         "text_layers: 4, text_heads: 2}",
         "stages.gmod_kd.transforms.mod.schedule=uniform:0.5",  # arank_mod leaves no MoD layer of 4
-        *[f"stages.{s}.trainer.{k}={v}" for s in ("teacher_more", "pmod_ce", "pmod_kd", "gmod_kd")
+        *[f"stages.{s}.trainer.{k}={v}" for s in ("teacher_more", "teacher_long", "pmod_ce", "pmod_kd", "gmod_kd")
           for k, v in (("max_steps", 4), ("val_every_n_steps", 2))]]
 
 
@@ -35,7 +35,7 @@ def test_the_recipe_reports_the_proxies_and_its_students_read_back(pmod_run):
     from workbench.evaluation import held_out_from_config
 
     loader = held_out_from_config(load_config(pmod_run / "config.yaml")).loader(16)
-    teacher = students.load(pmod_run / "stages" / "teacher_more" / "student")
+    teacher = students.load(pmod_run / "stages" / "teacher_long" / "student")
     assert mod_state(teacher) is None
     for stage in ("pmod_ce", "pmod_kd"):
         summary = json.loads((pmod_run / "stages" / stage / "summary.json").read_text())
@@ -66,7 +66,7 @@ def test_the_gamma_stage_trains_its_shared_router_with_the_router_loss(pmod_run)
     logged = pd.read_csv(pmod_run / "stages" / "gmod_kd" / "metrics.csv").dropna(subset=["train/router"])
     assert logged["step"].tolist() == [0, 1, 2, 3]
     student = students.load(pmod_run / "stages" / "gmod_kd" / "student")
-    teacher = students.load(pmod_run / "stages" / "teacher_more" / "student")
+    teacher = students.load(pmod_run / "stages" / "teacher_long" / "student")
     router = student.state_dict()["model.language_model.mod_router.weight"]
     assert router.shape == (2, student.config.text_config.hidden_size)
     assert set(student.state_dict()) - set(teacher.state_dict()) == {"model.language_model.mod_router.weight"}

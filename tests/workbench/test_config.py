@@ -427,20 +427,21 @@ def test_the_matformer_vlm_recipe_trains_its_independent_draft_baseline_before_t
 
 def test_the_pmod_recipe_compares_its_token_skipping_students_from_one_start_at_one_budget():
     """The study's design: p-MoD with CE, p-MoD with KD and gamma-MoD start from the same dense
-    model (trained 600 + 900 steps), train the same steps, distil from that model, and gamma-MoD's
+    model (trained 600 + 900 + 1,500 steps), train the same steps, distil from that model, and gamma-MoD's
     schedule keeps on average exactly the share of image tokens PRD keeps over the 8 layers."""
     from students.mod import mean_retention, schedule_ratios
 
     cfg = load_config(Path(__file__).parents[2] / "experiments" / "windtunnel" / "pmod.yaml")
     stages = dict(stage_configs(cfg))
-    assert list(stages) == ["teacher", "teacher_more", "pmod_ce", "pmod_kd", "gmod_kd"]
+    assert list(stages) == ["teacher", "teacher_more", "teacher_long", "pmod_ce", "pmod_kd", "gmod_kd"]
     assert stages["teacher_more"].student.path == "stage:teacher"
-    assert stages["teacher"].trainer.max_steps + stages["teacher_more"].trainer.max_steps == 1500
+    assert stages["teacher_long"].student.path == "stage:teacher_more"
+    assert sum(stages[n].trainer.max_steps for n in ("teacher", "teacher_more", "teacher_long")) == 3000
     compared = ["pmod_ce", "pmod_kd", "gmod_kd"]
-    assert {stages[n].student.path for n in compared} == {"stage:teacher_more"}
+    assert {stages[n].student.path for n in compared} == {"stage:teacher_long"}
     assert {stages[n].trainer.max_steps for n in compared} == {300}
     assert stages["pmod_ce"].teacher is None
-    assert stages["pmod_kd"].teacher.path == stages["gmod_kd"].teacher.path == "stage:teacher_more"
+    assert stages["pmod_kd"].teacher.path == stages["gmod_kd"].teacher.path == "stage:teacher_long"
     layers = stages["teacher"].student.kwargs["text_layers"]
     prd = mean_retention(schedule_ratios(stages["pmod_kd"].transforms["mod"]["schedule"], layers))
     gamma = mean_retention(schedule_ratios(list(stages["gmod_kd"].transforms["mod"]["schedule"]), layers))

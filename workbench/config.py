@@ -304,6 +304,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     rest = []
     for override in overrides:
         key, value = _one_override(override)
+        parts = key.split(".")
+        if parts[0] == "stages" and len(parts) > 1 and isinstance(data.setdefault("stages", {}), dict):
+            data["stages"].setdefault(parts[1], {})  # a stage new on the command line runs where it is named
         kind = _schema_type(key)
         if is_dataclass(kind) and value is not None and not isinstance(value, dict):
             raise WorkbenchError(f"config key '{key}' is a section, not a value; set its keys ({key}.<name>=...)")

@@ -406,6 +406,16 @@ def test_a_mapping_override_replaces_and_null_clears():
     assert load_config("experiments/windtunnel/quickstart.yaml", ["stages=null", "loss.ce.type=ce"]).stages == {}
 
 
+def test_stages_new_on_the_command_line_run_in_the_order_they_are_named():
+    """A mapping override (`stages.b={...}`) is applied before the dotted ones; the order of the
+    stages still follows the command line, so `b` may name `stage:a`."""
+    path = "experiments/windtunnel/student_kd.yaml"
+    cfg = load_config(path, ["stages.a.trainer.max_steps=1", "stages.b={student: {path: 'stage:a'}}",
+                             "stages.c.student.path=stage:b", "stages.a.trainer.val_every_n_steps=1"])
+    assert [name for name, _ in stage_configs(cfg)] == ["a", "b", "c"]
+    assert cfg.stages["a"] == {"trainer": {"max_steps": 1, "val_every_n_steps": 1}}
+
+
 def test_a_stage_with_another_student_type_starts_from_its_own_kwargs():
     cfg = load_config(Path(__file__).parents[2] / "experiments" / "windtunnel" / "drafts.yaml",
                       ["stages.teacher=null", "vars.target=/some/folder"])

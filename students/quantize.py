@@ -373,14 +373,18 @@ class FakeQuantLinear(nn.Linear):
         return f"{super().extra_repr()}, fake_quant={self.scheme}"
 
 
+def _check_trainable(schemes) -> None:
+    bad = sorted({s for s in schemes if s not in QAD_SCHEMES})
+    if bad:
+        raise ValueError(f"{bad[0]} cannot be trained quantization-aware: it quantizes activations at run time with "
+                         f"outlier columns; use a weight-only scheme ({', '.join(QAD_SCHEMES)})")
+
+
 def fake_quantize_model(model: nn.Module, request: QuantRequest) -> Plan:
     """Turn the planned Linear layers of `model` into `FakeQuantLinear` in place (same
     parameters), and record the request in `model.config` so the export carries it."""
     p = plan(model, request)
-    bad = sorted({s for s in p.layers.values() if s not in QAD_SCHEMES})
-    if bad:
-        raise ValueError(f"{bad[0]} cannot be trained quantization-aware: it quantizes activations at run time with "
-                         f"outlier columns; use a weight-only scheme ({', '.join(QAD_SCHEMES)})")
+    _check_trainable(p.layers.values())
     modules = dict(model.named_modules())
     for name, scheme in p.layers.items():
         # a plain Linear, or a FakeQuantLinear of an earlier call (rebuilt alike)
@@ -401,6 +405,23 @@ def recorded_request(config: Any) -> QuantRequest | None:
     return QuantRequest(**record)
 
 
+def check_quantize_options(method: str | None = "int4", preset: str | None = None, scopes: list[str] | None = None,
+                           skip: list[str] | None = None, group_size: int | None = None,
+                           double_quant: bool | None = None, quantize_lm_head: bool = False) -> QuantRequest:
+    """The `quantize` transform's options that need no model, checked when a config loads
+    (before any stage trains): the request they make. Raises ValueError."""
+    request = QuantRequest.from_options(preset, None if preset else method, scopes, skip, group_size, double_quant,
+                                        quantize_lm_head)
+    _check_trainable(request.scopes.values())
+    return request
+
+
+def check_quantize_fits(model: nn.Module, **options: Any) -> None:
+    """The `quantize` options against a model, changing nothing: every skip pattern matches a
+    layer and some layer takes the scheme. Raises ValueError."""
+    plan(model, check_quantize_options(**options))
+
+
 def quantize_transform(student: nn.Module, method: str | None = "int4", preset: str | None = None,
                        scopes: list[str] | None = None, skip: list[str] | None = None, group_size: int | None = None,
                        double_quant: bool | None = None, quantize_lm_head: bool = False) -> dict[str, Any]:
@@ -413,8 +434,7 @@ def quantize_transform(student: nn.Module, method: str | None = "int4", preset: 
     Raises:
         ValueError: a bad preset, method, scope or pattern, or a scheme without fake quantization.
     """
-    request = QuantRequest.from_options(preset, None if preset else method, scopes, skip, group_size, double_quant,
-                                        quantize_lm_head)
+    request = check_quantize_options(method, preset, scopes, skip, group_size, double_quant, quantize_lm_head)
     p = fake_quantize_model(student, request)
     schemes = sorted(set(p.layers.values()))
     return {"schemes": schemes, "quantized_layers": len(p.layers), "kept_layers": len(p.kept),

@@ -27,6 +27,45 @@ def _divisible(scoped: list[str], modules: dict[str, nn.Module], group: int | No
     return picked
 
 
+def check_ternary_options(scopes: list[str] | None = None, skip: list[str] | None = None, placement: str = "mmfree",
+                          weight_scale: str = "tensor", act_bits: int | None = 8, quantize_lm_head: bool = False
+                          ) -> list[str]:
+    """The `ternary` transform's options that need no model, checked when a config loads (before
+    any stage trains): the scopes they choose. Raises ValueError."""
+    from students.quantize import SCOPES
+
+    chosen = list(scopes or ["llm"]) + (["lm_head"] if quantize_lm_head else [])
+    bad = [s for s in chosen if s not in SCOPES]
+    if bad:
+        raise ValueError(f"unknown scope {bad[0]!r}; scopes: {', '.join(SCOPES)}")
+    if act_bits is not None and not 2 <= act_bits <= 16:
+        raise ValueError(f"act_bits must be between 2 and 16 (or null for weight-only), got {act_bits}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
+    parse_weight_scale(weight_scale)
+    return chosen
+
+
+def check_ternary_fits(model: nn.Module, scopes: list[str] | None = None, skip: list[str] | None = None,
+                       placement: str = "mmfree", weight_scale: str = "tensor", act_bits: int | None = 8,
+                       quantize_lm_head: bool = False) -> tuple[dict[str, str], list[str] | None]:
+    """The `ternary` options against a model, changing nothing: its Linear layers by scope and
+    the ones that would become BitLinear (None: the model is ternary already). Raises
+    ValueError for a skip pattern that matches nothing or a group that divides no layer."""
+    from students.quantize import linear_scopes, matches
+
+    chosen = check_ternary_options(scopes, skip, placement, weight_scale, act_bits, quantize_lm_head)
+    names = linear_scopes(model)
+    for pattern in skip or []:
+        if not any(matches(pattern, n) for n in names):
+            raise ValueError(f"skip pattern {pattern!r} matches no Linear layer")
+    if any(isinstance(m, (BitLinear, PackedBitLinear)) for m in model.modules()):
+        return names, None
+    scoped = [n for n, s in names.items() if s in chosen and not any(matches(p, n) for p in skip or [])]
+    return names, _divisible(scoped, dict(model.named_modules()), parse_weight_scale(weight_scale), weight_scale,
+                             chosen)
+
+
 def ternary_transform(student: nn.Module, scopes: list[str] | None = None, skip: list[str] | None = None,
                       placement: str = "mmfree", weight_scale: str = "tensor", act_bits: int | None = 8,
                       quantize_lm_head: bool = False) -> dict[str, Any]:
@@ -45,27 +84,13 @@ def ternary_transform(student: nn.Module, scopes: list[str] | None = None, skip:
         ValueError: an unknown scope, norm or weight scale, a pattern matching nothing, or a
             group that divides no layer.
     """
-    from students.quantize import SCOPES, linear_scopes, matches
-
-    chosen = list(scopes or ["llm"]) + (["lm_head"] if quantize_lm_head else [])
-    bad = [s for s in chosen if s not in SCOPES]
-    if bad:
-        raise ValueError(f"unknown scope {bad[0]!r}; scopes: {', '.join(SCOPES)}")
-    if act_bits is not None and not 2 <= act_bits <= 16:
-        raise ValueError(f"act_bits must be between 2 and 16 (or null for weight-only), got {act_bits}")
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
-    group = parse_weight_scale(weight_scale)
-    names = linear_scopes(student)
-    for pattern in skip or []:
-        if not any(matches(pattern, n) for n in names):
-            raise ValueError(f"skip pattern {pattern!r} matches no Linear layer")
+    chosen = check_ternary_options(scopes, skip, placement, weight_scale, act_bits, quantize_lm_head)
+    names, picked = check_ternary_fits(student, scopes, skip, placement, weight_scale, act_bits, quantize_lm_head)
+    if picked is None:  # a ternary student loaded from its folder keeps its layers
+        already = sum(isinstance(m, (BitLinear, PackedBitLinear)) for m in student.modules())
+        return {"ternary_layers": already, "kept_layers": len(names) - already, "already_ternary": True}
     modules = dict(student.named_modules())
-    already = [n for n, m in student.named_modules() if isinstance(m, (BitLinear, PackedBitLinear))]
-    if already:  # a ternary student loaded from its folder keeps its layers
-        return {"ternary_layers": len(already), "kept_layers": len(names) - len(already), "already_ternary": True}
-    scoped = [n for n, s in names.items() if s in chosen and not any(matches(p, n) for p in skip or [])]
-    picked = _divisible(scoped, modules, group, weight_scale, chosen)
+    group = parse_weight_scale(weight_scale)
     for name in picked:
         parent, _, child = name.rpartition(".")
         inside = placement != "bitnet_2b4t" or child in SUBLN

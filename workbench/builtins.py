@@ -13,8 +13,8 @@ from students.encoder_free import breen_student, eve_student
 from students.hybrid import hybrid_transform
 from students.matformer import matformer_transform
 from students.mod import check_mod_fits, check_mod_options, mod_transform
-from students.quantize import quantize_transform
-from students.ternary import ternary_transform
+from students.quantize import check_quantize_fits, check_quantize_options, quantize_transform
+from students.ternary import check_ternary_fits, check_ternary_options, ternary_transform
 from students.vlm import llava_from_parts, tiny_llava, tiny_mmfree_llava
 from teachers.hf_vlm import HFVLMTeacher
 from teachers.timm_vit import TimmTeacher
@@ -70,8 +70,10 @@ TRANSFORMS.register("hybrid", hybrid_transform, order=10)
 TRANSFORMS.register("mod", mod_transform, order=20, check=check_mod_options,  # p-MoD: routers over image tokens
                     fits=check_mod_fits)  # weights keep their names
 TRANSFORMS.register("matformer", matformer_transform, order=60)
-TRANSFORMS.register("quantize", quantize_transform, order=70)  # fake quantization of the final structure
-TRANSFORMS.register("ternary", ternary_transform, order=70)  # BitNet b1.58 BitLinear layers
+TRANSFORMS.register("quantize", quantize_transform, order=70,  # fake quantization of the final structure
+                    check=check_quantize_options, fits=check_quantize_fits)
+TRANSFORMS.register("ternary", ternary_transform, order=70,  # BitNet b1.58 BitLinear layers
+                    check=check_ternary_options, fits=check_ternary_fits)
 
 DATASETS.register("llava", llava_splits)
 DATASETS.register("hf_dataset", hf_dataset_splits)

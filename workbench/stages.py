@@ -89,17 +89,20 @@ def run_stages(cfg: RunConfig, resume_dir: RunDir | None, new_dir: Path | None =
 
 def check_later_stages(stages: list[tuple[str, RunConfig]], first: nn.Module) -> None:
     """Before anything trains: the transforms of each later stage that starts from the first
-    stage's model (`student.path: stage:<name>`, directly or through other such stages) are
-    checked against that model by their registered `fits` (e.g. a MoD schedule list's length
-    against its decoder), so a bad option fails now, not after hours of earlier stages. Stages
-    that start from a folder are checked when they start."""
-    chain = {stages[0][0]}
+    stage's model as it is (`student.path: stage:<name>`, directly or through stages without
+    transforms) are checked against that model by their registered `fits` (e.g. a MoD schedule
+    list's length against its decoder), so a bad option fails now, not after hours of earlier
+    stages. Stages that start from a folder or from a transformed stage are checked when they
+    start."""
+    same = {stages[0][0]}  # stages whose exported model has the first stage's structure
     for name, stage_cfg in stages[1:]:
         path = stage_cfg.student.path
-        if not (isinstance(path, str) and path.startswith(STAGE_REF) and path[len(STAGE_REF):] in chain):
+        if not (isinstance(path, str) and path.startswith(STAGE_REF) and path[len(STAGE_REF):] in same):
             continue
-        chain.add(name)
-        for transform, options in requested_transforms(stage_cfg).items():
+        wanted = requested_transforms(stage_cfg)
+        if not wanted:
+            same.add(name)
+        for transform, options in wanted.items():
             fits = TRANSFORMS.info.get(transform, {}).get("fits")
             if fits is None:
                 continue

@@ -17,6 +17,10 @@ TINY = [f"student.kwargs.{k}={v}" for k, v in dict(
     vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=16, text_layers=1, text_heads=2).items()]
 
 
+TWO_STAGES = ["stages.a={student: {kwargs: {vision_hidden: 16, vision_layers: 1, vision_heads: 2, text_hidden: 16, "
+              "text_layers: 1, text_heads: 2}}}", "stages.b.student.path=stage:a"]
+
+
 @pytest.fixture
 def config(tmp_path, world_dir):
     """A valid supervised recipe over the session's wind tunnel, writing under tmp_path/runs."""
@@ -262,10 +266,14 @@ OVERRIDE_CASES = [
     (["transforms.mod.router=softmax"], "'transforms.mod'", "router"),
     (["transforms.mod.schedule=uniform:1.5"], "'transforms.mod'", "(0, 1]"),
     (["transforms.mod.threshold=0.005"], "'transforms.mod'", "gamma-MoD's"), (["oops"], "oops", "key=value"),
-    # a later stage's MoD schedule that does not fit the first stage's 1-layer decoder: refused before it trains
-    (["stages.a={student: {kwargs: {vision_hidden: 16, vision_layers: 1, vision_heads: 2, text_hidden: 16, "
-      "text_layers: 1, text_heads: 2}}}", "stages.b.student.path=stage:a", "stages.b.transforms.mod.schedule=[0.5,0.5]"],
-     "'stages.b.transforms.mod'", "2 ratios for 1 decoder layers"),
+    # a later stage's transform that does not fit the first stage's model: refused before that trains
+    ([*TWO_STAGES, "stages.b.transforms.mod.schedule=[0.5,0.5]"], "'stages.b.transforms.mod'",
+     "2 ratios for 1 decoder layers"),
+    ([*TWO_STAGES, "stages.b.transforms.ternary.skip=[nowhere]"], "'stages.b.transforms.ternary'", "nowhere"),
+    ([*TWO_STAGES, "stages.b.transforms.quantize.group_size=1024"], "'stages.b.transforms.quantize'",
+     "group_size 1024"),
+    ([*TWO_STAGES, "stages.b.transforms.ternary.placement=outside"], "'transforms.ternary'", "outside"),  # at load
+    ([*TWO_STAGES, "stages.b.transforms.quantize.method=int3"], "'transforms.quantize'", "int3"),
     # teacher and student
     (["teacher.path=/nonexistent", "teacher.top_k=0"], "'teacher.top_k'"),
     (["teacher.path=/nonexistent", "teacher.quantize=int4"], "'teacher.quantize'", "nf4"),
@@ -298,7 +306,7 @@ OVERRIDE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", OVERRIDE_CASES, ids=lambda c: " ".join(o for o in c[0] if o not in TINY)[-60:])
+@pytest.mark.parametrize("case", OVERRIDE_CASES, ids=lambda c: " ".join(o for o in c[0] if o not in TINY + TWO_STAGES)[-60:])
 def test_bad_overrides_exit_2_before_writing(run_fails, case):
     overrides, *names = case
     run_fails(overrides, *names)

@@ -342,6 +342,15 @@ def drop_attention(model: nn.Module) -> None:
         info["keep_attention"] = False
 
 
+def check_hybrid_fits(model: nn.Module, layers: Any = "ratio:0.25", init: str = "attention", **_: Any) -> None:
+    """The `hybrid` options against a model, changing nothing: the layer spec against its
+    decoder's depth (a model with Mamba layers keeps them). Raises ValueError."""
+    if init not in ("attention", "random"):
+        raise ValueError(f"init must be attention or random, got {init!r}")
+    if not mamba_layers(model):
+        select_layers(layers, len(decoder_of(model).layers))
+
+
 def hybrid_transform(student: nn.Module, layers: Any = "ratio:0.25", init: str = "attention", mimic: bool = False,
                      keep_attention: bool = False, chunk_size: int | None = None,
                      d_conv: int | None = None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from losses.relation import HiddenRelationTerm, RKDTerm, rdist_term
 from losses.vision_align import BREENQueryTerm, EVEAlignmentTerm
 from students.eagle import eagle_head
 from students.encoder_free import breen_student, eve_student
-from students.hybrid import hybrid_transform
+from students.hybrid import check_hybrid_fits, hybrid_transform
 from students.matformer import matformer_transform
 from students.mod import check_mod_fits, check_mod_options, mod_transform
 from students.quantize import check_quantize_fits, check_quantize_options, quantize_transform
@@ -66,7 +66,7 @@ TARGETS.register("vision_features", VisionFeatures)
 # order: hybrid conversion before `init_from` (a converted stage's weights load by name), nesting and
 # quantization-aware training after. check: the options that need no model, when a config loads;
 # fits: the options against the first stage's model, for the later stages that start from it
-TRANSFORMS.register("hybrid", hybrid_transform, order=10)
+TRANSFORMS.register("hybrid", hybrid_transform, order=10, fits=check_hybrid_fits)
 TRANSFORMS.register("mod", mod_transform, order=20, check=check_mod_options,  # p-MoD: routers over image tokens
                     fits=check_mod_fits)  # weights keep their names
 TRANSFORMS.register("matformer", matformer_transform, order=60)

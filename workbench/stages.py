@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from workbench.build import Built, build
-from workbench.build.student import requested_transforms
+from workbench.build.student import requested_transforms, transform_key
 from workbench.config import STAGE_REF, RunConfig, stage_configs, to_yaml
 from workbench.device import environment
 from workbench.errors import WorkbenchError
@@ -109,7 +109,7 @@ def check_later_stages(stages: list[tuple[str, RunConfig]], first: nn.Module) ->
             try:
                 fits(first, **options)
             except ValueError as e:
-                raise WorkbenchError(f"config key 'stages.{name}.transforms.{transform}': {e}") from None
+                raise WorkbenchError(f"config key 'stages.{name}.{transform_key(transform)}': {e}") from None
 
 
 def _fit_stages(stages: list[tuple[str, RunConfig]], run_dir: RunDir, summary: dict[str, Any], first: Built | None,

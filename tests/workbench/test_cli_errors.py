@@ -272,6 +272,7 @@ OVERRIDE_CASES = [
     ([*TWO_STAGES, "stages.b.transforms.ternary.skip=[nowhere]"], "'stages.b.transforms.ternary'", "nowhere"),
     ([*TWO_STAGES, "stages.b.transforms.quantize.group_size=1024"], "'stages.b.transforms.quantize'",
      "group_size 1024"),
+    ([*TWO_STAGES, "stages.b.hybrid={layers: [3]}"], "'stages.b.hybrid'", "not one of the 1 layers"),
     ([*TWO_STAGES, "stages.b.transforms.ternary.placement=outside"], "'transforms.ternary'", "outside"),  # at load
     ([*TWO_STAGES, "stages.b.transforms.quantize.method=int3"], "'transforms.quantize'", "int3"),
     # teacher and student

@@ -93,6 +93,11 @@ def _processor_fields(student_type: str, processor) -> dict[str, Any]:
     return fixed
 
 
+def transform_key(name: str) -> str:
+    """The config key of transform `name`: `hybrid` / `matformer` (typed blocks), else `transforms.<name>`."""
+    return name if name in TYPED_TRANSFORMS else f"transforms.{name}"
+
+
 def requested_transforms(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """Transform name -> options: `hybrid:` and `matformer:` (typed keys) and `transforms:`."""
     wanted = {name: dict(options or {}) for name, options in cfg.transforms.items()}
@@ -113,7 +118,7 @@ def apply_transforms(student: nn.Module, wanted: dict[str, dict[str, Any]], befo
     for order, name in sorted((TRANSFORMS.info[n].get("order", INIT_FROM_ORDER), n) for n in wanted):
         if (order < INIT_FROM_ORDER) != before_init:
             continue
-        where = name if name in TYPED_TRANSFORMS else f"transforms.{name}"
+        where = transform_key(name)
         try:
             note = TRANSFORMS.build(name, where, fixed={"student": student}, **wanted[name])
         except ValueError as e:

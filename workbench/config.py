@@ -18,6 +18,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from workbench.errors import WorkbenchError
+from workbench.registry import closest
 
 
 @dataclass
@@ -304,9 +305,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     rest = []
     for override in overrides:
         key, value = _one_override(override)
-        parts = key.split(".")
-        if parts[0] == "stages" and len(parts) > 1 and isinstance(data.setdefault("stages", {}), dict):
-            data["stages"].setdefault(parts[1], {})  # a stage new on the command line runs where it is named
+        _stage_override(data, key, value)
         kind = _schema_type(key)
         if is_dataclass(kind) and value is not None and not isinstance(value, dict):
             raise WorkbenchError(f"config key '{key}' is a section, not a value; set its keys ({key}.<name>=...)")
@@ -315,6 +314,20 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         else:
             rest.append(override)
     return merge_config(data, parse_overrides(rest))
+
+
+def _stage_override(data: dict, key: str, value: Any) -> None:
+    """`stages.<name>...` on the command line: a stage new there runs where the command names it;
+    `stages.<name>=null` must name a stage the experiment has (a misspelt name would leave the
+    stage it meant to skip running)."""
+    parts = key.split(".")
+    if parts[0] != "stages" or len(parts) < 2 or not isinstance(data.setdefault("stages", {}), dict):
+        return
+    stages = data["stages"]
+    if value is None and len(parts) == 2 and parts[1] not in stages:
+        raise WorkbenchError(f"config key '{key}': the experiment has no stage {parts[1]!r} to skip "
+                             f"(its stages: {', '.join(stages) or 'none'}){closest(parts[1], stages)}")
+    stages.setdefault(parts[1], {})
 
 
 def _one_override(override: str) -> tuple[str, Any]:

@@ -275,6 +275,7 @@ OVERRIDE_CASES = [
     ([*TWO_STAGES, "stages.b.hybrid={layers: [3]}"], "'stages.b.hybrid'", "not one of the 1 layers"),
     ([*TWO_STAGES, "stages.b.transforms.ternary.placement=outside"], "'transforms.ternary'", "outside"),  # at load
     ([*TWO_STAGES, "stages.b.transforms.quantize.method=int3"], "'transforms.quantize'", "int3"),
+    ([*TWO_STAGES, "stages.bb=null"], "'stages.bb'", "no stage 'bb'", "a, b", "Did you mean: 'b'"),  # a misspelt skip
     # teacher and student
     (["teacher.path=/nonexistent", "teacher.top_k=0"], "'teacher.top_k'"),
     (["teacher.path=/nonexistent", "teacher.quantize=int4"], "'teacher.quantize'", "nf4"),
